@@ -92,7 +92,9 @@ impl ContextBuilder {
     }
 
     pub fn build(self) -> Result<Context> {
-        let mut settings: Vec<(String, String)> = Vec::new();
+        // Every endpoint uses peer error mode; shared-memory transports offer it only with
+        // MM_ERROR_HANDLING on (off by default in UCX), so turn it on unless the caller says.
+        let mut settings: Vec<(String, String)> = vec![("MM_ERROR_HANDLING".into(), "y".into())];
         if let Some(t) = &self.transports {
             settings.push(("TLS".into(), t.to_ucx()));
         }

@@ -131,20 +131,19 @@ impl MemRegion {
         Ok(Arc::new(region))
     }
 
+    /// Packs the remote key. `ucp_rkey_pack`, not `ucp_memh_pack`: in UCX 1.22 `ucp_memh_pack`
+    /// without `UCP_MEMH_PACK_FLAG_EXPORT` aborts the process ("packing rkey using
+    /// ucp_memh_pack() is unsupported", ucp_rkey.c), so the rkey path is still this one.
     fn pack(&self) -> Result<Vec<u8>> {
-        // SAFETY: plain C struct; zeroes are valid.
-        let mut params: sys::ucp_memh_pack_params_t = unsafe { std::mem::zeroed() };
-        params.field_mask = sys::UCP_MEMH_PACK_PARAM_FIELD_FLAGS as u64;
-        params.flags = 0; // a remote-access key, not an exported memh
         let mut buf: *mut libc::c_void = std::ptr::null_mut();
         let mut size: usize = 0;
-        // SAFETY: memh is live; buf and size are valid out-pointers.
-        let status = unsafe { sys::ucp_memh_pack(self.memh, &params, &mut buf, &mut size) };
-        result::check(status).map_err(|s| Error::ucx("ucp_memh_pack", s))?;
+        // SAFETY: live context and memh of that context; buf and size are valid out-pointers.
+        let status = unsafe { sys::ucp_rkey_pack(self.ctx.handle, self.memh, &mut buf, &mut size) };
+        result::check(status).map_err(|s| Error::ucx("ucp_rkey_pack", s))?;
         // SAFETY: UCX returned `size` readable bytes at buf.
         let bytes = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), size) }.to_vec();
-        // SAFETY: buf came from ucp_memh_pack and is released once.
-        unsafe { sys::ucp_memh_buffer_release(buf, std::ptr::null()) };
+        // SAFETY: buf came from ucp_rkey_pack and is released once.
+        unsafe { sys::ucp_rkey_buffer_release(buf) };
         Ok(bytes)
     }
 

@@ -413,6 +413,17 @@ const _: () = {
         [::std::mem::offset_of!(ucp_listener_accept_handler, arg) - 8usize];
 };
 pub type ucp_listener_accept_handler_t = ucp_listener_accept_handler;
+extern "C" {
+    pub fn ucp_rkey_pack(
+        context: ucp_context_h,
+        memh: ucp_mem_h,
+        rkey_buffer_p: *mut *mut ::std::os::raw::c_void,
+        size_p: *mut usize,
+    ) -> ucs_status_t;
+}
+extern "C" {
+    pub fn ucp_rkey_buffer_release(rkey_buffer: *mut ::std::os::raw::c_void);
+}
 pub const UCP_ATOMIC_POST_OP_ADD: ucp_atomic_post_op_t = 0;
 pub const UCP_ATOMIC_POST_OP_AND: ucp_atomic_post_op_t = 1;
 pub const UCP_ATOMIC_POST_OP_OR: ucp_atomic_post_op_t = 2;
