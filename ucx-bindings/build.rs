@@ -13,7 +13,8 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const INSTALL_HINT: &str = "UCX not found: run `python3 -m pip install libucx-cu13` (or set UCX_HOME \
+const INSTALL_HINT: &str =
+    "UCX not found: run `python3 -m pip install libucx-cu13` (or set UCX_HOME \
      to a UCX >= 1.22 install prefix)";
 
 fn main() {
@@ -81,7 +82,10 @@ fn from_pkg_config() -> Option<PathBuf> {
 fn from_python_wheel() -> Option<PathBuf> {
     let python = env::var("PREFIXD_PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let out = Command::new(python)
-        .args(["-c", "import libucx, os; print(os.path.dirname(libucx.__file__))"])
+        .args([
+            "-c",
+            "import libucx, os; print(os.path.dirname(libucx.__file__))",
+        ])
         .output()
         .ok()?;
     if !out.status.success() {

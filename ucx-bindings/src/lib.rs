@@ -29,10 +29,10 @@
 //! `build.rs` links `libucp` from `UCX_HOME`, pkg-config, or the Python wheel `libucx-cu13`, and
 //! sets an rpath. Dependents add the same rpath from `DEP_UCP_LIB_DIR`.
 
-pub mod sys;
-pub mod result;
 pub mod hex;
 pub mod peer_protocol;
+pub mod result;
+pub mod sys;
 
 mod context;
 mod error;

@@ -57,7 +57,8 @@ impl MemRegion {
                 std::io::Error::last_os_error()
             )));
         }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| Error::invalid("mmap returned null"))?;
+        let ptr =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| Error::invalid("mmap returned null"))?;
         // SAFETY: ptr..ptr+len is a fresh mapping this region will own and unmap in Drop.
         match unsafe { Self::map(ctx, ptr, len, MemoryType::Host, true) } {
             Ok(r) => Ok(r),
@@ -81,7 +82,8 @@ impl MemRegion {
         len: usize,
         mem_type: MemoryType,
     ) -> Result<Arc<MemRegion>> {
-        let ptr = NonNull::new(ptr).ok_or_else(|| Error::invalid("cannot register a null pointer"))?;
+        let ptr =
+            NonNull::new(ptr).ok_or_else(|| Error::invalid("cannot register a null pointer"))?;
         if len == 0 {
             return Err(Error::invalid("cannot register a zero-length region"));
         }
@@ -167,18 +169,30 @@ impl MemRegion {
     /// What a peer needs to reach this region: base address, length and packed remote key.
     /// Hand it only to peers you trust with this memory.
     pub fn remote(&self) -> RemoteRegion {
-        RemoteRegion { base: self.ptr.as_ptr() as u64, len: self.len as u64, rkey: self.packed_rkey.clone() }
+        RemoteRegion {
+            base: self.ptr.as_ptr() as u64,
+            len: self.len as u64,
+            rkey: self.packed_rkey.clone(),
+        }
     }
 
     /// A range of this region for a transfer.
     pub fn slice(self: &Arc<Self>, offset: usize, len: usize) -> Result<RegionSlice> {
         self.check_range(offset, len)?;
-        Ok(RegionSlice { region: self.clone(), offset, len })
+        Ok(RegionSlice {
+            region: self.clone(),
+            offset,
+            len,
+        })
     }
 
     /// The whole region as a slice.
     pub fn full(self: &Arc<Self>) -> RegionSlice {
-        RegionSlice { region: self.clone(), offset: 0, len: self.len }
+        RegionSlice {
+            region: self.clone(),
+            offset: 0,
+            len: self.len,
+        }
     }
 
     fn check_range(&self, offset: usize, len: usize) -> Result<()> {
@@ -198,7 +212,10 @@ impl MemRegion {
         if self.mem_type == MemoryType::Host {
             Ok(())
         } else {
-            Err(Error::invalid(format!("{:?} memory cannot be read or written from the CPU", self.mem_type)))
+            Err(Error::invalid(format!(
+                "{:?} memory cannot be read or written from the CPU",
+                self.mem_type
+            )))
         }
     }
 
@@ -310,13 +327,20 @@ impl RemoteRegion {
 
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         if b.len() <= 16 {
-            return Err(Error::invalid(format!("remote region descriptor of {} bytes is too short", b.len())));
+            return Err(Error::invalid(format!(
+                "remote region descriptor of {} bytes is too short",
+                b.len()
+            )));
         }
         let (base, rest) = b.split_at(8);
         let (len, rkey) = rest.split_at(8);
         let base = u64::from_le_bytes(base.try_into().map_err(|_| Error::invalid("bad base"))?);
         let len = u64::from_le_bytes(len.try_into().map_err(|_| Error::invalid("bad length"))?);
-        Ok(RemoteRegion { base, len, rkey: rkey.to_vec() })
+        Ok(RemoteRegion {
+            base,
+            len,
+            rkey: rkey.to_vec(),
+        })
     }
 
     /// Checks that `[addr, addr+len)` is a non-empty range inside this region.

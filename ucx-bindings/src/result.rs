@@ -29,7 +29,9 @@ impl Status {
             return "unknown UCX status";
         }
         // SAFETY: non-null, NUL-terminated and static, as above.
-        unsafe { CStr::from_ptr(ptr) }.to_str().unwrap_or("non-UTF-8 UCX status")
+        unsafe { CStr::from_ptr(ptr) }
+            .to_str()
+            .unwrap_or("non-UTF-8 UCX status")
     }
 
     /// Peer failure codes: the endpoint is gone and must be re-created.
@@ -127,7 +129,9 @@ pub fn version_string() -> String {
         return "unknown".into();
     }
     // SAFETY: non-null, static, NUL-terminated.
-    unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(ptr) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

@@ -8,15 +8,50 @@ use crate::error::{Error, Result};
 /// build has it (a system UCX may bring IB transports the wheel lacks).
 pub const KNOWN_TRANSPORTS: &[&str] = &[
     // aliases
-    "all", "sm", "shm", "mm", "ib", "rc", "ud", "dc", "cuda", "rocm", "ze", "gga",
+    "all",
+    "sm",
+    "shm",
+    "mm",
+    "ib",
+    "rc",
+    "ud",
+    "dc",
+    "cuda",
+    "rocm",
+    "ze",
+    "gga",
     // shared memory and loopback
-    "self", "posix", "sysv", "xpmem", "cma", "knem",
+    "self",
+    "posix",
+    "sysv",
+    "xpmem",
+    "cma",
+    "knem",
     // network
-    "tcp", "rc_v", "rc_verbs", "rc_x", "rc_mlx5", "rc_mlx5_gda", "ud_v", "ud_verbs", "ud_x",
-    "ud_mlx5", "dc_x", "dc_mlx5", "srd", "gga_mlx5",
+    "tcp",
+    "rc_v",
+    "rc_verbs",
+    "rc_x",
+    "rc_mlx5",
+    "rc_mlx5_gda",
+    "ud_v",
+    "ud_verbs",
+    "ud_x",
+    "ud_mlx5",
+    "dc_x",
+    "dc_mlx5",
+    "srd",
+    "gga_mlx5",
     // accelerators
-    "cuda_copy", "cuda_ipc", "gdr_copy", "rocm_copy", "rocm_ipc", "rocm_gdr", "ze_copy",
-    "ze_ipc", "ze_gdr",
+    "cuda_copy",
+    "cuda_ipc",
+    "gdr_copy",
+    "rocm_copy",
+    "rocm_ipc",
+    "rocm_gdr",
+    "ze_copy",
+    "ze_ipc",
+    "ze_gdr",
 ];
 
 /// A parsed transport list: names in order, and whether the list excludes them (`^tcp`).
@@ -42,7 +77,9 @@ impl TransportList {
         for raw in body.split(',') {
             let name = raw.trim();
             if name.is_empty() {
-                return Err(Error::invalid(format!("transport list {list:?} has an empty name")));
+                return Err(Error::invalid(format!(
+                    "transport list {list:?} has an empty name"
+                )));
             }
             // UCX accepts `name:aux`-style suffixes only for `ib`; keep the check strict.
             if !KNOWN_TRANSPORTS.contains(&name) {
@@ -90,7 +127,10 @@ pub(crate) fn parse_context_info(text: &str) -> Vec<TransportDevice> {
         .filter(|l| l.contains("resource") && l.contains("flags"))
         .filter_map(|l| l.split_whitespace().last())
         .filter_map(|td| td.split_once('/'))
-        .map(|(t, d)| TransportDevice { transport: t.to_owned(), device: d.to_owned() })
+        .map(|(t, d)| TransportDevice {
+            transport: t.to_owned(),
+            device: d.to_owned(),
+        })
         .collect();
     out.sort();
     out.dedup();
@@ -104,7 +144,13 @@ mod tests {
     #[test]
     fn parses_lists_and_exclusions() {
         let l = TransportList::parse(" tcp, sm ,tcp").unwrap();
-        assert_eq!(l, TransportList { exclude: false, names: vec!["tcp".into(), "sm".into()] });
+        assert_eq!(
+            l,
+            TransportList {
+                exclude: false,
+                names: vec!["tcp".into(), "sm".into()]
+            }
+        );
         assert_eq!(l.to_ucx(), "tcp,sm");
         let l = TransportList::parse("^cuda_ipc").unwrap();
         assert!(l.exclude);
@@ -115,7 +161,10 @@ mod tests {
     fn rejects_unknown_and_empty() {
         for bad in ["", "   ", "^", "tcp,,sm", "cuda-ipc", "tcp,foo", "TCP"] {
             let err = TransportList::parse(bad).unwrap_err();
-            assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?} gave {err:?}");
+            assert!(
+                matches!(err, Error::InvalidArgument(_)),
+                "{bad:?} gave {err:?}"
+            );
         }
         let msg = TransportList::parse("tcp,foo").unwrap_err().to_string();
         assert!(msg.contains("\"foo\""), "{msg}");
@@ -129,6 +178,9 @@ mod tests {
             #      resource 2  :  md 2  dev 2  flags -- posix/memory\n";
         let got = parse_context_info(text);
         assert_eq!(got.len(), 3);
-        assert!(got.contains(&TransportDevice { transport: "tcp".into(), device: "lo".into() }));
+        assert!(got.contains(&TransportDevice {
+            transport: "tcp".into(),
+            device: "lo".into()
+        }));
     }
 }

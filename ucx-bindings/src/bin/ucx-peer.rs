@@ -26,9 +26,17 @@ struct Args {
 fn parse_args() -> BoxResult<Args> {
     let mut it = std::env::args().skip(1);
     let cmd = it.next().ok_or(USAGE)?;
-    let mut a = Args { cmd, tls: None, net_devices: None, region: 64 << 20 };
+    let mut a = Args {
+        cmd,
+        tls: None,
+        net_devices: None,
+        region: 64 << 20,
+    };
     while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
+        let mut value = || {
+            it.next()
+                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
+        };
         match flag.as_str() {
             "--tls" => a.tls = Some(value()?),
             "--net-devices" => a.net_devices = Some(value()?),
@@ -76,7 +84,9 @@ fn run() -> BoxResult<()> {
             Ok(())
         }
         "serve" => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(serve(ctx, args.region))
         }
         other => Err(format!("unknown command {other:?}\n{USAGE}").into()),
@@ -110,6 +120,8 @@ async fn serve(ctx: ucx_bindings::Context, region_len: usize) -> BoxResult<()> {
     let addr = line.strip_prefix("PEER ").ok_or("expected `PEER <hex>`")?;
     let ep = worker.connect(&hex::decode(addr)?).await?;
 
+    // Sinks land concurrently; a hash request waits for all of them first.
+    let mut sinks = tokio::task::JoinSet::new();
     loop {
         let msg = tokio::select! {
             m = requests.recv() => match m { Some(m) => m, None => break },
@@ -123,13 +135,31 @@ async fn serve(ctx: ucx_bindings::Context, region_len: usize) -> BoxResult<()> {
             pp::OP_ECHO => {
                 let dest = region.slice(h.offset as usize, msg.len())?;
                 msg.recv_into(&dest, OP_TIMEOUT).await?;
-                let reply = Header { op: pp::OP_ECHO, ..h }.encode();
-                ep.am_send(pp::REPLY_AM, &reply, AmData::Region(dest), OP_TIMEOUT).await?;
+                let reply = Header {
+                    op: pp::OP_ECHO,
+                    ..h
+                }
+                .encode();
+                ep.am_send(pp::REPLY_AM, &reply, AmData::Region(dest), OP_TIMEOUT)
+                    .await?;
+            }
+            pp::OP_SINK => {
+                let dest = region.slice(h.offset as usize, msg.len())?;
+                sinks.spawn_local(async move { msg.recv_into(&dest, OP_TIMEOUT).await });
             }
             pp::OP_HASH => {
+                while let Some(r) = sinks.join_next().await {
+                    r??;
+                }
                 let bytes = region.to_vec(h.offset as usize, h.len as usize)?;
-                let reply = Header { op: pp::OP_HASH, value: pp::hash(&bytes), ..h }.encode();
-                ep.am_send(pp::REPLY_AM, &reply, AmData::None, OP_TIMEOUT).await?;
+                let reply = Header {
+                    op: pp::OP_HASH,
+                    value: pp::hash(&bytes),
+                    ..h
+                }
+                .encode();
+                ep.am_send(pp::REPLY_AM, &reply, AmData::None, OP_TIMEOUT)
+                    .await?;
             }
             op => eprintln!("ucx-peer: ignoring unknown op {op}"),
         }

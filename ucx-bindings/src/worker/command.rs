@@ -57,10 +57,21 @@ pub(crate) struct Arrival {
 
 #[derive(Debug)]
 pub(crate) enum Command {
-    Connect { address: Vec<u8>, reply: Reply<u64> },
-    ReleaseEp { ep: u64 },
-    UnpackRkey { ep: u64, packed: Vec<u8>, reply: Reply<u64> },
-    ReleaseRkey { rkey: u64 },
+    Connect {
+        address: Vec<u8>,
+        reply: Reply<u64>,
+    },
+    ReleaseEp {
+        ep: u64,
+    },
+    UnpackRkey {
+        ep: u64,
+        packed: Vec<u8>,
+        reply: Reply<u64>,
+    },
+    ReleaseRkey {
+        rkey: u64,
+    },
     Rma {
         kind: RmaKind,
         ep: u64,
@@ -70,15 +81,43 @@ pub(crate) enum Command {
         timeout: Duration,
         reply: Reply<()>,
     },
-    Flush { ep: u64, timeout: Duration, reply: Reply<()> },
-    AmSend { ep: u64, id: u16, header: Vec<u8>, data: AmData, timeout: Duration, reply: Reply<()> },
-    AmListen { id: u16, tx: tokio::sync::mpsc::UnboundedSender<Arrival>, reply: Reply<()> },
-    AmRecv { desc: usize, dest: RegionSlice, timeout: Duration, reply: Reply<()> },
-    AmRelease { desc: usize },
-    EpTransports { ep: u64, reply: Reply<Vec<TransportDevice>> },
+    Flush {
+        ep: u64,
+        timeout: Duration,
+        reply: Reply<()>,
+    },
+    AmSend {
+        ep: u64,
+        id: u16,
+        header: Vec<u8>,
+        data: AmData,
+        timeout: Duration,
+        reply: Reply<()>,
+    },
+    AmListen {
+        id: u16,
+        tx: tokio::sync::mpsc::UnboundedSender<Arrival>,
+        reply: Reply<()>,
+    },
+    AmRecv {
+        desc: usize,
+        dest: RegionSlice,
+        timeout: Duration,
+        reply: Reply<()>,
+    },
+    AmRelease {
+        desc: usize,
+    },
+    EpTransports {
+        ep: u64,
+        reply: Reply<Vec<TransportDevice>>,
+    },
     /// Completes once every command sent before it has been handled and no operation is in
     /// flight (or the timeout passes): a barrier for tests and orderly shutdown.
-    Idle { timeout: Duration, reply: Reply<bool> },
+    Idle {
+        timeout: Duration,
+        reply: Reply<bool>,
+    },
     Shutdown,
 }
 
@@ -98,7 +137,9 @@ pub(crate) struct Signal {
 
 impl Signal {
     pub(crate) fn new(worker: sys::ucp_worker_h) -> Self {
-        Signal { worker: Mutex::new(Some(WorkerPtr(worker))) }
+        Signal {
+            worker: Mutex::new(Some(WorkerPtr(worker))),
+        }
     }
 
     pub(crate) fn wake(&self) {

@@ -11,7 +11,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::memory::{RegionSlice, RemoteRegion};
 use crate::transports::TransportDevice;
-use command::{ArrivedData, Arrival, Command, CommandSender, RmaKind};
+use command::{Arrival, ArrivedData, Command, CommandSender, RmaKind};
 use std::fmt;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -46,7 +46,9 @@ pub struct Worker {
 
 impl fmt::Debug for Worker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Worker").field("address_len", &self.shared.address.len()).finish()
+        f.debug_struct("Worker")
+            .field("address_len", &self.shared.address.len())
+            .finish()
     }
 }
 
@@ -113,28 +115,48 @@ impl Worker {
     /// peer failure fails its operations instead of hanging them).
     pub async fn connect(&self, peer_address: &[u8]) -> Result<Endpoint> {
         let address = peer_address.to_vec();
-        let id = self.shared.cmd.call(|reply| Command::Connect { address, reply }).await?;
-        Ok(Endpoint { inner: Arc::new(EpHandle { id, worker: self.clone() }) })
+        let id = self
+            .shared
+            .cmd
+            .call(|reply| Command::Connect { address, reply })
+            .await?;
+        Ok(Endpoint {
+            inner: Arc::new(EpHandle {
+                id,
+                worker: self.clone(),
+            }),
+        })
     }
 
     /// Starts receiving active messages with this id. One listener per id.
     pub async fn listen_am(&self, id: u16) -> Result<AmReceiver> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.shared.cmd.call(|reply| Command::AmListen { id, tx, reply }).await?;
-        Ok(AmReceiver { rx, cmd: self.shared.cmd.clone() })
+        self.shared
+            .cmd
+            .call(|reply| Command::AmListen { id, tx, reply })
+            .await?;
+        Ok(AmReceiver {
+            rx,
+            cmd: self.shared.cmd.clone(),
+        })
     }
 
     /// Waits until no operation is in flight (true) or `timeout` passes (false). Every
     /// operation started before the call counts.
     pub async fn wait_idle(&self, timeout: Duration) -> Result<bool> {
-        self.shared.cmd.call(|reply| Command::Idle { timeout, reply }).await
+        self.shared
+            .cmd
+            .call(|reply| Command::Idle { timeout, reply })
+            .await
     }
 
     fn check_region(&self, s: &RegionSlice) -> Result<()> {
         if s.region.same_context(&self.shared.ctx.inner) {
             Ok(())
         } else {
-            Err(Error::invalid("the region was registered with another UCX context"))
+            Err(Error::invalid(
+                "the region was registered with another UCX context",
+            ))
         }
     }
 }
@@ -146,7 +168,11 @@ struct EpHandle {
 
 impl Drop for EpHandle {
     fn drop(&mut self) {
-        let _ = self.worker.shared.cmd.send(Command::ReleaseEp { ep: self.id });
+        let _ = self
+            .worker
+            .shared
+            .cmd
+            .send(Command::ReleaseEp { ep: self.id });
     }
 }
 
@@ -159,7 +185,9 @@ pub struct Endpoint {
 
 impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Endpoint").field("id", &self.inner.id).finish()
+        f.debug_struct("Endpoint")
+            .field("id", &self.inner.id)
+            .finish()
     }
 }
 
@@ -186,7 +214,10 @@ impl Endpoint {
         }
         let packed = remote.rkey.clone();
         let ep = self.inner.id;
-        let id = self.cmd().call(|reply| Command::UnpackRkey { ep, packed, reply }).await?;
+        let id = self
+            .cmd()
+            .call(|reply| Command::UnpackRkey { ep, packed, reply })
+            .await?;
         Ok(RemoteKey {
             id,
             base: remote.base,
@@ -206,36 +237,68 @@ impl Endpoint {
         check_timeout(timeout)?;
         self.inner.worker.check_region(local)?;
         if !Arc::ptr_eq(&rkey.ep, &self.inner) {
-            return Err(Error::invalid("the remote key was unpacked on another endpoint"));
+            return Err(Error::invalid(
+                "the remote key was unpacked on another endpoint",
+            ));
         }
         rkey.check_range(remote_addr, local.len())?;
         let (ep, rk, local) = (self.inner.id, rkey.id, local.clone());
         self.cmd()
-            .call(|reply| Command::Rma { kind, ep, rkey: rk, local, remote_addr, timeout, reply })
+            .call(|reply| Command::Rma {
+                kind,
+                ep,
+                rkey: rk,
+                local,
+                remote_addr,
+                timeout,
+                reply,
+            })
             .await
     }
 
     /// Writes `local` to the peer at `remote_addr`. Completes locally: `flush` before telling
     /// anyone the bytes are there.
-    pub async fn put(&self, local: &RegionSlice, rkey: &RemoteKey, remote_addr: u64, timeout: Duration) -> Result<()> {
-        self.rma(RmaKind::Put, local, rkey, remote_addr, timeout).await
+    pub async fn put(
+        &self,
+        local: &RegionSlice,
+        rkey: &RemoteKey,
+        remote_addr: u64,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.rma(RmaKind::Put, local, rkey, remote_addr, timeout)
+            .await
     }
 
     /// Reads `local.len()` bytes from the peer at `remote_addr` into `local`.
-    pub async fn get(&self, local: &RegionSlice, rkey: &RemoteKey, remote_addr: u64, timeout: Duration) -> Result<()> {
-        self.rma(RmaKind::Get, local, rkey, remote_addr, timeout).await
+    pub async fn get(
+        &self,
+        local: &RegionSlice,
+        rkey: &RemoteKey,
+        remote_addr: u64,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.rma(RmaKind::Get, local, rkey, remote_addr, timeout)
+            .await
     }
 
     /// Completes when every put issued on this endpoint before it is complete at the peer.
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
         check_timeout(timeout)?;
         let ep = self.inner.id;
-        self.cmd().call(|reply| Command::Flush { ep, timeout, reply }).await
+        self.cmd()
+            .call(|reply| Command::Flush { ep, timeout, reply })
+            .await
     }
 
     /// Sends an active message: `header` (at most `Worker::max_am_header` bytes) and `data`.
     /// Large region data goes by rendezvous into a buffer the receiver chooses.
-    pub async fn am_send(&self, id: u16, header: &[u8], data: AmData, timeout: Duration) -> Result<()> {
+    pub async fn am_send(
+        &self,
+        id: u16,
+        header: &[u8],
+        data: AmData,
+        timeout: Duration,
+    ) -> Result<()> {
         check_timeout(timeout)?;
         if header.len() > self.inner.worker.max_am_header() {
             return Err(Error::invalid(format!(
@@ -249,7 +312,14 @@ impl Endpoint {
         }
         let (ep, header) = (self.inner.id, header.to_vec());
         self.cmd()
-            .call(|reply| Command::AmSend { ep, id, header, data, timeout, reply })
+            .call(|reply| Command::AmSend {
+                ep,
+                id,
+                header,
+                data,
+                timeout,
+                reply,
+            })
             .await
     }
 
@@ -257,7 +327,9 @@ impl Endpoint {
     /// so a silent fallback shows.
     pub async fn transports(&self) -> Result<Vec<TransportDevice>> {
         let ep = self.inner.id;
-        self.cmd().call(|reply| Command::EpTransports { ep, reply }).await
+        self.cmd()
+            .call(|reply| Command::EpTransports { ep, reply })
+            .await
     }
 }
 
@@ -272,7 +344,10 @@ pub struct RemoteKey {
 
 impl fmt::Debug for RemoteKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RemoteKey").field("base", &self.base).field("len", &self.len).finish()
+        f.debug_struct("RemoteKey")
+            .field("base", &self.base)
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -290,13 +365,23 @@ impl RemoteKey {
     }
 
     fn check_range(&self, addr: u64, len: usize) -> Result<()> {
-        RemoteRegion { base: self.base, len: self.len, rkey: Vec::new() }.check_range(addr, len)
+        RemoteRegion {
+            base: self.base,
+            len: self.len,
+            rkey: Vec::new(),
+        }
+        .check_range(addr, len)
     }
 }
 
 impl Drop for RemoteKey {
     fn drop(&mut self) {
-        let _ = self.ep.worker.shared.cmd.send(Command::ReleaseRkey { rkey: self.id });
+        let _ = self
+            .ep
+            .worker
+            .shared
+            .cmd
+            .send(Command::ReleaseRkey { rkey: self.id });
     }
 }
 
@@ -316,7 +401,12 @@ impl AmReceiver {
     /// The next message; `None` once the worker has stopped.
     pub async fn recv(&mut self) -> Option<IncomingAm> {
         let a = self.rx.recv().await?;
-        Some(IncomingAm { header: a.header, length: a.length, data: Some(a.data), cmd: self.cmd.clone() })
+        Some(IncomingAm {
+            header: a.header,
+            length: a.length,
+            data: Some(a.data),
+            cmd: self.cmd.clone(),
+        })
     }
 }
 
@@ -373,7 +463,14 @@ impl IncomingAm {
             Some(ArrivedData::Eager(bytes)) => dest.region().write(dest.offset(), &bytes),
             Some(ArrivedData::Rndv { desc }) => {
                 let dest = dest.clone();
-                self.cmd.call(|reply| Command::AmRecv { desc, dest, timeout, reply }).await
+                self.cmd
+                    .call(|reply| Command::AmRecv {
+                        desc,
+                        dest,
+                        timeout,
+                        reply,
+                    })
+                    .await
             }
             None => Err(Error::invalid("message data was already taken")),
         }
@@ -386,7 +483,9 @@ impl IncomingAm {
             Some(ArrivedData::Eager(bytes)) => Ok(bytes),
             other => {
                 self.data = other;
-                Err(Error::invalid("rendezvous data must be received into a registered region"))
+                Err(Error::invalid(
+                    "rendezvous data must be received into a registered region",
+                ))
             }
         }
     }
