@@ -44,7 +44,7 @@ pub use context::{Context, ContextBuilder, ContextInfo, MemoryType};
 pub use error::{Error, Result};
 pub use memory::{MemRegion, RegionSlice, RemoteRegion};
 pub use transports::{TransportDevice, TransportList, KNOWN_TRANSPORTS};
-pub use worker::{AmData, AmReceiver, Endpoint, IncomingAm, RemoteKey, Worker};
+pub use worker::{AmData, AmReceiver, Endpoint, ErrorMode, IncomingAm, RemoteKey, Worker};
 
 /// Compile-time checks of the thread-safety claims made with `unsafe impl`.
 const _: () = {

@@ -107,10 +107,26 @@ impl PeerProcess {
     /// Starts `exe serve --tls TLS --net-devices lo --region REGION` and waits (up to 20 s) for
     /// its start-up lines.
     pub fn spawn(exe: &std::path::Path, tls: &str, region: usize) -> Result<PeerProcess, String> {
+        Self::spawn_with(exe, tls, region, crate::ErrorMode::Peer)
+    }
+
+    /// As [`PeerProcess::spawn`], with the error mode of the peer's endpoint back to the driver
+    /// (use the driver's own: UCX misbehaves when the two sides of a pair differ).
+    pub fn spawn_with(
+        exe: &std::path::Path,
+        tls: &str,
+        region: usize,
+        mode: crate::ErrorMode,
+    ) -> Result<PeerProcess, String> {
+        let mode = match mode {
+            crate::ErrorMode::Peer => "peer",
+            crate::ErrorMode::None => "none",
+        };
         use std::io::{BufRead, BufReader};
         use std::process::{Command, Stdio};
         let mut child = Command::new(exe)
             .args(["serve", "--tls", tls, "--net-devices", "lo", "--region", &region.to_string()])
+            .args(["--error-mode", mode])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

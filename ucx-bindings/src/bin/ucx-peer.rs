@@ -9,11 +9,11 @@ use std::error::Error as StdError;
 use std::io::{BufRead, Write};
 use std::time::Duration;
 use ucx_bindings::peer_protocol::{self as pp, Header};
-use ucx_bindings::{hex, AmData, ContextBuilder, MemRegion, MemoryType, Worker};
+use ucx_bindings::{hex, AmData, ContextBuilder, ErrorMode, MemRegion, MemoryType, Worker};
 
 type BoxResult<T> = Result<T, Box<dyn StdError>>;
 
-const USAGE: &str = "usage: ucx-peer info [--tls LIST] [--net-devices LIST]\n       ucx-peer serve --tls LIST --region BYTES [--net-devices LIST]";
+const USAGE: &str = "usage: ucx-peer info [--tls LIST] [--net-devices LIST]\n       ucx-peer serve --tls LIST --region BYTES [--net-devices LIST] [--error-mode peer|none]";
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Args {
@@ -21,6 +21,7 @@ struct Args {
     tls: Option<String>,
     net_devices: Option<String>,
     region: usize,
+    peer_errors: bool,
 }
 
 fn parse_args() -> BoxResult<Args> {
@@ -31,6 +32,7 @@ fn parse_args() -> BoxResult<Args> {
         tls: None,
         net_devices: None,
         region: 64 << 20,
+        peer_errors: true,
     };
     while let Some(flag) = it.next() {
         let mut value = || {
@@ -40,6 +42,13 @@ fn parse_args() -> BoxResult<Args> {
         match flag.as_str() {
             "--tls" => a.tls = Some(value()?),
             "--net-devices" => a.net_devices = Some(value()?),
+            "--error-mode" => {
+                a.peer_errors = match value()?.as_str() {
+                    "peer" => true,
+                    "none" => false,
+                    other => return Err(format!("--error-mode: {other:?} is not peer or none").into()),
+                }
+            }
             "--region" => a.region = value()?.parse().map_err(|e| format!("--region: {e}"))?,
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -87,13 +96,14 @@ fn run() -> BoxResult<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(serve(ctx, args.region))
+            // A LocalSet lets sinks run as local tasks on this one thread.
+            tokio::task::LocalSet::new().block_on(&rt, serve(ctx, args.region, args.peer_errors))
         }
         other => Err(format!("unknown command {other:?}\n{USAGE}").into()),
     }
 }
 
-async fn serve(ctx: ucx_bindings::Context, region_len: usize) -> BoxResult<()> {
+async fn serve(ctx: ucx_bindings::Context, region_len: usize, peer_errors: bool) -> BoxResult<()> {
     let worker = Worker::new(&ctx, "peer")?;
     let region = MemRegion::alloc_host(&ctx, region_len)?;
     let mut requests = worker.listen_am(pp::REQUEST_AM).await?;
@@ -118,7 +128,8 @@ async fn serve(ctx: ucx_bindings::Context, region_len: usize) -> BoxResult<()> {
     });
     let line = peer_rx.await.map_err(|_| "stdin closed before PEER line")?;
     let addr = line.strip_prefix("PEER ").ok_or("expected `PEER <hex>`")?;
-    let ep = worker.connect(&hex::decode(addr)?).await?;
+    let mode = if peer_errors { ErrorMode::Peer } else { ErrorMode::None };
+    let ep = worker.connect_with(&hex::decode(addr)?, mode).await?;
 
     // Sinks land concurrently; a hash request waits for all of them first.
     let mut sinks = tokio::task::JoinSet::new();

@@ -58,6 +58,7 @@ pub(crate) struct Arrival {
 #[derive(Debug)]
 pub(crate) enum Command {
     Connect {
+        peer_errors: bool,
         address: Vec<u8>,
         reply: Reply<u64>,
     },

@@ -356,8 +356,8 @@ impl Progress {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Connect { address, reply } => {
-                let r = self.connect(&address);
+            Command::Connect { address, peer_errors, reply } => {
+                let r = self.connect(&address, peer_errors);
                 let _ = reply.send(r);
             }
             Command::ReleaseEp { ep } => {
@@ -422,7 +422,7 @@ impl Progress {
         }
     }
 
-    fn connect(&mut self, address: &[u8]) -> Result<u64> {
+    fn connect(&mut self, address: &[u8], peer_errors: bool) -> Result<u64> {
         if address.is_empty() || address.len() > 64 * 1024 {
             return Err(Error::invalid(format!(
                 "worker address of {} bytes is not plausible",
@@ -436,7 +436,11 @@ impl Progress {
             | sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
             | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
         params.address = address.as_ptr().cast();
-        params.err_mode = sys::UCP_ERR_HANDLING_MODE_PEER;
+        params.err_mode = if peer_errors {
+            sys::UCP_ERR_HANDLING_MODE_PEER
+        } else {
+            sys::UCP_ERR_HANDLING_MODE_NONE
+        };
         params.err_handler.cb = Some(ep_error_cb);
         params.err_handler.arg = id as usize as *mut c_void;
         let mut ep: sys::ucp_ep_h = std::ptr::null_mut();

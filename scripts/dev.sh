@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# prefixd developer entry point. Installs what a fresh machine lacks (UCX from the PyPI wheel
+# libucx-cu13 when no UCX_HOME or pkg-config UCX is found), then:
+#   scripts/dev.sh run [ARGS...]   build and run prefixd (release) on the embedded defaults
+#   scripts/dev.sh test            formatting, clippy -D warnings, and every test (CI runs this)
+#   scripts/dev.sh bench-ucx [..]  ucx-bindings throughput against ucx_perftest (BENCHMARKS.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+ensure_cargo() {
+  command -v cargo >/dev/null || { echo "error: cargo not found; install a Rust toolchain (rustup) first" >&2; exit 1; }
+}
+
+have_ucx() {
+  if [[ -n ${UCX_HOME:-} ]]; then
+    [[ -e $UCX_HOME/lib/libucp.so || -e $UCX_HOME/lib64/libucp.so ]] && return 0
+    echo "error: UCX_HOME=$UCX_HOME has no lib/libucp.so" >&2; exit 1
+  fi
+  if command -v pkg-config >/dev/null && pkg-config --exists ucx 2>/dev/null; then
+    [[ -e "$(pkg-config --variable=libdir ucx)/libucp.so" ]] && return 0
+  fi
+  python3 -c 'import libucx, os, sys; sys.exit(0 if os.path.exists(os.path.join(os.path.dirname(libucx.__file__), "lib", "libucp.so")) else 1)' 2>/dev/null
+}
+
+ensure_ucx() {
+  have_ucx && return 0
+  say "UCX not found: installing the PyPI wheel libucx-cu13 (CUDA-enabled UCX 1.22)"
+  python3 -m pip install --quiet --disable-pip-version-check libucx-cu13 \
+    || { echo "error: could not install libucx-cu13; install UCX yourself and set UCX_HOME" >&2; exit 1; }
+  have_ucx || { echo "error: libucx-cu13 installed but libucp.so not found" >&2; exit 1; }
+}
+
+cmd=${1:-help}
+shift || true
+case $cmd in
+  run)
+    ensure_cargo; ensure_ucx
+    say "building prefixd (release)"
+    cargo build --release --quiet -p prefixd-server --bin prefixd
+    exec target/release/prefixd "$@"
+    ;;
+  test)
+    ensure_cargo; ensure_ucx
+    say "cargo fmt --check"
+    cargo fmt --all -- --check
+    say "cargo clippy --all-targets -- -D warnings"
+    cargo clippy --workspace --all-targets --quiet -- -D warnings
+    say "cargo test"
+    cargo test --workspace
+    ;;
+  bench-ucx)
+    ensure_cargo; ensure_ucx
+    cargo build --release --quiet -p ucx-bindings --bins
+    exec target/release/ucx-bench "$@"
+    ;;
+  *)
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    [[ $cmd == help || $cmd == -h || $cmd == --help ]] || exit 2
+    ;;
+esac

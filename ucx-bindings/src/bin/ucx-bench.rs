@@ -1,0 +1,305 @@
+//! `ucx-bench`: our put, get and active-message throughput against `ucx_perftest` on the same
+//! transport, sizes and window, in one run, with the ratio.
+//!
+//! `ucx-bench [--tls tcp,sm] [--sizes 64K,256K,1M,4M,16M,64M] [--window 8] [--bytes 1G]
+//!            [--perftest PATH]`
+//!
+//! Each transport gets its own `ucx-peer serve` process (found beside this binary) and its own
+//! `ucx_perftest` server/client pair (found in the `libucx-cu13` wheel unless `--perftest` says).
+//! Bandwidth is in GB/s (10^9 bytes per second) for both.
+
+use std::error::Error as StdError;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use ucx_bindings::peer_protocol::{self as pp, Header, PeerProcess};
+use ucx_bindings::{AmData, ContextBuilder, Endpoint, ErrorMode, MemRegion, RemoteKey, Worker};
+
+type BoxResult<T> = Result<T, Box<dyn StdError>>;
+
+const USAGE: &str = "usage: ucx-bench [--tls tcp,sm] [--sizes 64K,256K,1M,4M,16M,64M] [--window 8] [--bytes 1G] [--perftest PATH]";
+const OP_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Args {
+    transports: Vec<String>,
+    sizes: Vec<usize>,
+    window: usize,
+    bytes: usize,
+    perftest: Option<PathBuf>,
+}
+
+fn parse_size(s: &str) -> BoxResult<usize> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1usize << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    Ok(num.parse::<usize>().map_err(|e| format!("size {s:?}: {e}"))? * mul)
+}
+
+fn parse_args() -> BoxResult<Args> {
+    let mut a = Args {
+        transports: vec!["tcp".into(), "sm".into()],
+        sizes: ["64K", "256K", "1M", "4M", "16M", "64M"].iter().map(|s| parse_size(s)).collect::<BoxResult<_>>()?,
+        window: 8,
+        bytes: 1 << 30,
+        perftest: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
+        match flag.as_str() {
+            "--tls" => a.transports = value()?.split(',').map(str::to_owned).collect(),
+            "--sizes" => a.sizes = value()?.split(',').map(parse_size).collect::<BoxResult<_>>()?,
+            "--window" => a.window = value()?.parse()?,
+            "--bytes" => a.bytes = parse_size(&value()?)?,
+            "--perftest" => a.perftest = Some(PathBuf::from(value()?)),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
+        }
+    }
+    if a.window == 0 || a.sizes.is_empty() || a.sizes.contains(&0) {
+        return Err("window and sizes must be positive".into());
+    }
+    Ok(a)
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("ucx-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+struct Row {
+    tls: String,
+    op: &'static str,
+    size: usize,
+    /// Ours with the same endpoint error mode as ucx_perftest (none).
+    ours_same: f64,
+    /// Ours in peer error mode, as prefixd runs.
+    ours_peer: f64,
+    perftest: Option<f64>,
+}
+
+fn run() -> BoxResult<()> {
+    let args = parse_args()?;
+    let perftest = match &args.perftest {
+        Some(p) => p.clone(),
+        None => find_perftest()?,
+    };
+    let peer_exe = std::env::current_exe()?.with_file_name("ucx-peer");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut rows = Vec::new();
+    let mut port = 13400u16 + (std::process::id() % 500) as u16;
+    for tls in &args.transports {
+        let same = rt.block_on(bench_ours(&peer_exe, tls, &args, ErrorMode::None))?;
+        let peer = rt.block_on(bench_ours(&peer_exe, tls, &args, ErrorMode::Peer))?;
+        for ((op, size, gbs), (_, _, peer_gbs)) in same.into_iter().zip(peer) {
+            let test = match op {
+                "put" => "ucp_put_bw",
+                "get" => "ucp_get",
+                _ => "ucp_am_bw",
+            };
+            let iters = iterations(args.bytes, size);
+            port += 1;
+            eprintln!("[perftest] {tls} {test} {} x{iters}", human(size));
+            let pf = run_perftest(&perftest, tls, test, size, iters, args.window, port)
+                .map_err(|e| eprintln!("  perftest failed: {e}"))
+                .ok();
+            rows.push(Row { tls: tls.clone(), op, size, ours_same: gbs, ours_peer: peer_gbs, perftest: pf });
+        }
+    }
+    println!();
+    println!("| transport | op | size | ours, err mode none GB/s | ucx_perftest GB/s | ratio | ours, peer err mode GB/s | ratio |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let (pf, ratio, ratio_peer) = match r.perftest {
+            Some(p) if p > 0.0 => (
+                format!("{p:.2}"),
+                format!("{:.2}", r.ours_same / p),
+                format!("{:.2}", r.ours_peer / p),
+            ),
+            _ => ("n/a".into(), "n/a".into(), "n/a".into()),
+        };
+        println!(
+            "| {} | {} | {} | {:.2} | {} | {} | {:.2} | {} |",
+            r.tls,
+            r.op,
+            human(r.size),
+            r.ours_same,
+            pf,
+            ratio,
+            r.ours_peer,
+            ratio_peer
+        );
+    }
+    Ok(())
+}
+
+fn human(n: usize) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{} MiB", n >> 20)
+    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        format!("{} KiB", n >> 10)
+    } else {
+        format!("{n} B")
+    }
+}
+
+fn iterations(total: usize, size: usize) -> usize {
+    (total / size).clamp(20, 200_000)
+}
+
+async fn bench_ours(
+    peer_exe: &Path,
+    tls: &str,
+    args: &Args,
+    mode: ErrorMode,
+) -> BoxResult<Vec<(&'static str, usize, f64)>> {
+    let max = *args.sizes.iter().max().ok_or("no sizes")?;
+    let ctx = ContextBuilder::new().transports(tls)?.net_devices("lo").name("ucx-bench").build()?;
+    let worker = Worker::new(&ctx, "bench")?;
+    let mut replies = worker.listen_am(pp::REPLY_AM).await?;
+    let mut peer = PeerProcess::spawn_with(peer_exe, tls, max, mode)?;
+    peer.send_address(worker.address())?;
+    let ep = worker.connect_with(&peer.address, mode).await?;
+    let rkey = Arc::new(ep.unpack_rkey(&peer.region).await?);
+    let src = MemRegion::alloc_host(&ctx, max)?;
+    let mut fill = vec![0u8; max];
+    pp::fill_random(&mut fill, 42);
+    src.write(0, &fill)?;
+    let mut out = Vec::new();
+    for &size in &args.sizes {
+        let iters = iterations(args.bytes, size);
+        let local = src.slice(0, size)?;
+        for op in ["put", "get", "am"] {
+            eprintln!("[ours, err mode {mode:?}] {tls} {op} {} x{iters}", human(size));
+            // Warm-up: a few operations to wire up lanes and rendezvous paths.
+            windowed(&ep, &rkey, &local, op, args.window.min(4), args.window).await?;
+            barrier(&ep, &mut replies, op).await?;
+            let t0 = Instant::now();
+            windowed(&ep, &rkey, &local, op, iters, args.window).await?;
+            barrier(&ep, &mut replies, op).await?;
+            let secs = t0.elapsed().as_secs_f64();
+            out.push((op, size, (size * iters) as f64 / secs / 1e9));
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `iters` operations with at most `window` in flight.
+async fn windowed(
+    ep: &Endpoint,
+    rkey: &Arc<RemoteKey>,
+    local: &ucx_bindings::RegionSlice,
+    op: &'static str,
+    iters: usize,
+    window: usize,
+) -> BoxResult<()> {
+    let mut set = tokio::task::JoinSet::new();
+    let header = Header { op: pp::OP_SINK, tag: 0, offset: 0, len: local.len() as u64, value: 0 }.encode();
+    for _ in 0..iters {
+        if set.len() >= window {
+            if let Some(r) = set.join_next().await {
+                r??;
+            }
+        }
+        let (ep, rkey, local, header) = (ep.clone(), rkey.clone(), local.clone(), header.clone());
+        set.spawn(async move {
+            match op {
+                "put" => ep.put(&local, &rkey, rkey.base(), OP_TIMEOUT).await,
+                "get" => ep.get(&local, &rkey, rkey.base(), OP_TIMEOUT).await,
+                _ => ep.am_send(pp::REQUEST_AM, &header, AmData::Region(local), OP_TIMEOUT).await,
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// Puts are complete at the peer after a flush; sinks after a hash round trip (the peer answers
+/// only once every earlier sink has landed).
+async fn barrier(ep: &Endpoint, replies: &mut ucx_bindings::AmReceiver, op: &str) -> BoxResult<()> {
+    match op {
+        "put" => ep.flush(OP_TIMEOUT).await?,
+        "am" => {
+            let h = Header { op: pp::OP_HASH, tag: 1, offset: 0, len: 1, value: 0 };
+            ep.am_send(pp::REQUEST_AM, &h.encode(), AmData::None, OP_TIMEOUT).await?;
+            tokio::time::timeout(OP_TIMEOUT, replies.recv())
+                .await
+                .map_err(|_| "no barrier reply from the peer")?
+                .ok_or("peer went away")?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn find_perftest() -> BoxResult<PathBuf> {
+    let out = Command::new("python3")
+        .args(["-c", "import libucx, os; print(os.path.dirname(libucx.__file__))"])
+        .output()?;
+    if !out.status.success() {
+        return Err("ucx_perftest not found: pass --perftest PATH or pip install libucx-cu13".into());
+    }
+    let dir = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    Ok(dir.join("bin").join("ucx_perftest"))
+}
+
+/// Runs a `ucx_perftest` server and client on loopback and returns the client's overall GB/s.
+fn run_perftest(exe: &Path, tls: &str, test: &str, size: usize, iters: usize, window: usize, port: u16) -> BoxResult<f64> {
+    let lib = exe.parent().and_then(Path::parent).map(|p| p.join("lib"));
+    let mut base = Command::new(exe);
+    base.env("UCX_TLS", tls).env("UCX_NET_DEVICES", "lo");
+    if let Some(lib) = &lib {
+        let old = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+        base.env("LD_LIBRARY_PATH", format!("{}:{old}", lib.display()));
+    }
+    let common = [
+        "-t".to_owned(),
+        test.to_owned(),
+        "-s".to_owned(),
+        size.to_string(),
+        "-n".to_owned(),
+        iters.to_string(),
+        "-w".to_owned(),
+        window.min(4).to_string(),
+        "-O".to_owned(),
+        window.to_string(),
+        "-p".to_owned(),
+        port.to_string(),
+    ];
+    let mut server = clone_cmd(&base).args(["-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let client = clone_cmd(&base).arg("127.0.0.1").args(&common).output();
+    let _ = server.kill();
+    let _ = server.wait();
+    let client = client?;
+    let text = String::from_utf8_lossy(&client.stdout);
+    // "Final: iters lat50 lat-avg lat-overall bw-avg bw-overall rate-avg rate-overall", bw in MB/s (2^20).
+    let line = text.lines().find(|l| l.starts_with("Final:")).ok_or_else(|| {
+        format!("no Final line; stderr: {}", String::from_utf8_lossy(&client.stderr).trim())
+    })?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let mbs: f64 = fields.get(6).ok_or("short Final line")?.parse()?;
+    Ok(mbs * 1_048_576.0 / 1e9)
+}
+
+fn clone_cmd(c: &Command) -> Command {
+    let mut n = Command::new(c.get_program());
+    for (k, v) in c.get_envs() {
+        if let Some(v) = v {
+            n.env(k, v);
+        }
+    }
+    n
+}
