@@ -125,7 +125,15 @@ impl PeerProcess {
         use std::io::{BufRead, BufReader};
         use std::process::{Command, Stdio};
         let mut child = Command::new(exe)
-            .args(["serve", "--tls", tls, "--net-devices", "lo", "--region", &region.to_string()])
+            .args([
+                "serve",
+                "--tls",
+                tls,
+                "--net-devices",
+                "lo",
+                "--region",
+                &region.to_string(),
+            ])
             .args(["--error-mode", mode])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -168,7 +176,10 @@ impl PeerProcess {
     /// Tells the peer the driver's worker address (the `PEER` line).
     pub fn send_address(&mut self, addr: &[u8]) -> std::io::Result<()> {
         use std::io::Write;
-        let stdin = self.stdin.as_mut().ok_or_else(|| std::io::Error::other("stdin closed"))?;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("stdin closed"))?;
         writeln!(stdin, "PEER {}", crate::hex::encode(addr))?;
         stdin.flush()
     }

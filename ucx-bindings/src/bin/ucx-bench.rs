@@ -1,8 +1,8 @@
 //! `ucx-bench`: our put, get and active-message throughput against `ucx_perftest` on the same
 //! transport, sizes and window, in one run, with the ratio.
 //!
-//! `ucx-bench [--tls tcp,sm] [--sizes 64K,256K,1M,4M,16M,64M] [--window 8] [--bytes 1G]
-//!            [--perftest PATH]`
+//! `ucx-bench [--tls tcp,sm] [--sizes 64K,256K,1M,4M,16M,64M] [--window 8] [--bytes 512M]
+//!            [--reps 3] [--perftest PATH]`
 //!
 //! Each transport gets its own `ucx-peer serve` process (found beside this binary) and its own
 //! `ucx_perftest` server/client pair (found in the `libucx-cu13` wheel unless `--perftest` says).
@@ -18,7 +18,7 @@ use ucx_bindings::{AmData, ContextBuilder, Endpoint, ErrorMode, MemRegion, Remot
 
 type BoxResult<T> = Result<T, Box<dyn StdError>>;
 
-const USAGE: &str = "usage: ucx-bench [--tls tcp,sm] [--sizes 64K,256K,1M,4M,16M,64M] [--window 8] [--bytes 1G] [--perftest PATH]";
+const USAGE: &str = "usage: ucx-bench [--tls tcp,sm] [--sizes 64K,256K,1M,4M,16M,64M] [--window 8] [--bytes 512M] [--reps 3] [--perftest PATH]";
 const OP_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Args {
@@ -26,6 +26,7 @@ struct Args {
     sizes: Vec<usize>,
     window: usize,
     bytes: usize,
+    reps: usize,
     perftest: Option<PathBuf>,
 }
 
@@ -37,24 +38,40 @@ fn parse_size(s: &str) -> BoxResult<usize> {
         Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    Ok(num.parse::<usize>().map_err(|e| format!("size {s:?}: {e}"))? * mul)
+    Ok(num
+        .parse::<usize>()
+        .map_err(|e| format!("size {s:?}: {e}"))?
+        * mul)
 }
 
 fn parse_args() -> BoxResult<Args> {
     let mut a = Args {
         transports: vec!["tcp".into(), "sm".into()],
-        sizes: ["64K", "256K", "1M", "4M", "16M", "64M"].iter().map(|s| parse_size(s)).collect::<BoxResult<_>>()?,
+        sizes: ["64K", "256K", "1M", "4M", "16M", "64M"]
+            .iter()
+            .map(|s| parse_size(s))
+            .collect::<BoxResult<_>>()?,
         window: 8,
-        bytes: 1 << 30,
+        bytes: 512 << 20,
+        reps: 3,
         perftest: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
+        let mut value = || {
+            it.next()
+                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
+        };
         match flag.as_str() {
             "--tls" => a.transports = value()?.split(',').map(str::to_owned).collect(),
-            "--sizes" => a.sizes = value()?.split(',').map(parse_size).collect::<BoxResult<_>>()?,
+            "--sizes" => {
+                a.sizes = value()?
+                    .split(',')
+                    .map(parse_size)
+                    .collect::<BoxResult<_>>()?
+            }
             "--window" => a.window = value()?.parse()?,
+            "--reps" => a.reps = value()?.parse()?,
             "--bytes" => a.bytes = parse_size(&value()?)?,
             "--perftest" => a.perftest = Some(PathBuf::from(value()?)),
             "-h" | "--help" => {
@@ -64,7 +81,7 @@ fn parse_args() -> BoxResult<Args> {
             other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
         }
     }
-    if a.window == 0 || a.sizes.is_empty() || a.sizes.contains(&0) {
+    if a.window == 0 || a.reps == 0 || a.sizes.is_empty() || a.sizes.contains(&0) {
         return Err("window and sizes must be positive".into());
     }
     Ok(a)
@@ -95,25 +112,52 @@ fn run() -> BoxResult<()> {
         None => find_perftest()?,
     };
     let peer_exe = std::env::current_exe()?.with_file_name("ucx-peer");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut rows = Vec::new();
     let mut port = 13400u16 + (std::process::id() % 500) as u16;
     for tls in &args.transports {
-        let same = rt.block_on(bench_ours(&peer_exe, tls, &args, ErrorMode::None))?;
-        let peer = rt.block_on(bench_ours(&peer_exe, tls, &args, ErrorMode::Peer))?;
-        for ((op, size, gbs), (_, _, peer_gbs)) in same.into_iter().zip(peer) {
-            let test = match op {
-                "put" => "ucp_put_bw",
-                "get" => "ucp_get",
-                _ => "ucp_am_bw",
-            };
-            let iters = iterations(args.bytes, size);
-            port += 1;
-            eprintln!("[perftest] {tls} {test} {} x{iters}", human(size));
-            let pf = run_perftest(&perftest, tls, test, size, iters, args.window, port)
-                .map_err(|e| eprintln!("  perftest failed: {e}"))
-                .ok();
-            rows.push(Row { tls: tls.clone(), op, size, ours_same: gbs, ours_peer: peer_gbs, perftest: pf });
+        // Each repetition runs ours (both error modes) and then ucx_perftest over every size, so
+        // drift on a shared machine hits both sides; the table shows the median of each.
+        let mut reps: Vec<Vec<(f64, f64, Option<f64>)>> = Vec::new();
+        let mut labels = Vec::new();
+        for rep in 0..args.reps {
+            eprintln!("[rep {}/{}] {tls}", rep + 1, args.reps);
+            let same = rt.block_on(bench_ours(&peer_exe, tls, &args, ErrorMode::None))?;
+            let peer = rt.block_on(bench_ours(&peer_exe, tls, &args, ErrorMode::Peer))?;
+            let mut this = Vec::new();
+            labels.clear();
+            for ((op, size, gbs), (_, _, peer_gbs)) in same.into_iter().zip(peer) {
+                let test = match op {
+                    "put" => "ucp_put_bw",
+                    "get" => "ucp_get",
+                    _ => "ucp_am_bw",
+                };
+                let iters = iterations(args.bytes, size);
+                port += 1;
+                eprintln!("[perftest] {tls} {test} {} x{iters}", human(size));
+                let pf = run_perftest(&perftest, tls, test, size, iters, args.window, port)
+                    .map_err(|e| eprintln!("  perftest failed: {e}"))
+                    .ok();
+                this.push((gbs, peer_gbs, pf));
+                labels.push((op, size));
+            }
+            reps.push(this);
+        }
+        for (i, &(op, size)) in labels.iter().enumerate() {
+            let ours_same = median(reps.iter().map(|r| r[i].0).collect());
+            let ours_peer = median(reps.iter().map(|r| r[i].1).collect());
+            let pf: Vec<f64> = reps.iter().filter_map(|r| r[i].2).collect();
+            let perftest = (!pf.is_empty()).then(|| median(pf));
+            rows.push(Row {
+                tls: tls.clone(),
+                op,
+                size,
+                ours_same,
+                ours_peer,
+                perftest,
+            });
         }
     }
     println!();
@@ -143,6 +187,11 @@ fn run() -> BoxResult<()> {
     Ok(())
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 fn human(n: usize) -> String {
     if n >= 1 << 20 && n % (1 << 20) == 0 {
         format!("{} MiB", n >> 20)
@@ -164,7 +213,11 @@ async fn bench_ours(
     mode: ErrorMode,
 ) -> BoxResult<Vec<(&'static str, usize, f64)>> {
     let max = *args.sizes.iter().max().ok_or("no sizes")?;
-    let ctx = ContextBuilder::new().transports(tls)?.net_devices("lo").name("ucx-bench").build()?;
+    let ctx = ContextBuilder::new()
+        .transports(tls)?
+        .net_devices("lo")
+        .name("ucx-bench")
+        .build()?;
     let worker = Worker::new(&ctx, "bench")?;
     let mut replies = worker.listen_am(pp::REPLY_AM).await?;
     let mut peer = PeerProcess::spawn_with(peer_exe, tls, max, mode)?;
@@ -180,7 +233,10 @@ async fn bench_ours(
         let iters = iterations(args.bytes, size);
         let local = src.slice(0, size)?;
         for op in ["put", "get", "am"] {
-            eprintln!("[ours, err mode {mode:?}] {tls} {op} {} x{iters}", human(size));
+            eprintln!(
+                "[ours, err mode {mode:?}] {tls} {op} {} x{iters}",
+                human(size)
+            );
             // Warm-up: a few operations to wire up lanes and rendezvous paths.
             windowed(&ep, &rkey, &local, op, args.window.min(4), args.window).await?;
             barrier(&ep, &mut replies, op).await?;
@@ -204,7 +260,14 @@ async fn windowed(
     window: usize,
 ) -> BoxResult<()> {
     let mut set = tokio::task::JoinSet::new();
-    let header = Header { op: pp::OP_SINK, tag: 0, offset: 0, len: local.len() as u64, value: 0 }.encode();
+    let header = Header {
+        op: pp::OP_SINK,
+        tag: 0,
+        offset: 0,
+        len: local.len() as u64,
+        value: 0,
+    }
+    .encode();
     for _ in 0..iters {
         if set.len() >= window {
             if let Some(r) = set.join_next().await {
@@ -216,7 +279,10 @@ async fn windowed(
             match op {
                 "put" => ep.put(&local, &rkey, rkey.base(), OP_TIMEOUT).await,
                 "get" => ep.get(&local, &rkey, rkey.base(), OP_TIMEOUT).await,
-                _ => ep.am_send(pp::REQUEST_AM, &header, AmData::Region(local), OP_TIMEOUT).await,
+                _ => {
+                    ep.am_send(pp::REQUEST_AM, &header, AmData::Region(local), OP_TIMEOUT)
+                        .await
+                }
             }
         });
     }
@@ -232,8 +298,15 @@ async fn barrier(ep: &Endpoint, replies: &mut ucx_bindings::AmReceiver, op: &str
     match op {
         "put" => ep.flush(OP_TIMEOUT).await?,
         "am" => {
-            let h = Header { op: pp::OP_HASH, tag: 1, offset: 0, len: 1, value: 0 };
-            ep.am_send(pp::REQUEST_AM, &h.encode(), AmData::None, OP_TIMEOUT).await?;
+            let h = Header {
+                op: pp::OP_HASH,
+                tag: 1,
+                offset: 0,
+                len: 1,
+                value: 0,
+            };
+            ep.am_send(pp::REQUEST_AM, &h.encode(), AmData::None, OP_TIMEOUT)
+                .await?;
             tokio::time::timeout(OP_TIMEOUT, replies.recv())
                 .await
                 .map_err(|_| "no barrier reply from the peer")?
@@ -246,17 +319,30 @@ async fn barrier(ep: &Endpoint, replies: &mut ucx_bindings::AmReceiver, op: &str
 
 fn find_perftest() -> BoxResult<PathBuf> {
     let out = Command::new("python3")
-        .args(["-c", "import libucx, os; print(os.path.dirname(libucx.__file__))"])
+        .args([
+            "-c",
+            "import libucx, os; print(os.path.dirname(libucx.__file__))",
+        ])
         .output()?;
     if !out.status.success() {
-        return Err("ucx_perftest not found: pass --perftest PATH or pip install libucx-cu13".into());
+        return Err(
+            "ucx_perftest not found: pass --perftest PATH or pip install libucx-cu13".into(),
+        );
     }
     let dir = PathBuf::from(String::from_utf8(out.stdout)?.trim());
     Ok(dir.join("bin").join("ucx_perftest"))
 }
 
 /// Runs a `ucx_perftest` server and client on loopback and returns the client's overall GB/s.
-fn run_perftest(exe: &Path, tls: &str, test: &str, size: usize, iters: usize, window: usize, port: u16) -> BoxResult<f64> {
+fn run_perftest(
+    exe: &Path,
+    tls: &str,
+    test: &str,
+    size: usize,
+    iters: usize,
+    window: usize,
+    port: u16,
+) -> BoxResult<f64> {
     let lib = exe.parent().and_then(Path::parent).map(|p| p.join("lib"));
     let mut base = Command::new(exe);
     base.env("UCX_TLS", tls).env("UCX_NET_DEVICES", "lo");
@@ -278,7 +364,11 @@ fn run_perftest(exe: &Path, tls: &str, test: &str, size: usize, iters: usize, wi
         "-p".to_owned(),
         port.to_string(),
     ];
-    let mut server = clone_cmd(&base).args(["-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let mut server = clone_cmd(&base)
+        .args(["-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
     let client = clone_cmd(&base).arg("127.0.0.1").args(&common).output();
     let _ = server.kill();
@@ -286,9 +376,15 @@ fn run_perftest(exe: &Path, tls: &str, test: &str, size: usize, iters: usize, wi
     let client = client?;
     let text = String::from_utf8_lossy(&client.stdout);
     // "Final: iters lat50 lat-avg lat-overall bw-avg bw-overall rate-avg rate-overall", bw in MB/s (2^20).
-    let line = text.lines().find(|l| l.starts_with("Final:")).ok_or_else(|| {
-        format!("no Final line; stderr: {}", String::from_utf8_lossy(&client.stderr).trim())
-    })?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Final:"))
+        .ok_or_else(|| {
+            format!(
+                "no Final line; stderr: {}",
+                String::from_utf8_lossy(&client.stderr).trim()
+            )
+        })?;
     let fields: Vec<&str> = line.split_whitespace().collect();
     let mbs: f64 = fields.get(6).ok_or("short Final line")?.parse()?;
     Ok(mbs * 1_048_576.0 / 1e9)

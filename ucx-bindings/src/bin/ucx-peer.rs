@@ -46,7 +46,9 @@ fn parse_args() -> BoxResult<Args> {
                 a.peer_errors = match value()?.as_str() {
                     "peer" => true,
                     "none" => false,
-                    other => return Err(format!("--error-mode: {other:?} is not peer or none").into()),
+                    other => {
+                        return Err(format!("--error-mode: {other:?} is not peer or none").into())
+                    }
                 }
             }
             "--region" => a.region = value()?.parse().map_err(|e| format!("--region: {e}"))?,
@@ -128,7 +130,11 @@ async fn serve(ctx: ucx_bindings::Context, region_len: usize, peer_errors: bool)
     });
     let line = peer_rx.await.map_err(|_| "stdin closed before PEER line")?;
     let addr = line.strip_prefix("PEER ").ok_or("expected `PEER <hex>`")?;
-    let mode = if peer_errors { ErrorMode::Peer } else { ErrorMode::None };
+    let mode = if peer_errors {
+        ErrorMode::Peer
+    } else {
+        ErrorMode::None
+    };
     let ep = worker.connect_with(&hex::decode(addr)?, mode).await?;
 
     // Sinks land concurrently; a hash request waits for all of them first.

@@ -124,9 +124,18 @@ impl Worker {
         let id = self
             .shared
             .cmd
-            .call(|reply| Command::Connect { address, peer_errors, reply })
+            .call(|reply| Command::Connect {
+                address,
+                peer_errors,
+                reply,
+            })
             .await?;
-        Ok(Endpoint { inner: Arc::new(EpHandle { id, worker: self.clone() }) })
+        Ok(Endpoint {
+            inner: Arc::new(EpHandle {
+                id,
+                worker: self.clone(),
+            }),
+        })
     }
 
     /// Starts receiving active messages with this id. One listener per id.

@@ -356,7 +356,11 @@ impl Progress {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Connect { address, peer_errors, reply } => {
+            Command::Connect {
+                address,
+                peer_errors,
+                reply,
+            } => {
                 let r = self.connect(&address, peer_errors);
                 let _ = reply.send(r);
             }

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 use ucx_bindings::peer_protocol::{self as pp, Header, PeerProcess};
-use ucx_bindings::{AmData, AmReceiver, Context, ContextBuilder, Endpoint, MemRegion, RemoteKey, Worker};
+use ucx_bindings::{
+    AmData, AmReceiver, Context, ContextBuilder, Endpoint, MemRegion, RemoteKey, Worker,
+};
 
 pub const OP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const SIZES: [usize; 4] = [1, 4 << 10, 1 << 20, 64 << 20];

@@ -1,0 +1,899 @@
+//! The prefix index: namespace + chunk key → entry, with two-phase puts, leases and leaf-first
+//! LRU eviction. Single-threaded by design (`&mut self`): the server wraps it in one mutex, since
+//! eviction and accounting need one consistent view and every call is short (O(keys · log n)).
+//!
+//! ```text
+//!  begin_put ──► Reserved ──commit──► Ready ◄──► Leased (leases > 0)
+//!                  │  (invisible)       │
+//!     abort/expiry ▼                    ▼ evict (leaf, unleased, least recent) / delete
+//!                 freed               freed
+//! ```
+//! Eviction candidates are exactly the Ready entries with no lease and no children (leaves), so
+//! a prefix is trimmed from its end: lookups walk from the front and stop at the first miss.
+
+use crate::alloc::Allocator;
+use crate::error::{IndexError, Result};
+use crate::tier::Tier;
+use prefixd_proto::keys::ChunkKey;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+pub type SessionId = u64;
+pub type PutId = u64;
+pub type LeaseId = u64;
+
+/// Limits the index enforces (all from the server's configuration).
+#[derive(Debug, Clone)]
+pub struct IndexConfig {
+    /// Capacity of each tier's pool in bytes.
+    pub tiers: Vec<(Tier, u64)>,
+    /// Largest chunk.
+    pub max_chunk_size: u64,
+    /// Most keys in one request.
+    pub max_keys: usize,
+    /// Most distinct namespaces.
+    pub max_namespaces: usize,
+    /// Start background eviction above this fraction of a pool ...
+    pub high_watermark: f64,
+    /// ... and stop below this one.
+    pub low_watermark: f64,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        IndexConfig {
+            tiers: vec![(Tier::Host, 1 << 30)],
+            max_chunk_size: 256 << 20,
+            max_keys: prefixd_proto::limits::MAX_KEYS_PER_REQUEST,
+            max_namespaces: 65536,
+            high_watermark: 0.95,
+            low_watermark: 0.85,
+        }
+    }
+}
+
+type NsId = u32;
+type EntryKey = (NsId, ChunkKey);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Reserved(PutId),
+    Ready,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    state: State,
+    tier: Tier,
+    offset: u64,
+    len: u64,
+    parent: Option<ChunkKey>,
+    /// Entries (Reserved or Ready) whose parent is this one.
+    children: u32,
+    leases: u32,
+    /// Recency stamp; the key into `evictable` while evictable.
+    tick: u64,
+}
+
+/// Where a chunk's bytes live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub tier: Tier,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// One slot of a [`BeginPut`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// Already cached or being written by another put: skip.
+    Present,
+    /// Write here, then commit.
+    Reserved(Location),
+}
+
+#[derive(Debug, Clone)]
+pub struct BeginPut {
+    pub put_id: PutId,
+    pub slots: Vec<Slot>,
+    pub expires: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Put {
+    session: SessionId,
+    ns: NsId,
+    /// (index in the request, key) of each reserved chunk.
+    reserved: Vec<(u32, ChunkKey)>,
+    /// Active-message puts: which reserved chunks have arrived. RMA puts: None.
+    received: Option<Vec<bool>>,
+    expires: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Lease {
+    session: SessionId,
+    ns: NsId,
+    keys: Vec<ChunkKey>,
+    expires: Instant,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LookupResult {
+    pub hits: usize,
+    pub lease: Option<(LeaseId, Instant)>,
+    /// Locations of the hit chunks (only when leased).
+    pub locations: Vec<Location>,
+}
+
+/// Counters the server exports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub hit_chunks: u64,
+    pub miss_chunks: u64,
+    pub evictions: u64,
+    pub expired_puts: u64,
+    pub expired_leases: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TierUsage {
+    pub tier: Tier,
+    pub used: u64,
+    pub capacity: u64,
+    pub entries: u64,
+}
+
+/// What expiry reclaimed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    pub puts: usize,
+    pub leases: usize,
+}
+
+#[derive(Debug)]
+pub struct Index {
+    cfg: IndexConfig,
+    pools: Vec<(Tier, Allocator)>,
+    ns_ids: HashMap<String, NsId>,
+    entries: HashMap<EntryKey, Entry>,
+    evictable: BTreeSet<(u64, EntryKey)>,
+    puts: HashMap<PutId, Put>,
+    leases: HashMap<LeaseId, Lease>,
+    tick: u64,
+    next_id: u64,
+    counters: Counters,
+}
+
+impl Index {
+    pub fn new(cfg: IndexConfig) -> Self {
+        let pools = cfg
+            .tiers
+            .iter()
+            .map(|&(t, cap)| (t, Allocator::new(cap)))
+            .collect();
+        Index {
+            cfg,
+            pools,
+            ns_ids: HashMap::new(),
+            entries: HashMap::new(),
+            evictable: BTreeSet::new(),
+            puts: HashMap::new(),
+            leases: HashMap::new(),
+            tick: 0,
+            next_id: 1,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn config(&self) -> &IndexConfig {
+        &self.cfg
+    }
+
+    fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    fn check_keys(&self, keys: &[ChunkKey]) -> Result<()> {
+        if keys.is_empty() {
+            return Err(IndexError::invalid("no keys"));
+        }
+        if keys.len() > self.cfg.max_keys {
+            return Err(IndexError::invalid(format!(
+                "{} keys exceed the limit of {}",
+                keys.len(),
+                self.cfg.max_keys
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_namespace(ns: &str) -> Result<()> {
+        if ns.is_empty() || ns.len() > prefixd_proto::limits::MAX_NAMESPACE_LEN {
+            return Err(IndexError::invalid(format!(
+                "namespace must be 1..={} bytes, got {}",
+                prefixd_proto::limits::MAX_NAMESPACE_LEN,
+                ns.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn ns_lookup(&self, ns: &str) -> Option<NsId> {
+        self.ns_ids.get(ns).copied()
+    }
+
+    fn ns_intern(&mut self, ns: &str) -> Result<NsId> {
+        if let Some(id) = self.ns_ids.get(ns) {
+            return Ok(*id);
+        }
+        if self.ns_ids.len() >= self.cfg.max_namespaces {
+            return Err(IndexError::exhausted(format!(
+                "more than {} namespaces",
+                self.cfg.max_namespaces
+            )));
+        }
+        let id = self.ns_ids.len() as NsId;
+        self.ns_ids.insert(ns.to_owned(), id);
+        Ok(id)
+    }
+
+    fn pool_mut(&mut self, tier: Tier) -> Option<&mut Allocator> {
+        self.pools
+            .iter_mut()
+            .find(|(t, _)| *t == tier)
+            .map(|(_, a)| a)
+    }
+
+    fn is_evictable(e: &Entry) -> bool {
+        e.state == State::Ready && e.leases == 0 && e.children == 0
+    }
+
+    /// Re-files an entry in the eviction set after any change to it.
+    fn refile(&mut self, k: EntryKey) {
+        let Some(e) = self.entries.get(&k) else {
+            return;
+        };
+        self.evictable.remove(&(e.tick, k));
+        if Self::is_evictable(e) {
+            self.evictable.insert((e.tick, k));
+        }
+    }
+
+    fn touch(&mut self, k: EntryKey) {
+        let tick = self.next_tick();
+        if let Some(e) = self.entries.get_mut(&k) {
+            let old = e.tick;
+            e.tick = tick;
+            if self.evictable.remove(&(old, k)) {
+                self.evictable.insert((tick, k));
+            }
+        }
+    }
+
+    fn add_child(&mut self, ns: NsId, parent: Option<ChunkKey>, delta: i32) {
+        let Some(p) = parent else { return };
+        let pk = (ns, p);
+        if let Some(e) = self.entries.get_mut(&pk) {
+            e.children = e.children.saturating_add_signed(delta);
+            self.refile(pk);
+        }
+    }
+
+    /// Removes an entry, frees its bytes and unlinks it from its parent and children.
+    fn remove_entry(&mut self, k: EntryKey) -> Option<Entry> {
+        let e = self.entries.remove(&k)?;
+        self.evictable.remove(&(e.tick, k));
+        if let Some(pool) = self.pool_mut(e.tier) {
+            pool.free(e.offset, e.len);
+        }
+        self.add_child(k.0, e.parent, -1);
+        if e.children > 0 {
+            // Orphan the children: they stay reachable only through their own prefix walk.
+            let orphans: Vec<EntryKey> = self
+                .entries
+                .iter()
+                .filter(|(ck, c)| ck.0 == k.0 && c.parent == Some(k.1))
+                .map(|(ck, _)| *ck)
+                .collect();
+            for ck in orphans {
+                if let Some(c) = self.entries.get_mut(&ck) {
+                    c.parent = None;
+                }
+            }
+        }
+        Some(e)
+    }
+
+    /// Evicts least-recent leaves of `tier` until `len` bytes can be allocated there; returns
+    /// the offset, or `None` when eviction runs out of candidates.
+    fn alloc_evicting(&mut self, tier: Tier, len: u64) -> Option<u64> {
+        loop {
+            if let Some(off) = self.pool_mut(tier)?.alloc(len) {
+                return Some(off);
+            }
+            let victim = self
+                .evictable
+                .iter()
+                .find(|(_, k)| self.entries.get(k).is_some_and(|e| e.tier == tier))
+                .copied();
+            let (_, k) = victim?;
+            self.remove_entry(k);
+            self.counters.evictions += 1;
+        }
+    }
+
+    /// Evicts leaves while a tier is above its high watermark, down to the low one.
+    pub fn evict_to_watermarks(&mut self) -> usize {
+        let mut evicted = 0;
+        let tiers: Vec<Tier> = self.pools.iter().map(|(t, _)| *t).collect();
+        for tier in tiers {
+            let (high, low) = {
+                let Some(a) = self.pool_mut(tier) else {
+                    continue;
+                };
+                let cap = a.capacity() as f64;
+                (cap * self.cfg.high_watermark, cap * self.cfg.low_watermark)
+            };
+            let used = |s: &mut Self| s.pool_mut(tier).map_or(0.0, |a| a.used() as f64);
+            if used(self) <= high {
+                continue;
+            }
+            while used(self) > low {
+                let victim = self
+                    .evictable
+                    .iter()
+                    .find(|(_, k)| self.entries.get(k).is_some_and(|e| e.tier == tier))
+                    .copied();
+                let Some((_, k)) = victim else { break };
+                self.remove_entry(k);
+                self.counters.evictions += 1;
+                evicted += 1;
+            }
+        }
+        evicted
+    }
+
+    /// Reserves slots for the keys not yet present. All or nothing: when the pool cannot hold
+    /// every new chunk even after eviction, nothing is reserved (RESOURCE_EXHAUSTED).
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin_put(
+        &mut self,
+        session: SessionId,
+        ns: &str,
+        keys: &[ChunkKey],
+        sizes: &[u64],
+        parent: Option<ChunkKey>,
+        active_message: bool,
+        now: Instant,
+        ttl: Duration,
+    ) -> Result<BeginPut> {
+        Self::check_namespace(ns)?;
+        self.check_keys(keys)?;
+        if sizes.len() != keys.len() {
+            return Err(IndexError::invalid(format!(
+                "{} keys but {} sizes",
+                keys.len(),
+                sizes.len()
+            )));
+        }
+        let tier = Tier::Host;
+        for (i, &s) in sizes.iter().enumerate() {
+            if s == 0 || s > self.cfg.max_chunk_size {
+                return Err(IndexError::invalid(format!(
+                    "chunk {i}: size {s} outside 1..={}",
+                    self.cfg.max_chunk_size
+                )));
+            }
+        }
+        let total: u64 = sizes.iter().map(|&s| Allocator::footprint(s)).sum();
+        let capacity = self
+            .pools
+            .iter()
+            .find(|(t, _)| *t == tier)
+            .map_or(0, |(_, a)| a.capacity());
+        if total > capacity {
+            return Err(IndexError::exhausted(format!(
+                "put of {total} bytes exceeds the {tier} pool of {capacity} bytes"
+            )));
+        }
+        let nsid = self.ns_intern(ns)?;
+        let put_id = self.next_id();
+        let mut slots = Vec::with_capacity(keys.len());
+        let mut reserved: Vec<(u32, ChunkKey)> = Vec::new();
+        let mut prev = parent;
+        for (i, (&key, &size)) in keys.iter().zip(sizes).enumerate() {
+            let k = (nsid, key);
+            if self.entries.contains_key(&k) || reserved.iter().any(|(_, r)| *r == key) {
+                slots.push(Slot::Present);
+                prev = Some(key);
+                continue;
+            }
+            let Some(offset) = self.alloc_evicting(tier, size) else {
+                // Roll back: nothing of this put stays.
+                for (_, rk) in reserved {
+                    self.remove_entry((nsid, rk));
+                }
+                return Err(IndexError::exhausted(format!(
+                    "no room for chunk {i} ({size} bytes) in the {tier} pool: everything left is reserved or leased"
+                )));
+            };
+            let tick = self.next_tick();
+            // Eviction above may have taken the parent; then the chain starts here.
+            let parent = prev.filter(|p| self.entries.contains_key(&(nsid, *p)));
+            self.entries.insert(
+                k,
+                Entry {
+                    state: State::Reserved(put_id),
+                    tier,
+                    offset,
+                    len: size,
+                    parent,
+                    children: 0,
+                    leases: 0,
+                    tick,
+                },
+            );
+            self.add_child(nsid, parent, 1);
+            reserved.push((i as u32, key));
+            slots.push(Slot::Reserved(Location {
+                tier,
+                offset,
+                len: size,
+            }));
+            prev = Some(key);
+        }
+        let expires = now + ttl;
+        let received = active_message.then(|| vec![false; reserved.len()]);
+        self.puts.insert(
+            put_id,
+            Put {
+                session,
+                ns: nsid,
+                reserved,
+                received,
+                expires,
+            },
+        );
+        Ok(BeginPut {
+            put_id,
+            slots,
+            expires,
+        })
+    }
+
+    fn own_put(&self, put_id: PutId, session: SessionId) -> Result<&Put> {
+        match self.puts.get(&put_id) {
+            None => Err(IndexError::not_found(format!(
+                "no put {put_id} (unknown, committed, aborted or expired)"
+            ))),
+            Some(p) if p.session != session => Err(IndexError::denied(format!(
+                "put {put_id} belongs to another session"
+            ))),
+            Some(p) => Ok(p),
+        }
+    }
+
+    /// Where an active-message put's chunk `index` (index in the BeginPut request) goes.
+    pub fn put_slot(&self, put_id: PutId, session: SessionId, index: u32) -> Result<Location> {
+        let p = self.own_put(put_id, session)?;
+        let key = p
+            .reserved
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, k)| *k)
+            .ok_or_else(|| {
+                IndexError::invalid(format!(
+                    "put {put_id} has no reserved chunk at index {index}"
+                ))
+            })?;
+        let e = self
+            .entries
+            .get(&(p.ns, key))
+            .ok_or_else(|| IndexError::not_found("reserved entry vanished"))?;
+        Ok(Location {
+            tier: e.tier,
+            offset: e.offset,
+            len: e.len,
+        })
+    }
+
+    /// Records that an active-message put's chunk arrived.
+    pub fn mark_received(&mut self, put_id: PutId, session: SessionId, index: u32) -> Result<()> {
+        self.own_put(put_id, session)?;
+        let p = self
+            .puts
+            .get_mut(&put_id)
+            .ok_or_else(|| IndexError::not_found("put vanished"))?;
+        let pos = p
+            .reserved
+            .iter()
+            .position(|(i, _)| *i == index)
+            .ok_or_else(|| IndexError::invalid("no such chunk"))?;
+        match &mut p.received {
+            Some(r) => {
+                r[pos] = true;
+                Ok(())
+            }
+            None => Err(IndexError::precondition(
+                "this put uses RMA, not active messages",
+            )),
+        }
+    }
+
+    /// How many reserved chunks of an active-message put have not arrived yet (0 for RMA).
+    pub fn missing_chunks(&self, put_id: PutId, session: SessionId) -> Result<usize> {
+        let p = self.own_put(put_id, session)?;
+        Ok(p.received
+            .as_ref()
+            .map_or(0, |r| r.iter().filter(|x| !**x).count()))
+    }
+
+    /// Makes a put's chunks visible. Fails (changing nothing) if the put is unknown, belongs to
+    /// another session, expired, or still misses active-message data.
+    pub fn commit_put(&mut self, put_id: PutId, session: SessionId, now: Instant) -> Result<u32> {
+        let p = self.own_put(put_id, session)?;
+        if now > p.expires {
+            return Err(IndexError::expired(format!(
+                "put {put_id} expired before its commit"
+            )));
+        }
+        if let Some(r) = &p.received {
+            let missing = r.iter().filter(|x| !**x).count();
+            if missing > 0 {
+                return Err(IndexError::precondition(format!(
+                    "put {put_id}: {missing} chunks have not arrived"
+                )));
+            }
+        }
+        let p = self
+            .puts
+            .remove(&put_id)
+            .ok_or_else(|| IndexError::not_found("put vanished"))?;
+        let mut n = 0;
+        for (_, key) in &p.reserved {
+            let k = (p.ns, *key);
+            if let Some(e) = self.entries.get_mut(&k) {
+                e.state = State::Ready;
+                n += 1;
+            }
+            self.touch(k);
+            self.refile(k);
+        }
+        self.evict_to_watermarks();
+        Ok(n)
+    }
+
+    /// Frees a put's reservations.
+    pub fn abort_put(&mut self, put_id: PutId, session: SessionId) -> Result<u32> {
+        self.own_put(put_id, session)?;
+        Ok(self.drop_put(put_id))
+    }
+
+    fn drop_put(&mut self, put_id: PutId) -> u32 {
+        let Some(p) = self.puts.remove(&put_id) else {
+            return 0;
+        };
+        let mut n = 0;
+        // Children before parents, so each removal sees an up-to-date child count.
+        for (_, key) in p.reserved.iter().rev() {
+            let k = (p.ns, *key);
+            if matches!(self.entries.get(&k), Some(e) if e.state == State::Reserved(put_id)) {
+                self.remove_entry(k);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Counts the leading Ready chunks; with `lease`, pins them until release or expiry.
+    pub fn lookup(
+        &mut self,
+        ns: &str,
+        keys: &[ChunkKey],
+        lease: Option<(SessionId, Duration)>,
+        now: Instant,
+    ) -> Result<LookupResult> {
+        Self::check_namespace(ns)?;
+        self.check_keys(keys)?;
+        let Some(nsid) = self.ns_lookup(ns) else {
+            self.counters.miss_chunks += keys.len() as u64;
+            return Ok(LookupResult::default());
+        };
+        let mut hits = 0;
+        for key in keys {
+            match self.entries.get(&(nsid, *key)) {
+                Some(e) if e.state == State::Ready => hits += 1,
+                _ => break,
+            }
+        }
+        self.counters.hit_chunks += hits as u64;
+        self.counters.miss_chunks += (keys.len() - hits) as u64;
+        for key in &keys[..hits] {
+            self.touch((nsid, *key));
+        }
+        let mut result = LookupResult {
+            hits,
+            ..Default::default()
+        };
+        if let (Some((session, ttl)), true) = (lease, hits > 0) {
+            let lease_id = self.next_id();
+            let expires = now + ttl;
+            for key in &keys[..hits] {
+                let k = (nsid, *key);
+                if let Some(e) = self.entries.get_mut(&k) {
+                    e.leases += 1;
+                    result.locations.push(Location {
+                        tier: e.tier,
+                        offset: e.offset,
+                        len: e.len,
+                    });
+                }
+                self.refile(k);
+            }
+            self.leases.insert(
+                lease_id,
+                Lease {
+                    session,
+                    ns: nsid,
+                    keys: keys[..hits].to_vec(),
+                    expires,
+                },
+            );
+            result.lease = Some((lease_id, expires));
+        }
+        Ok(result)
+    }
+
+    fn own_lease(&self, lease_id: LeaseId, session: SessionId) -> Result<&Lease> {
+        match self.leases.get(&lease_id) {
+            None => Err(IndexError::not_found(format!(
+                "no lease {lease_id} (unknown, released or expired)"
+            ))),
+            Some(l) if l.session != session => Err(IndexError::denied(format!(
+                "lease {lease_id} belongs to another session"
+            ))),
+            Some(l) => Ok(l),
+        }
+    }
+
+    /// The location of chunk `index` of a live lease.
+    pub fn lease_chunk(
+        &self,
+        lease_id: LeaseId,
+        session: SessionId,
+        index: u32,
+        now: Instant,
+    ) -> Result<Location> {
+        let l = self.own_lease(lease_id, session)?;
+        if now > l.expires {
+            return Err(IndexError::expired(format!("lease {lease_id} expired")));
+        }
+        let key = l.keys.get(index as usize).ok_or_else(|| {
+            IndexError::invalid(format!(
+                "lease {lease_id} has {} chunks, no index {index}",
+                l.keys.len()
+            ))
+        })?;
+        let e = self
+            .entries
+            .get(&(l.ns, *key))
+            .ok_or_else(|| IndexError::not_found("leased entry vanished"))?;
+        Ok(Location {
+            tier: e.tier,
+            offset: e.offset,
+            len: e.len,
+        })
+    }
+
+    /// Number of chunks a lease pins.
+    pub fn lease_len(&self, lease_id: LeaseId, session: SessionId) -> Result<usize> {
+        Ok(self.own_lease(lease_id, session)?.keys.len())
+    }
+
+    pub fn release(&mut self, lease_id: LeaseId, session: SessionId) -> Result<()> {
+        self.own_lease(lease_id, session)?;
+        self.drop_lease(lease_id);
+        Ok(())
+    }
+
+    fn drop_lease(&mut self, lease_id: LeaseId) {
+        let Some(l) = self.leases.remove(&lease_id) else {
+            return;
+        };
+        for key in l.keys {
+            let k = (l.ns, key);
+            if let Some(e) = self.entries.get_mut(&k) {
+                e.leases = e.leases.saturating_sub(1);
+            }
+            self.refile(k);
+        }
+    }
+
+    /// Removes Ready, unleased chunks; returns (deleted, skipped because leased).
+    pub fn delete(&mut self, ns: &str, keys: &[ChunkKey]) -> Result<(u32, u32)> {
+        Self::check_namespace(ns)?;
+        self.check_keys(keys)?;
+        let Some(nsid) = self.ns_lookup(ns) else {
+            return Ok((0, 0));
+        };
+        let (mut deleted, mut leased) = (0, 0);
+        for key in keys {
+            let k = (nsid, *key);
+            match self.entries.get(&k) {
+                Some(e) if e.state == State::Ready && e.leases == 0 => {
+                    self.remove_entry(k);
+                    deleted += 1;
+                }
+                Some(e) if e.state == State::Ready => leased += 1,
+                _ => {}
+            }
+        }
+        Ok((deleted, leased))
+    }
+
+    /// Frees everything a session holds: its reservations and its leases.
+    pub fn drop_session(&mut self, session: SessionId) -> Expired {
+        let puts: Vec<PutId> = self
+            .puts
+            .iter()
+            .filter(|(_, p)| p.session == session)
+            .map(|(id, _)| *id)
+            .collect();
+        let leases: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.session == session)
+            .map(|(id, _)| *id)
+            .collect();
+        for p in &puts {
+            self.drop_put(*p);
+        }
+        for l in &leases {
+            self.drop_lease(*l);
+        }
+        Expired {
+            puts: puts.len(),
+            leases: leases.len(),
+        }
+    }
+
+    /// Frees reservations and leases whose deadline has passed.
+    pub fn expire(&mut self, now: Instant) -> Expired {
+        let puts: Vec<PutId> = self
+            .puts
+            .iter()
+            .filter(|(_, p)| now > p.expires)
+            .map(|(id, _)| *id)
+            .collect();
+        let leases: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| now > l.expires)
+            .map(|(id, _)| *id)
+            .collect();
+        for p in &puts {
+            self.drop_put(*p);
+        }
+        for l in &leases {
+            self.drop_lease(*l);
+        }
+        self.counters.expired_puts += puts.len() as u64;
+        self.counters.expired_leases += leases.len() as u64;
+        Expired {
+            puts: puts.len(),
+            leases: leases.len(),
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    pub fn entries(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn active_leases(&self) -> usize {
+        self.leases.len()
+    }
+
+    pub fn active_reservations(&self) -> usize {
+        self.puts.len()
+    }
+
+    pub fn usage(&self) -> Vec<TierUsage> {
+        self.pools
+            .iter()
+            .map(|(t, a)| TierUsage {
+                tier: *t,
+                used: a.used(),
+                capacity: a.capacity(),
+                entries: self.entries.values().filter(|e| e.tier == *t).count() as u64,
+            })
+            .collect()
+    }
+
+    /// Checks every structural invariant; for tests. Returns the first violation found.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        for (tier, a) in &self.pools {
+            let mut spans: Vec<(u64, u64)> = self
+                .entries
+                .values()
+                .filter(|e| e.tier == *tier)
+                .map(|e| (e.offset, Allocator::footprint(e.len)))
+                .collect();
+            let used: u64 = spans.iter().map(|s| s.1).sum();
+            if used != a.used() {
+                return Err(format!(
+                    "{tier}: entries occupy {used} bytes, allocator says {}",
+                    a.used()
+                ));
+            }
+            if a.used() > a.capacity() {
+                return Err(format!(
+                    "{tier}: used {} > capacity {}",
+                    a.used(),
+                    a.capacity()
+                ));
+            }
+            spans.extend(a.free_ranges());
+            spans.sort();
+            let mut end = 0;
+            for (off, len) in spans {
+                if off < end {
+                    return Err(format!("{tier}: overlapping ranges at {off}"));
+                }
+                end = off + len;
+            }
+            if end > a.capacity() {
+                return Err(format!("{tier}: a range ends at {end}, past capacity"));
+            }
+        }
+        for (k, e) in &self.entries {
+            let should = Self::is_evictable(e);
+            if should != self.evictable.contains(&(e.tick, *k)) {
+                return Err(format!("evictable set disagrees for {:?}", k.1));
+            }
+            let children = self
+                .entries
+                .iter()
+                .filter(|(ck, c)| ck.0 == k.0 && c.parent == Some(k.1))
+                .count() as u32;
+            if children != e.children {
+                return Err(format!(
+                    "{:?} counts {} children, has {children}",
+                    k.1, e.children
+                ));
+            }
+            let leases: u32 = self
+                .leases
+                .values()
+                .filter(|l| l.ns == k.0)
+                .map(|l| l.keys.iter().filter(|x| **x == k.1).count() as u32)
+                .sum();
+            if leases != e.leases {
+                return Err(format!(
+                    "{:?} counts {} leases, has {leases}",
+                    k.1, e.leases
+                ));
+            }
+            if let State::Reserved(p) = e.state {
+                if !self.puts.contains_key(&p) {
+                    return Err(format!("{:?} reserved by a put that no longer exists", k.1));
+                }
+            }
+        }
+        if self.evictable.len() > self.entries.len() {
+            return Err("evictable set holds removed entries".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,443 @@
+//! Randomized (property) tests: long random sequences of puts, commits, aborts, lookups,
+//! leases, releases, deletes, session drops and expiry against a small pool, checking every
+//! invariant after each step, plus the specific promises the server relies on.
+
+use prefixd_cache::{ErrorKind, Index, IndexConfig, Slot, Tier};
+use prefixd_proto::keys::ChunkKey;
+use std::time::{Duration, Instant};
+
+/// xorshift64*: deterministic, so a failing seed reproduces.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn key(prompt: u64, chunk: u64) -> ChunkKey {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&prompt.to_le_bytes());
+    k[8..16].copy_from_slice(&chunk.to_le_bytes());
+    ChunkKey(k)
+}
+
+fn small_index() -> Index {
+    Index::new(IndexConfig {
+        tiers: vec![(Tier::Host, 64 * 1024)],
+        max_chunk_size: 16 * 1024,
+        max_keys: 64,
+        max_namespaces: 8,
+        high_watermark: 0.9,
+        low_watermark: 0.7,
+    })
+}
+
+#[test]
+fn random_operations_keep_every_invariant() {
+    for seed in 1..=40u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut idx = small_index();
+        let t0 = Instant::now();
+        let mut now = t0;
+        let ttl = Duration::from_secs(5);
+        let mut open_puts: Vec<(u64, u64)> = Vec::new(); // (put, session)
+        let mut leases: Vec<(u64, u64, Vec<ChunkKey>)> = Vec::new(); // (lease, session, keys)
+        for step in 0..400 {
+            let ns = ["a", "b"][rng.below(2) as usize];
+            let prompt = rng.below(6);
+            let session = 1 + rng.below(3);
+            let n = 1 + rng.below(5);
+            let keys: Vec<ChunkKey> = (0..n).map(|c| key(prompt, c)).collect();
+            match rng.below(10) {
+                0..=2 => {
+                    let sizes: Vec<u64> = keys.iter().map(|_| 1 + rng.below(8 * 1024)).collect();
+                    if let Ok(b) = idx.begin_put(session, ns, &keys, &sizes, None, false, now, ttl)
+                    {
+                        open_puts.push((b.put_id, session));
+                    }
+                }
+                3 | 4 if !open_puts.is_empty() => {
+                    let (p, s) = open_puts.swap_remove(rng.below(open_puts.len() as u64) as usize);
+                    if rng.below(4) == 0 {
+                        let _ = idx.abort_put(p, s); // may have expired or been dropped
+                    } else {
+                        let _ = idx.commit_put(p, s, now); // may have expired
+                    }
+                }
+                5 | 6 => {
+                    let lease = (rng.below(2) == 0).then_some((session, ttl));
+                    let r = idx.lookup(ns, &keys, lease, now).unwrap();
+                    if let Some((l, _)) = r.lease {
+                        leases.push((l, session, keys[..r.hits].to_vec()));
+                    }
+                }
+                7 if !leases.is_empty() => {
+                    let (l, s, _) = leases.swap_remove(rng.below(leases.len() as u64) as usize);
+                    let _ = idx.release(l, s); // may have expired
+                }
+                8 => {
+                    let _ = idx.delete(ns, &keys);
+                }
+                _ => {
+                    now += Duration::from_millis(rng.below(1500));
+                    idx.expire(now);
+                    if rng.below(10) == 0 {
+                        idx.drop_session(session);
+                    }
+                }
+            }
+            if let Err(e) = idx.check_invariants() {
+                panic!("seed {seed} step {step}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn reserved_chunks_are_invisible_until_commit() {
+    let mut idx = small_index();
+    let now = Instant::now();
+    let keys = [key(1, 0), key(1, 1)];
+    let b = idx
+        .begin_put(
+            1,
+            "ns",
+            &keys,
+            &[100, 100],
+            None,
+            false,
+            now,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert!(b.slots.iter().all(|s| matches!(s, Slot::Reserved(_))));
+    assert_eq!(
+        idx.lookup("ns", &keys, None, now).unwrap().hits,
+        0,
+        "no partial reads"
+    );
+    // A second producer sees them as present (being written) and skips them.
+    let b2 = idx
+        .begin_put(
+            2,
+            "ns",
+            &keys,
+            &[100, 100],
+            None,
+            false,
+            now,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert!(b2.slots.iter().all(|s| *s == Slot::Present));
+    assert_eq!(idx.commit_put(b.put_id, 1, now).unwrap(), 2);
+    assert_eq!(idx.lookup("ns", &keys, None, now).unwrap().hits, 2);
+    // Namespaces never mix.
+    assert_eq!(idx.lookup("other", &keys, None, now).unwrap().hits, 0);
+    idx.check_invariants().unwrap();
+}
+
+#[test]
+fn longest_prefix_stops_at_first_miss() {
+    let mut idx = small_index();
+    let now = Instant::now();
+    let keys: Vec<ChunkKey> = (0..4).map(|c| key(2, c)).collect();
+    let b = idx
+        .begin_put(
+            1,
+            "ns",
+            &keys[..2],
+            &[10, 10],
+            None,
+            false,
+            now,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    let b = idx
+        .begin_put(
+            1,
+            "ns",
+            &keys[3..],
+            &[10],
+            Some(keys[2]),
+            false,
+            now,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    assert_eq!(idx.lookup("ns", &keys, None, now).unwrap().hits, 2);
+}
+
+#[test]
+fn leased_chunks_survive_pressure_and_expire() {
+    let mut idx = small_index();
+    let now = Instant::now();
+    let ttl = Duration::from_secs(2);
+    let keys = [key(3, 0)];
+    let b = idx
+        .begin_put(1, "ns", &keys, &[16 * 1024], None, false, now, ttl)
+        .unwrap();
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    let r = idx.lookup("ns", &keys, Some((9, ttl)), now).unwrap();
+    let (lease, _) = r.lease.unwrap();
+    let loc = r.locations[0];
+    // Fill the pool many times over: the leased chunk must neither move nor vanish.
+    for p in 100..140 {
+        let k = [key(p, 0)];
+        if let Ok(b) = idx.begin_put(1, "ns", &k, &[16 * 1024], None, false, now, ttl) {
+            idx.commit_put(b.put_id, 1, now).unwrap();
+        }
+        assert_eq!(idx.lease_chunk(lease, 9, 0, now).unwrap(), loc);
+        idx.check_invariants().unwrap();
+    }
+    // Someone else's session cannot touch the lease.
+    assert_eq!(
+        idx.release(lease, 1).unwrap_err().kind,
+        ErrorKind::PermissionDenied
+    );
+    // After the TTL the lease is gone (a dead consumer leaks nothing) and reads fail.
+    let later = now + ttl + Duration::from_millis(1);
+    assert_eq!(
+        idx.lease_chunk(lease, 9, 0, later).unwrap_err().kind,
+        ErrorKind::Expired
+    );
+    assert_eq!(idx.expire(later).leases, 1);
+    assert_eq!(idx.active_leases(), 0);
+    idx.check_invariants().unwrap();
+}
+
+#[test]
+fn dead_producer_reservations_are_reclaimed() {
+    let mut idx = small_index();
+    let now = Instant::now();
+    let ttl = Duration::from_secs(1);
+    let keys: Vec<ChunkKey> = (0..3).map(|c| key(4, c)).collect();
+    let b = idx
+        .begin_put(7, "ns", &keys, &[16 * 1024; 3], None, false, now, ttl)
+        .unwrap();
+    assert_eq!(idx.usage()[0].used, 3 * 16 * 1024);
+    // The producer dies: nothing is visible, and after the TTL the space is back.
+    assert_eq!(idx.lookup("ns", &keys, None, now).unwrap().hits, 0);
+    let later = now + ttl + Duration::from_millis(1);
+    assert_eq!(idx.expire(later).puts, 1);
+    assert_eq!(idx.usage()[0].used, 0);
+    assert_eq!(
+        idx.commit_put(b.put_id, 7, later).unwrap_err().kind,
+        ErrorKind::NotFound
+    );
+    idx.check_invariants().unwrap();
+}
+
+#[test]
+fn pool_accounting_never_exceeds_capacity() {
+    let mut idx = small_index();
+    let now = Instant::now();
+    let ttl = Duration::from_secs(5);
+    // Fill with reservations nobody commits: a further put cannot evict them.
+    let mut held = Vec::new();
+    for p in 0..4 {
+        held.push(
+            idx.begin_put(1, "ns", &[key(p, 0)], &[16 * 1024], None, false, now, ttl)
+                .unwrap(),
+        );
+    }
+    let e = idx
+        .begin_put(1, "ns", &[key(99, 0)], &[16 * 1024], None, false, now, ttl)
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::ResourceExhausted);
+    // All or nothing: a two-chunk put that only half fits reserves nothing.
+    idx.abort_put(held.pop().unwrap().put_id, 1).unwrap();
+    let before = idx.usage()[0].used;
+    let e = idx
+        .begin_put(
+            1,
+            "ns",
+            &[key(98, 0), key(98, 1)],
+            &[16 * 1024, 16 * 1024],
+            None,
+            false,
+            now,
+            ttl,
+        )
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::ResourceExhausted);
+    assert_eq!(idx.usage()[0].used, before);
+    // A chunk larger than the pool is refused up front.
+    let e = idx
+        .begin_put(1, "ns", &[key(97, 0)], &[1 << 20], None, false, now, ttl)
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    idx.check_invariants().unwrap();
+}
+
+#[test]
+fn eviction_is_leaf_first_and_least_recent_first() {
+    // Watermarks off: only on-demand eviction here.
+    let mut idx = Index::new(IndexConfig {
+        tiers: vec![(Tier::Host, 4 * 1024)],
+        high_watermark: 1.0,
+        low_watermark: 1.0,
+        ..IndexConfig::default()
+    });
+    let now = Instant::now();
+    let ttl = Duration::from_secs(5);
+    // One prompt of 3 chunks (a chain) and one single chunk; 4 KiB pool, 1 KiB chunks.
+    let chain: Vec<ChunkKey> = (0..3).map(|c| key(5, c)).collect();
+    let b = idx
+        .begin_put(1, "ns", &chain, &[1024; 3], None, false, now, ttl)
+        .unwrap();
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    let single = [key(6, 0)];
+    let b = idx
+        .begin_put(1, "ns", &single, &[1024], None, false, now, ttl)
+        .unwrap();
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    // Touch the chain so the single chunk is least recent among leaves.
+    idx.lookup("ns", &chain, None, now).unwrap();
+    let b = idx
+        .begin_put(1, "ns", &[key(7, 0)], &[1024], None, false, now, ttl)
+        .unwrap();
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    assert_eq!(
+        idx.lookup("ns", &single, None, now).unwrap().hits,
+        0,
+        "least recent leaf went first"
+    );
+    assert_eq!(idx.lookup("ns", &chain, None, now).unwrap().hits, 3);
+    // Next pressure trims the chain from its end, never its middle.
+    let b = idx
+        .begin_put(1, "ns", &[key(8, 0)], &[1024], None, false, now, ttl)
+        .unwrap();
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    let hits = idx.lookup("ns", &chain, None, now).unwrap().hits;
+    assert!(
+        hits == 2 || hits == 3,
+        "chain trimmed from its tail, hits={hits}"
+    );
+    idx.check_invariants().unwrap();
+}
+
+#[test]
+fn watermarks_evict_down_to_low_after_commit() {
+    let mut idx = small_index(); // 64 KiB, high 0.9, low 0.7
+    let now = Instant::now();
+    let ttl = Duration::from_secs(5);
+    for p in 0..16 {
+        let b = idx
+            .begin_put(1, "ns", &[key(p, 0)], &[4096], None, false, now, ttl)
+            .unwrap();
+        idx.commit_put(b.put_id, 1, now).unwrap();
+        let u = idx.usage()[0];
+        assert!(
+            u.used as f64 <= 0.9 * u.capacity as f64,
+            "above high watermark after commit: {u:?}"
+        );
+    }
+    assert!(idx.counters().evictions > 0);
+    idx.check_invariants().unwrap();
+}
+
+#[test]
+fn bad_input_changes_nothing() {
+    let mut idx = small_index();
+    let now = Instant::now();
+    let ttl = Duration::from_secs(5);
+    let snapshot = |idx: &Index| {
+        (
+            idx.entries(),
+            idx.usage(),
+            idx.active_reservations(),
+            idx.active_leases(),
+        )
+    };
+    let before = snapshot(&idx);
+    let k = [key(1, 0)];
+    let cases: Vec<ErrorKind> = vec![
+        idx.begin_put(1, "", &k, &[1], None, false, now, ttl)
+            .unwrap_err()
+            .kind,
+        idx.begin_put(1, &"x".repeat(300), &k, &[1], None, false, now, ttl)
+            .unwrap_err()
+            .kind,
+        idx.begin_put(1, "ns", &[], &[], None, false, now, ttl)
+            .unwrap_err()
+            .kind,
+        idx.begin_put(1, "ns", &k, &[1, 2], None, false, now, ttl)
+            .unwrap_err()
+            .kind,
+        idx.begin_put(1, "ns", &k, &[0], None, false, now, ttl)
+            .unwrap_err()
+            .kind,
+        idx.begin_put(1, "ns", &k, &[u64::MAX], None, false, now, ttl)
+            .unwrap_err()
+            .kind,
+        idx.begin_put(
+            1,
+            "ns",
+            &vec![key(1, 0); 65],
+            &[1; 65],
+            None,
+            false,
+            now,
+            ttl,
+        )
+        .unwrap_err()
+        .kind,
+        idx.commit_put(12345, 1, now).unwrap_err().kind,
+        idx.abort_put(12345, 1).unwrap_err().kind,
+        idx.release(999, 1).unwrap_err().kind,
+        idx.lookup("", &k, None, now).unwrap_err().kind,
+        idx.lookup("ns", &[], None, now).unwrap_err().kind,
+        idx.delete("ns", &[]).unwrap_err().kind,
+    ];
+    assert_eq!(cases.len(), 13);
+    assert_eq!(snapshot(&idx), before, "errors changed state");
+    // Double commit: the second one fails and changes nothing.
+    let b = idx
+        .begin_put(1, "ns", &k, &[10], None, false, now, ttl)
+        .unwrap();
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    let mid = snapshot(&idx);
+    assert_eq!(
+        idx.commit_put(b.put_id, 1, now).unwrap_err().kind,
+        ErrorKind::NotFound
+    );
+    assert_eq!(snapshot(&idx), mid);
+    idx.check_invariants().unwrap();
+}
+
+#[test]
+fn active_message_puts_commit_only_when_all_data_arrived() {
+    let mut idx = small_index();
+    let now = Instant::now();
+    let keys = [key(1, 0), key(1, 1)];
+    let b = idx
+        .begin_put(
+            1,
+            "ns",
+            &keys,
+            &[10, 10],
+            None,
+            true,
+            now,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(idx.missing_chunks(b.put_id, 1).unwrap(), 2);
+    idx.mark_received(b.put_id, 1, 0).unwrap();
+    assert_eq!(
+        idx.commit_put(b.put_id, 1, now).unwrap_err().kind,
+        ErrorKind::FailedPrecondition
+    );
+    idx.mark_received(b.put_id, 1, 1).unwrap();
+    assert_eq!(idx.commit_put(b.put_id, 1, now).unwrap(), 2);
+}
