@@ -37,6 +37,10 @@ pub struct IndexConfig {
     pub high_watermark: f64,
     /// ... and stop below this one.
     pub low_watermark: f64,
+    /// How long after its deadline an expired reservation or lease is actually freed. Clients
+    /// that move bytes by RMA stop at the deadline they were told; the grace keeps a late
+    /// transfer from touching a slot that was already handed to someone else.
+    pub grace: Duration,
 }
 
 impl Default for IndexConfig {
@@ -48,6 +52,7 @@ impl Default for IndexConfig {
             max_namespaces: 65536,
             high_watermark: 0.95,
             low_watermark: 0.85,
+            grace: Duration::from_secs(2),
         }
     }
 }
@@ -105,9 +110,20 @@ struct Put {
     ns: NsId,
     /// (index in the request, key) of each reserved chunk.
     reserved: Vec<(u32, ChunkKey)>,
-    /// Active-message puts: which reserved chunks have arrived. RMA puts: None.
-    received: Option<Vec<bool>>,
+    /// Active-message puts: the state of each reserved chunk's data. RMA puts: None.
+    received: Option<Vec<Arrival>>,
     expires: Instant,
+    /// Active-message receives into this put's slots still in flight.
+    inflight: u32,
+    /// Aborted or expired while receives were in flight: freed when the last one ends.
+    doomed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    Waiting,
+    Receiving,
+    Received,
 }
 
 #[derive(Debug, Clone)]
@@ -116,6 +132,10 @@ struct Lease {
     ns: NsId,
     keys: Vec<ChunkKey>,
     expires: Instant,
+    /// Sends out of this lease's chunks still in flight (the active-message path).
+    inflight: u32,
+    /// Released or expired while sends were in flight: released when the last one ends.
+    doomed: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -451,7 +471,7 @@ impl Index {
             prev = Some(key);
         }
         let expires = now + ttl;
-        let received = active_message.then(|| vec![false; reserved.len()]);
+        let received = active_message.then(|| vec![Arrival::Waiting; reserved.len()]);
         self.puts.insert(
             put_id,
             Put {
@@ -460,6 +480,8 @@ impl Index {
                 reserved,
                 received,
                 expires,
+                inflight: 0,
+                doomed: false,
             },
         );
         Ok(BeginPut {
@@ -471,6 +493,9 @@ impl Index {
 
     fn own_put(&self, put_id: PutId, session: SessionId) -> Result<&Put> {
         match self.puts.get(&put_id) {
+            Some(p) if p.doomed => Err(IndexError::not_found(format!(
+                "put {put_id} was aborted or expired"
+            ))),
             None => Err(IndexError::not_found(format!(
                 "no put {put_id} (unknown, committed, aborted or expired)"
             ))),
@@ -481,50 +506,80 @@ impl Index {
         }
     }
 
-    /// Where an active-message put's chunk `index` (index in the BeginPut request) goes.
-    pub fn put_slot(&self, put_id: PutId, session: SessionId, index: u32) -> Result<Location> {
+    /// Starts receiving an active-message put's chunk `index` (index in the BeginPut request):
+    /// returns where its bytes go. The slot stays reserved until [`Index::end_receive`], even if
+    /// the put is aborted or expires meanwhile, so a late write never lands in someone else's slot.
+    pub fn begin_receive(
+        &mut self,
+        put_id: PutId,
+        session: SessionId,
+        index: u32,
+        now: Instant,
+    ) -> Result<Location> {
         let p = self.own_put(put_id, session)?;
-        let key = p
+        if now > p.expires {
+            return Err(IndexError::expired(format!("put {put_id} expired")));
+        }
+        let pos = p
             .reserved
             .iter()
-            .find(|(i, _)| *i == index)
-            .map(|(_, k)| *k)
+            .position(|(i, _)| *i == index)
             .ok_or_else(|| {
                 IndexError::invalid(format!(
                     "put {put_id} has no reserved chunk at index {index}"
                 ))
             })?;
+        let key = p.reserved[pos].1;
+        let ns = p.ns;
+        match p.received.as_ref().map(|r| r[pos]) {
+            None => {
+                return Err(IndexError::precondition(format!(
+                    "put {put_id} uses RMA, not active messages"
+                )))
+            }
+            Some(Arrival::Waiting) => {}
+            Some(_) => {
+                return Err(IndexError::precondition(format!(
+                    "put {put_id}: chunk {index} was already sent"
+                )))
+            }
+        }
         let e = self
             .entries
-            .get(&(p.ns, key))
+            .get(&(ns, key))
             .ok_or_else(|| IndexError::not_found("reserved entry vanished"))?;
-        Ok(Location {
+        let loc = Location {
             tier: e.tier,
             offset: e.offset,
             len: e.len,
-        })
+        };
+        if let Some(p) = self.puts.get_mut(&put_id) {
+            if let Some(r) = p.received.as_mut() {
+                r[pos] = Arrival::Receiving;
+            }
+            p.inflight += 1;
+        }
+        Ok(loc)
     }
 
-    /// Records that an active-message put's chunk arrived.
-    pub fn mark_received(&mut self, put_id: PutId, session: SessionId, index: u32) -> Result<()> {
-        self.own_put(put_id, session)?;
-        let p = self
-            .puts
-            .get_mut(&put_id)
-            .ok_or_else(|| IndexError::not_found("put vanished"))?;
-        let pos = p
-            .reserved
-            .iter()
-            .position(|(i, _)| *i == index)
-            .ok_or_else(|| IndexError::invalid("no such chunk"))?;
-        match &mut p.received {
-            Some(r) => {
-                r[pos] = true;
-                Ok(())
-            }
-            None => Err(IndexError::precondition(
-                "this put uses RMA, not active messages",
-            )),
+    /// Ends a receive started by [`Index::begin_receive`]; `ok` marks the chunk as arrived.
+    pub fn end_receive(&mut self, put_id: PutId, index: u32, ok: bool) {
+        let Some(p) = self.puts.get_mut(&put_id) else {
+            return;
+        };
+        p.inflight = p.inflight.saturating_sub(1);
+        if let (Some(pos), Some(r)) = (
+            p.reserved.iter().position(|(i, _)| *i == index),
+            p.received.as_mut(),
+        ) {
+            r[pos] = if ok {
+                Arrival::Received
+            } else {
+                Arrival::Waiting
+            };
+        }
+        if p.doomed && p.inflight == 0 {
+            self.drop_put(put_id);
         }
     }
 
@@ -533,7 +588,7 @@ impl Index {
         let p = self.own_put(put_id, session)?;
         Ok(p.received
             .as_ref()
-            .map_or(0, |r| r.iter().filter(|x| !**x).count()))
+            .map_or(0, |r| r.iter().filter(|x| **x != Arrival::Received).count()))
     }
 
     /// Makes a put's chunks visible. Fails (changing nothing) if the put is unknown, belongs to
@@ -546,7 +601,7 @@ impl Index {
             )));
         }
         if let Some(r) = &p.received {
-            let missing = r.iter().filter(|x| !**x).count();
+            let missing = r.iter().filter(|x| **x != Arrival::Received).count();
             if missing > 0 {
                 return Err(IndexError::precondition(format!(
                     "put {put_id}: {missing} chunks have not arrived"
@@ -578,6 +633,15 @@ impl Index {
     }
 
     fn drop_put(&mut self, put_id: PutId) -> u32 {
+        match self.puts.get_mut(&put_id) {
+            None => return 0,
+            Some(p) if p.inflight > 0 => {
+                // Receives still write into these slots: free them when the last one ends.
+                p.doomed = true;
+                return p.reserved.len() as u32;
+            }
+            Some(_) => {}
+        }
         let Some(p) = self.puts.remove(&put_id) else {
             return 0;
         };
@@ -645,6 +709,8 @@ impl Index {
                     ns: nsid,
                     keys: keys[..hits].to_vec(),
                     expires,
+                    inflight: 0,
+                    doomed: false,
                 },
             );
             result.lease = Some((lease_id, expires));
@@ -654,6 +720,9 @@ impl Index {
 
     fn own_lease(&self, lease_id: LeaseId, session: SessionId) -> Result<&Lease> {
         match self.leases.get(&lease_id) {
+            Some(l) if l.doomed => Err(IndexError::not_found(format!(
+                "lease {lease_id} was released or expired"
+            ))),
             None => Err(IndexError::not_found(format!(
                 "no lease {lease_id} (unknown, released or expired)"
             ))),
@@ -698,6 +767,35 @@ impl Index {
         Ok(self.own_lease(lease_id, session)?.keys.len())
     }
 
+    /// Pins a live lease while its chunks are sent out (the active-message path): it is not
+    /// released before [`Index::unpin_lease`], whatever happens to it meanwhile.
+    pub fn pin_lease(
+        &mut self,
+        lease_id: LeaseId,
+        session: SessionId,
+        now: Instant,
+    ) -> Result<usize> {
+        let l = self.own_lease(lease_id, session)?;
+        if now > l.expires {
+            return Err(IndexError::expired(format!("lease {lease_id} expired")));
+        }
+        let n = l.keys.len();
+        if let Some(l) = self.leases.get_mut(&lease_id) {
+            l.inflight += 1;
+        }
+        Ok(n)
+    }
+
+    pub fn unpin_lease(&mut self, lease_id: LeaseId) {
+        let Some(l) = self.leases.get_mut(&lease_id) else {
+            return;
+        };
+        l.inflight = l.inflight.saturating_sub(1);
+        if l.doomed && l.inflight == 0 {
+            self.drop_lease(lease_id);
+        }
+    }
+
     pub fn release(&mut self, lease_id: LeaseId, session: SessionId) -> Result<()> {
         self.own_lease(lease_id, session)?;
         self.drop_lease(lease_id);
@@ -705,6 +803,14 @@ impl Index {
     }
 
     fn drop_lease(&mut self, lease_id: LeaseId) {
+        match self.leases.get_mut(&lease_id) {
+            None => return,
+            Some(l) if l.inflight > 0 => {
+                l.doomed = true;
+                return;
+            }
+            Some(_) => {}
+        }
         let Some(l) = self.leases.remove(&lease_id) else {
             return;
         };
@@ -744,13 +850,13 @@ impl Index {
         let puts: Vec<PutId> = self
             .puts
             .iter()
-            .filter(|(_, p)| p.session == session)
+            .filter(|(_, p)| p.session == session && !p.doomed)
             .map(|(id, _)| *id)
             .collect();
         let leases: Vec<LeaseId> = self
             .leases
             .iter()
-            .filter(|(_, l)| l.session == session)
+            .filter(|(_, l)| l.session == session && !l.doomed)
             .map(|(id, _)| *id)
             .collect();
         for p in &puts {
@@ -766,17 +872,19 @@ impl Index {
     }
 
     /// Frees reservations and leases whose deadline has passed.
+    /// (Deadline plus the grace period.)
     pub fn expire(&mut self, now: Instant) -> Expired {
+        let grace = self.cfg.grace;
         let puts: Vec<PutId> = self
             .puts
             .iter()
-            .filter(|(_, p)| now > p.expires)
+            .filter(|(_, p)| !p.doomed && now > p.expires + grace)
             .map(|(id, _)| *id)
             .collect();
         let leases: Vec<LeaseId> = self
             .leases
             .iter()
-            .filter(|(_, l)| now > l.expires)
+            .filter(|(_, l)| !l.doomed && now > l.expires + grace)
             .map(|(id, _)| *id)
             .collect();
         for p in &puts {

@@ -35,6 +35,7 @@ fn small_index() -> Index {
         max_namespaces: 8,
         high_watermark: 0.9,
         low_watermark: 0.7,
+        grace: Duration::ZERO,
     })
 }
 
@@ -433,11 +434,56 @@ fn active_message_puts_commit_only_when_all_data_arrived() {
         )
         .unwrap();
     assert_eq!(idx.missing_chunks(b.put_id, 1).unwrap(), 2);
-    idx.mark_received(b.put_id, 1, 0).unwrap();
+    let loc = idx.begin_receive(b.put_id, 1, 0, now).unwrap();
+    assert_eq!(loc.len, 10);
+    // The same chunk cannot be received twice at once.
+    assert_eq!(
+        idx.begin_receive(b.put_id, 1, 0, now).unwrap_err().kind,
+        ErrorKind::FailedPrecondition
+    );
+    idx.end_receive(b.put_id, 0, true);
     assert_eq!(
         idx.commit_put(b.put_id, 1, now).unwrap_err().kind,
         ErrorKind::FailedPrecondition
     );
-    idx.mark_received(b.put_id, 1, 1).unwrap();
+    idx.begin_receive(b.put_id, 1, 1, now).unwrap();
+    idx.end_receive(b.put_id, 1, true);
     assert_eq!(idx.commit_put(b.put_id, 1, now).unwrap(), 2);
+}
+
+#[test]
+fn slots_in_flight_are_not_reused_after_abort_or_expiry() {
+    let mut idx = small_index();
+    let now = Instant::now();
+    let ttl = Duration::from_secs(1);
+    let keys: Vec<ChunkKey> = (0..4).map(|c| key(1, c)).collect();
+    let b = idx
+        .begin_put(1, "ns", &keys, &[16 * 1024; 4], None, true, now, ttl)
+        .unwrap();
+    idx.begin_receive(b.put_id, 1, 0, now).unwrap();
+    idx.abort_put(b.put_id, 1).unwrap();
+    // The slot is still held: the pool is full, so another put cannot get it.
+    let e = idx
+        .begin_put(2, "ns", &[key(2, 0)], &[16 * 1024], None, true, now, ttl)
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::ResourceExhausted);
+    idx.check_invariants().unwrap();
+    idx.end_receive(b.put_id, 0, true);
+    assert_eq!(idx.usage()[0].used, 0, "freed once the receive ended");
+    // Leases: a pinned lease outlives its expiry until unpinned.
+    let b = idx
+        .begin_put(1, "ns", &[key(3, 0)], &[100], None, false, now, ttl)
+        .unwrap();
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    let (lease, _) = idx
+        .lookup("ns", &[key(3, 0)], Some((1, ttl)), now)
+        .unwrap()
+        .lease
+        .unwrap();
+    idx.pin_lease(lease, 1, now).unwrap();
+    idx.expire(now + Duration::from_secs(10));
+    assert_eq!(idx.active_leases(), 1, "pinned lease kept");
+    idx.unpin_lease(lease);
+    assert_eq!(idx.active_leases(), 0);
+    idx.check_invariants().unwrap();
 }
