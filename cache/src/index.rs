@@ -591,9 +591,14 @@ impl Index {
             .map_or(0, |r| r.iter().filter(|x| **x != Arrival::Received).count()))
     }
 
-    /// Makes a put's chunks visible. Fails (changing nothing) if the put is unknown, belongs to
+    /// Makes a put's chunks visible; returns how many chunks and bytes. Fails (changing nothing) if the put is unknown, belongs to
     /// another session, expired, or still misses active-message data.
-    pub fn commit_put(&mut self, put_id: PutId, session: SessionId, now: Instant) -> Result<u32> {
+    pub fn commit_put(
+        &mut self,
+        put_id: PutId,
+        session: SessionId,
+        now: Instant,
+    ) -> Result<(u32, u64)> {
         let p = self.own_put(put_id, session)?;
         if now > p.expires {
             return Err(IndexError::expired(format!(
@@ -612,18 +617,19 @@ impl Index {
             .puts
             .remove(&put_id)
             .ok_or_else(|| IndexError::not_found("put vanished"))?;
-        let mut n = 0;
+        let (mut n, mut bytes) = (0, 0);
         for (_, key) in &p.reserved {
             let k = (p.ns, *key);
             if let Some(e) = self.entries.get_mut(&k) {
                 e.state = State::Ready;
                 n += 1;
+                bytes += e.len;
             }
             self.touch(k);
             self.refile(k);
         }
         self.evict_to_watermarks();
-        Ok(n)
+        Ok((n, bytes))
     }
 
     /// Frees a put's reservations.

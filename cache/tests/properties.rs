@@ -137,7 +137,7 @@ fn reserved_chunks_are_invisible_until_commit() {
         )
         .unwrap();
     assert!(b2.slots.iter().all(|s| *s == Slot::Present));
-    assert_eq!(idx.commit_put(b.put_id, 1, now).unwrap(), 2);
+    assert_eq!(idx.commit_put(b.put_id, 1, now).unwrap().0, 2);
     assert_eq!(idx.lookup("ns", &keys, None, now).unwrap().hits, 2);
     // Namespaces never mix.
     assert_eq!(idx.lookup("other", &keys, None, now).unwrap().hits, 0);
@@ -448,7 +448,7 @@ fn active_message_puts_commit_only_when_all_data_arrived() {
     );
     idx.begin_receive(b.put_id, 1, 1, now).unwrap();
     idx.end_receive(b.put_id, 1, true);
-    assert_eq!(idx.commit_put(b.put_id, 1, now).unwrap(), 2);
+    assert_eq!(idx.commit_put(b.put_id, 1, now).unwrap().0, 2);
 }
 
 #[test]

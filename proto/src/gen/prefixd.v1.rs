@@ -162,6 +162,9 @@ pub struct LookupRequest {
     /// Lease lifetime; 0 means the server's default; capped at the server's maximum.
     #[prost(uint64, tag = "5")]
     pub lease_ttl_ms: u64,
+    /// Tokens per chunk in this namespace, for the hit/miss token metrics; 0 means 256.
+    #[prost(uint32, tag = "6")]
+    pub chunk_tokens: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

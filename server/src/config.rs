@@ -1,0 +1,333 @@
+//! Configuration: defaults, then a TOML file (`--config`), then `PREFIXD_*` environment
+//! variables, then flags. Resolved and validated once, in `main`; nothing below reads the
+//! environment.
+
+use crate::units::{parse_duration, ByteSize};
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Who may write and read pool memory directly with UCX RMA (a remote key into server memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RmaPolicy {
+    /// Clients on this host (same boot id): one trust domain. Others use active messages.
+    SameHost,
+    /// Nobody: every client uses active messages; no key into server memory ever leaves.
+    Never,
+}
+
+const ABOUT: &str = "prefixd: a KV-cache sidecar for disaggregated LLM inference.
+
+A prefill engine pushes the KV cache of a prompt into prefixd; a decode engine pulls it instead
+of recomputing. Chunks are keyed by token-prefix hash (vLLM-compatible), kept in a host-memory
+pool, and moved over UCX (shared memory, tcp, cuda_ipc, RDMA, as UCX_TLS would choose). Control
+and lookup calls go over gRPC; Prometheus metrics, /healthz and /readyz on the metrics port.
+
+Settings come from defaults, then --config FILE (TOML, same names with underscores), then
+PREFIXD_* environment variables, then flags. SIGTERM drains in-flight calls and exits 0;
+SIGINT exits at once.";
+
+#[derive(Debug, Parser)]
+#[command(name = "prefixd", version, about = "prefixd: a KV-cache sidecar for disaggregated LLM inference", long_about = ABOUT)]
+pub struct Cli {
+    /// TOML file with any of the settings below (e.g. host_pool = "8GiB").
+    #[arg(long, env = "PREFIXD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "PREFIXD_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Metrics, /healthz and /readyz listen address [default: 127.0.0.1:9400].
+    #[arg(long, env = "PREFIXD_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Host-memory pool size, registered once with UCX [default: 1GiB].
+    #[arg(long, env = "PREFIXD_HOST_POOL", value_name = "SIZE")]
+    pub host_pool: Option<ByteSize>,
+
+    /// UCX transports, in the form of UCX_TLS (e.g. "sm,tcp" or "cuda_ipc,cuda_copy,sm,tcp")
+    /// [default: "sm,tcp", what any machine has].
+    #[arg(long, env = "PREFIXD_TRANSPORTS", value_name = "LIST")]
+    pub transports: Option<String>,
+
+    /// Network devices UCX may use, in the form of UCX_NET_DEVICES (e.g. "lo", "eth0") [default: all].
+    #[arg(long, env = "PREFIXD_NET_DEVICES", value_name = "LIST")]
+    pub net_devices: Option<String>,
+
+    /// Default lifetime of a lease and of a put's reservation; a client that dies loses both
+    /// after this long [default: 30s].
+    #[arg(long, env = "PREFIXD_LEASE_TTL", value_name = "DURATION", value_parser = parse_duration)]
+    pub lease_ttl: Option<Duration>,
+
+    /// Longest lease a client may ask for [default: 5m].
+    #[arg(long, env = "PREFIXD_MAX_LEASE_TTL", value_name = "DURATION", value_parser = parse_duration)]
+    pub max_lease_ttl: Option<Duration>,
+
+    /// Largest chunk accepted [default: 256MiB, or the host pool if smaller].
+    #[arg(long, env = "PREFIXD_MAX_CHUNK_SIZE", value_name = "SIZE")]
+    pub max_chunk_size: Option<ByteSize>,
+
+    /// Who gets a remote key into pool memory [default: same-host].
+    #[arg(long, env = "PREFIXD_RMA", value_enum, value_name = "POLICY")]
+    pub rma: Option<RmaPolicy>,
+
+    /// Timeout of every UCX transfer the server makes [default: 30s].
+    #[arg(long, env = "PREFIXD_TRANSFER_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub transfer_timeout: Option<Duration>,
+
+    /// How long SIGTERM waits for in-flight calls before exiting anyway [default: 30s].
+    #[arg(long, env = "PREFIXD_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+
+    /// Log filter, in the form of RUST_LOG (e.g. "info", "prefixd=debug") [default: info].
+    #[arg(long, env = "PREFIXD_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
+    /// Print the table of exported metrics (Markdown) and exit.
+    #[arg(long)]
+    pub list_metrics: bool,
+}
+
+/// The settings a TOML file may hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
+    host_pool: Option<String>,
+    transports: Option<String>,
+    net_devices: Option<String>,
+    lease_ttl: Option<String>,
+    max_lease_ttl: Option<String>,
+    max_chunk_size: Option<String>,
+    rma: Option<RmaPolicy>,
+    transfer_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    log: Option<String>,
+    high_watermark: Option<f64>,
+    low_watermark: Option<f64>,
+}
+
+/// The resolved, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub host_pool: ByteSize,
+    pub transports: String,
+    pub net_devices: Option<String>,
+    pub lease_ttl: Duration,
+    pub max_lease_ttl: Duration,
+    pub max_chunk_size: ByteSize,
+    pub rma: RmaPolicy,
+    pub transfer_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub log: String,
+    pub high_watermark: f64,
+    pub low_watermark: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9400)),
+            host_pool: ByteSize(1 << 30),
+            transports: "sm,tcp".into(),
+            net_devices: None,
+            lease_ttl: Duration::from_secs(30),
+            max_lease_ttl: Duration::from_secs(300),
+            max_chunk_size: ByteSize(256 << 20),
+            rma: RmaPolicy::SameHost,
+            transfer_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            log: "info".into(),
+            high_watermark: 0.95,
+            low_watermark: 0.85,
+        }
+    }
+}
+
+fn field<T>(
+    name: &str,
+    v: Option<String>,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    v.map(|s| parse(&s).map_err(|e| format!("{name}: {e}")))
+        .transpose()
+}
+
+impl Config {
+    /// Defaults, then the file, then environment and flags (clap has merged those two, flags
+    /// winning), then validation.
+    pub fn resolve(cli: &Cli) -> Result<Config, String> {
+        let mut c = Config::default();
+        let mut chunk_size_set = cli.max_chunk_size.is_some();
+        if let Some(path) = &cli.config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let f: FileConfig =
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let size = |s: &str| s.parse::<ByteSize>();
+            c.listen = f.listen.unwrap_or(c.listen);
+            c.metrics_listen = f.metrics_listen.unwrap_or(c.metrics_listen);
+            c.host_pool = field("host_pool", f.host_pool, size)?.unwrap_or(c.host_pool);
+            c.transports = f.transports.unwrap_or(c.transports);
+            c.net_devices = f.net_devices.or(c.net_devices);
+            c.lease_ttl = field("lease_ttl", f.lease_ttl, parse_duration)?.unwrap_or(c.lease_ttl);
+            c.max_lease_ttl =
+                field("max_lease_ttl", f.max_lease_ttl, parse_duration)?.unwrap_or(c.max_lease_ttl);
+            chunk_size_set |= f.max_chunk_size.is_some();
+            c.max_chunk_size =
+                field("max_chunk_size", f.max_chunk_size, size)?.unwrap_or(c.max_chunk_size);
+            c.rma = f.rma.unwrap_or(c.rma);
+            c.transfer_timeout = field("transfer_timeout", f.transfer_timeout, parse_duration)?
+                .unwrap_or(c.transfer_timeout);
+            c.drain_timeout =
+                field("drain_timeout", f.drain_timeout, parse_duration)?.unwrap_or(c.drain_timeout);
+            c.log = f.log.unwrap_or(c.log);
+            c.high_watermark = f.high_watermark.unwrap_or(c.high_watermark);
+            c.low_watermark = f.low_watermark.unwrap_or(c.low_watermark);
+        }
+        c.listen = cli.listen.unwrap_or(c.listen);
+        c.metrics_listen = cli.metrics_listen.unwrap_or(c.metrics_listen);
+        c.host_pool = cli.host_pool.unwrap_or(c.host_pool);
+        c.transports = cli.transports.clone().unwrap_or(c.transports);
+        c.net_devices = cli.net_devices.clone().or(c.net_devices);
+        c.lease_ttl = cli.lease_ttl.unwrap_or(c.lease_ttl);
+        c.max_lease_ttl = cli.max_lease_ttl.unwrap_or(c.max_lease_ttl);
+        c.max_chunk_size = cli.max_chunk_size.unwrap_or(c.max_chunk_size);
+        c.rma = cli.rma.unwrap_or(c.rma);
+        c.transfer_timeout = cli.transfer_timeout.unwrap_or(c.transfer_timeout);
+        c.drain_timeout = cli.drain_timeout.unwrap_or(c.drain_timeout);
+        c.log = cli.log.clone().unwrap_or(c.log);
+        if !chunk_size_set {
+            // The default follows a small pool down rather than making it invalid.
+            c.max_chunk_size = c.max_chunk_size.min(c.host_pool);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.host_pool.0 < 1 << 20 {
+            return Err(format!(
+                "host_pool {} is below the 1MiB minimum",
+                self.host_pool
+            ));
+        }
+        if self.max_chunk_size.0 == 0 || self.max_chunk_size.0 > self.host_pool.0 {
+            return Err(format!(
+                "max_chunk_size {} must be positive and at most host_pool {}",
+                self.max_chunk_size, self.host_pool
+            ));
+        }
+        if self.lease_ttl.is_zero() || self.lease_ttl > self.max_lease_ttl {
+            return Err(format!(
+                "lease_ttl {:?} must be positive and at most max_lease_ttl {:?}",
+                self.lease_ttl, self.max_lease_ttl
+            ));
+        }
+        if self.transfer_timeout.is_zero() {
+            return Err("transfer_timeout must be positive".into());
+        }
+        if !(0.0 < self.low_watermark
+            && self.low_watermark <= self.high_watermark
+            && self.high_watermark <= 1.0)
+        {
+            return Err(format!(
+                "watermarks must satisfy 0 < low ({}) <= high ({}) <= 1",
+                self.low_watermark, self.high_watermark
+            ));
+        }
+        ucx_bindings::TransportList::parse(&self.transports)
+            .map_err(|e| format!("transports: {e}"))?;
+        Ok(())
+    }
+
+    /// The configuration as a TOML file would state it.
+    pub fn to_toml(&self) -> String {
+        let rma = match self.rma {
+            RmaPolicy::SameHost => "same-host",
+            RmaPolicy::Never => "never",
+        };
+        let mut s = format!(
+            "listen = \"{}\"\nmetrics_listen = \"{}\"\nhost_pool = \"{}\"\ntransports = \"{}\"\n",
+            self.listen, self.metrics_listen, self.host_pool, self.transports
+        );
+        if let Some(d) = &self.net_devices {
+            s += &format!("net_devices = \"{d}\"\n");
+        }
+        s += &format!(
+            "lease_ttl = \"{}\"\nmax_lease_ttl = \"{}\"\nmax_chunk_size = \"{}\"\nrma = \"{rma}\"\n\
+             transfer_timeout = \"{}\"\ndrain_timeout = \"{}\"\nlog = \"{}\"\nhigh_watermark = {}\nlow_watermark = {}\n",
+            humantime::format_duration(self.lease_ttl),
+            humantime::format_duration(self.max_lease_ttl),
+            self.max_chunk_size,
+            humantime::format_duration(self.transfer_timeout),
+            humantime::format_duration(self.drain_timeout),
+            self.log,
+            self.high_watermark,
+            self.low_watermark
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut v = vec!["prefixd"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::resolve(&cli(&[])).unwrap();
+        assert_eq!(c.host_pool.0, 1 << 30);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:50051");
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("prefixd-cfg-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "host_pool = \"64MiB\"\nlease_ttl = \"5s\"\nrma = \"never\"\n",
+        )
+        .unwrap();
+        let path = dir.to_str().unwrap();
+        let c = Config::resolve(&cli(&["--config", path, "--lease-ttl", "7s"])).unwrap();
+        assert_eq!(c.host_pool.0, 64 << 20);
+        assert_eq!(c.lease_ttl, Duration::from_secs(7), "flag beats file");
+        assert_eq!(c.rma, RmaPolicy::Never);
+        // The printed configuration reads back to the same values.
+        std::fs::write(&dir, c.to_toml()).unwrap();
+        let again = Config::resolve(&cli(&["--config", path])).unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+        std::fs::write(&dir, "host_pol = \"1GiB\"\n").unwrap();
+        let e = Config::resolve(&cli(&["--config", path])).unwrap_err();
+        assert!(e.contains("host_pol"), "{e}");
+        let _ = std::fs::remove_file(&dir);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(Config::resolve(&cli(&["--host-pool", "1KiB"])).is_err());
+        assert!(Config::resolve(&cli(&["--transports", "tcp,nope"])).is_err());
+        assert!(Config::resolve(&cli(&["--lease-ttl", "10m"])).is_err());
+        assert!(Config::resolve(&cli(&["--max-chunk-size", "2GiB"])).is_err());
+        assert!(Cli::try_parse_from(["prefixd", "--host-pool", "lots"]).is_err());
+    }
+}

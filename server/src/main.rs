@@ -1,0 +1,214 @@
+//! `prefixd`: the KV-cache sidecar. See `prefixd --help`.
+//!
+//! Start-up: configuration (defaults < file < environment < flags) → UCX context and worker on
+//! the chosen transports → host pool, registered once → listeners (a bad address fails here,
+//! clearly) → gRPC service + health, operations port, data-plane receiver, reaper.
+//!
+//! Shutdown: SIGTERM drains — readiness goes to 503 and health to NOT_SERVING, new work
+//! (Connect, BeginPut, leasing Lookup) is refused while calls that finish work (CommitPut,
+//! AbortPut, Fetch, Release) still go through; once no reservation or lease is left (or
+//! `--drain-timeout` passes) the gRPC server stops accepting, finishes in-flight calls, and the
+//! process exits 0. SIGINT exits at once (130).
+
+mod config;
+mod dataplane;
+mod errors;
+mod http;
+mod metrics;
+mod service;
+mod shutdown;
+mod state;
+mod units;
+
+use anyhow::Context as _;
+use clap::Parser;
+use config::{Cli, Config};
+use prefixd_proto::v1::prefixd_server::PrefixdServer;
+use shutdown::CancelToken;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.list_metrics {
+        print!("{}", metrics::markdown_table());
+        return ExitCode::SUCCESS;
+    }
+    let cfg = match Config::resolve(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("prefixd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        print!("{}", cfg.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let filter: tracing_subscriber::filter::Targets = match cfg.log.parse() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("prefixd: --log {:?}: {e}", cfg.log);
+            return ExitCode::from(2);
+        }
+    };
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(filter)
+        .init();
+
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("prefixd")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("prefixd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("prefixd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
+    let mut b = ucx_bindings::ContextBuilder::new()
+        .transports(&cfg.transports)?
+        .name("prefixd");
+    if let Some(d) = &cfg.net_devices {
+        b = b.net_devices(d);
+    }
+    let ctx = b.build().context("cannot start UCX")?;
+    let worker =
+        ucx_bindings::Worker::new(&ctx, "prefixd").context("cannot start the UCX worker")?;
+    let metrics = metrics::Metrics::new()?;
+    let state = state::State::new(cfg.clone(), ctx, worker, metrics)?;
+
+    let grpc = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
+    let ops = TcpListener::bind(cfg.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--metrics-listen)", cfg.metrics_listen))?;
+    let (grpc_addr, ops_addr) = (grpc.local_addr()?, ops.local_addr()?);
+    let info = state.ctx.info();
+    tracing::info!(
+        grpc = %grpc_addr, metrics = %ops_addr, host_pool = %cfg.host_pool, ucx = %info.version,
+        transports = %state.transports.join(","), "prefixd ready"
+    );
+    // One machine-readable line on stdout, for scripts and tests that bind port 0.
+    println!("prefixd listening grpc={grpc_addr} metrics={ops_addr}");
+
+    let background = CancelToken::default();
+    tokio::spawn(http::serve(ops, state.clone(), background.clone()));
+    {
+        let (state, stop) = (state.clone(), background.clone());
+        tokio::spawn(async move {
+            if let Err(e) = dataplane::serve_puts(state, stop).await {
+                tracing::error!(error = %e, "data-plane receiver stopped");
+            }
+        });
+    }
+    {
+        let (state, stop) = (state.clone(), background.clone());
+        let period = (cfg.lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let session_idle = (cfg.lease_ttl * 4).max(Duration::from_secs(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => state.reap(session_idle),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<PrefixdServer<service::Service>>()
+        .await;
+    let svc = PrefixdServer::new(service::Service {
+        state: state.clone(),
+    })
+    .max_decoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES)
+    .max_encoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES);
+    let stop_accepting = CancelToken::default();
+    let server = {
+        let stop = stop_accepting.clone();
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc),
+                async move { stop.cancelled().await },
+            )
+    };
+    let mut server = tokio::spawn(server);
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+
+    tokio::select! {
+        _ = sigterm.recv() => {
+            tracing::info!("SIGTERM: draining");
+            let deadline = Instant::now() + cfg.drain_timeout;
+            state.start_draining();
+            health.set_not_serving::<PrefixdServer<service::Service>>().await;
+            drain_work(&state, deadline).await;
+            stop_accepting.cancel();
+            match tokio::time::timeout_at(deadline.into(), &mut server).await {
+                Ok(_) => tracing::info!("drained; exiting"),
+                Err(_) => tracing::warn!("drain timeout passed with calls in flight; exiting"),
+            }
+            background.cancel();
+            Ok(ExitCode::SUCCESS)
+        }
+        _ = sigint.recv() => {
+            tracing::info!("SIGINT: exiting now");
+            Ok(ExitCode::from(130))
+        }
+        r = &mut server => {
+            background.cancel();
+            match r {
+                Ok(Ok(())) => Ok(ExitCode::SUCCESS),
+                Ok(Err(e)) => Err(anyhow::anyhow!("gRPC server failed: {e}")),
+                Err(e) => Err(anyhow::anyhow!("gRPC server task failed: {e}")),
+            }
+        }
+    }
+}
+
+/// Waits until no reservation or lease is left (producers committed or aborted, consumers
+/// released), or the deadline.
+async fn drain_work(state: &Arc<state::State>, deadline: Instant) {
+    loop {
+        let (puts, leases) = {
+            let idx = state.index();
+            (idx.active_reservations(), idx.active_leases())
+        };
+        if puts + leases == 0 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(puts, leases, "drain timeout with work still open");
+            return;
+        }
+        tracing::debug!(puts, leases, "waiting for open work");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,183 @@
+//! Every metric prefixd exports, in one place: names `prefixd_{name}_{unit}`, `_total` only on
+//! counters, units `_seconds` and `_bytes`. Labels take values from small fixed sets (operation
+//! names, gRPC code names, tiers, data paths, transport names), never free text.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub const REQUESTS_TOTAL: &str = "prefixd_requests_total";
+pub const REQUEST_DURATION_SECONDS: &str = "prefixd_request_duration_seconds";
+pub const HIT_CHUNKS_TOTAL: &str = "prefixd_hit_chunks_total";
+pub const MISS_CHUNKS_TOTAL: &str = "prefixd_miss_chunks_total";
+pub const HIT_TOKENS_TOTAL: &str = "prefixd_hit_tokens_total";
+pub const MISS_TOKENS_TOTAL: &str = "prefixd_miss_tokens_total";
+pub const TRANSFER_BYTES_TOTAL: &str = "prefixd_transfer_bytes_total";
+pub const POOL_USED_BYTES: &str = "prefixd_pool_used_bytes";
+pub const POOL_CAPACITY_BYTES: &str = "prefixd_pool_capacity_bytes";
+pub const ENTRIES: &str = "prefixd_entries";
+pub const EVICTIONS_TOTAL: &str = "prefixd_evictions_total";
+pub const EXPIRED_TOTAL: &str = "prefixd_expired_total";
+pub const ACTIVE_LEASES: &str = "prefixd_active_leases";
+pub const ACTIVE_RESERVATIONS: &str = "prefixd_active_reservations";
+pub const SESSIONS: &str = "prefixd_sessions";
+pub const REJECTED_MESSAGES_TOTAL: &str = "prefixd_rejected_messages_total";
+
+/// The table in docs/METRICS.md is generated from this list (`prefixd --list-metrics`).
+pub const CATALOG: &[(&str, &str, &str, &str)] = &[
+    (REQUESTS_TOTAL, "counter", "op, code", "gRPC requests by operation and status code"),
+    (REQUEST_DURATION_SECONDS, "histogram", "op", "gRPC request latency"),
+    (HIT_CHUNKS_TOTAL, "counter", "", "looked-up chunks that were cached"),
+    (MISS_CHUNKS_TOTAL, "counter", "", "looked-up chunks that were not"),
+    (HIT_TOKENS_TOTAL, "counter", "", "tokens of hit chunks (chunks x chunk_tokens)"),
+    (MISS_TOKENS_TOTAL, "counter", "", "tokens of missed chunks"),
+    (
+        TRANSFER_BYTES_TOTAL,
+        "counter",
+        "direction, path, transport",
+        "chunk bytes in (puts) and out (gets) by data path (rma, am) and UCX transport; RMA bytes count at commit and at lease",
+    ),
+    (POOL_USED_BYTES, "gauge", "tier", "pool bytes allocated (entries and reservations)"),
+    (POOL_CAPACITY_BYTES, "gauge", "tier", "pool size"),
+    (ENTRIES, "gauge", "", "cached chunks (reserved and ready)"),
+    (EVICTIONS_TOTAL, "counter", "", "chunks evicted under pressure"),
+    (EXPIRED_TOTAL, "counter", "what", "reservations (put) and leases (lease) reclaimed after their deadline"),
+    (ACTIVE_LEASES, "gauge", "", "leases held"),
+    (ACTIVE_RESERVATIONS, "gauge", "", "puts begun and not yet committed or aborted"),
+    (SESSIONS, "gauge", "", "connected client sessions"),
+    (REJECTED_MESSAGES_TOTAL, "counter", "reason", "data-plane active messages dropped (bad header, unknown put, ...)"),
+];
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub hit_chunks: IntCounter,
+    pub miss_chunks: IntCounter,
+    pub hit_tokens: IntCounter,
+    pub miss_tokens: IntCounter,
+    pub transfer_bytes: IntCounterVec,
+    pub pool_used: IntGaugeVec,
+    pub pool_capacity: IntGaugeVec,
+    pub entries: IntGauge,
+    pub evictions: IntCounter,
+    pub expired: IntCounterVec,
+    pub active_leases: IntGauge,
+    pub active_reservations: IntGauge,
+    pub sessions: IntGauge,
+    pub rejected: IntCounterVec,
+}
+
+fn help(name: &str) -> &'static str {
+    CATALOG.iter().find(|m| m.0 == name).map_or("", |m| m.3)
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str| IntCounter::with_opts(Opts::new(name, help(name)));
+        let counter_vec =
+            |name: &str, labels: &[&str]| IntCounterVec::new(Opts::new(name, help(name)), labels);
+        let gauge = |name: &str| IntGauge::with_opts(Opts::new(name, help(name)));
+        let gauge_vec =
+            |name: &str, labels: &[&str]| IntGaugeVec::new(Opts::new(name, help(name)), labels);
+        let buckets = vec![
+            50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5,
+            1.0, 2.5, 10.0,
+        ];
+        let m = Metrics {
+            requests: counter_vec(REQUESTS_TOTAL, &["op", "code"])?,
+            duration: HistogramVec::new(
+                HistogramOpts::new(REQUEST_DURATION_SECONDS, help(REQUEST_DURATION_SECONDS))
+                    .buckets(buckets),
+                &["op"],
+            )?,
+            hit_chunks: counter(HIT_CHUNKS_TOTAL)?,
+            miss_chunks: counter(MISS_CHUNKS_TOTAL)?,
+            hit_tokens: counter(HIT_TOKENS_TOTAL)?,
+            miss_tokens: counter(MISS_TOKENS_TOTAL)?,
+            transfer_bytes: counter_vec(TRANSFER_BYTES_TOTAL, &["direction", "path", "transport"])?,
+            pool_used: gauge_vec(POOL_USED_BYTES, &["tier"])?,
+            pool_capacity: gauge_vec(POOL_CAPACITY_BYTES, &["tier"])?,
+            entries: gauge(ENTRIES)?,
+            evictions: counter(EVICTIONS_TOTAL)?,
+            expired: counter_vec(EXPIRED_TOTAL, &["what"])?,
+            active_leases: gauge(ACTIVE_LEASES)?,
+            active_reservations: gauge(ACTIVE_RESERVATIONS)?,
+            sessions: gauge(SESSIONS)?,
+            rejected: counter_vec(REJECTED_MESSAGES_TOTAL, &["reason"])?,
+            registry,
+        };
+        let r = &m.registry;
+        r.register(Box::new(m.requests.clone()))?;
+        r.register(Box::new(m.duration.clone()))?;
+        r.register(Box::new(m.hit_chunks.clone()))?;
+        r.register(Box::new(m.miss_chunks.clone()))?;
+        r.register(Box::new(m.hit_tokens.clone()))?;
+        r.register(Box::new(m.miss_tokens.clone()))?;
+        r.register(Box::new(m.transfer_bytes.clone()))?;
+        r.register(Box::new(m.pool_used.clone()))?;
+        r.register(Box::new(m.pool_capacity.clone()))?;
+        r.register(Box::new(m.entries.clone()))?;
+        r.register(Box::new(m.evictions.clone()))?;
+        r.register(Box::new(m.expired.clone()))?;
+        r.register(Box::new(m.active_leases.clone()))?;
+        r.register(Box::new(m.active_reservations.clone()))?;
+        r.register(Box::new(m.sessions.clone()))?;
+        r.register(Box::new(m.rejected.clone()))?;
+        Ok(m)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        buf
+    }
+}
+
+/// The metrics table as Markdown, for the README.
+pub fn markdown_table() -> String {
+    let mut s = String::from("| metric | type | labels | meaning |\n|---|---|---|---|\n");
+    for (name, kind, labels, meaning) in CATALOG {
+        s += &format!("| `{name}` | {kind} | {labels} | {meaning} |\n");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_registered_named_and_documented() {
+        let m = Metrics::new().unwrap();
+        m.requests.with_label_values(&["lookup", "ok"]).inc();
+        m.duration.with_label_values(&["lookup"]).observe(0.001);
+        m.transfer_bytes
+            .with_label_values(&["in", "am", "tcp"])
+            .inc();
+        m.pool_used.with_label_values(&["host"]).set(1);
+        m.pool_capacity.with_label_values(&["host"]).set(1);
+        m.expired.with_label_values(&["put"]).inc();
+        m.rejected.with_label_values(&["bad_header"]).inc();
+        let text = String::from_utf8(m.encode()).unwrap();
+        for (name, kind, _, meaning) in CATALOG {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}")),
+                "{name} missing from the exposition"
+            );
+            assert!(!meaning.is_empty());
+            assert!(name.starts_with("prefixd_"));
+            assert_eq!(
+                name.ends_with("_total"),
+                *kind == "counter",
+                "{name}: _total only on counters"
+            );
+        }
+    }
+}

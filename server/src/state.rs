@@ -1,0 +1,256 @@
+//! Everything the server's tasks share: configuration, the index (one mutex), the host pool,
+//! the UCX worker, client sessions and metrics.
+
+use crate::config::{Config, RmaPolicy};
+use crate::metrics::Metrics;
+use prefixd_cache::{Index, IndexConfig, Tier};
+use prefixd_proto::v1::DataPath;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use ucx_bindings::{Context, Endpoint, MemRegion, Worker};
+
+/// One connected client.
+#[derive(Debug)]
+pub struct Session {
+    pub id: u64,
+    pub name: String,
+    pub ep: Endpoint,
+    pub path: DataPath,
+    /// The UCX transport the session's endpoint uses for data (metric label).
+    pub transport: String,
+    last_seen: Mutex<Instant>,
+}
+
+impl Session {
+    pub fn touch(&self) {
+        *self.last_seen.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        self.last_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
+    pub fn path_label(&self) -> &'static str {
+        match self.path {
+            DataPath::Rma => "rma",
+            _ => "am",
+        }
+    }
+}
+
+pub struct State {
+    pub cfg: Config,
+    index: Mutex<Index>,
+    pub ctx: Context,
+    pub worker: Worker,
+    pub host_pool: Arc<MemRegion>,
+    pub sessions: dashmap::DashMap<u64, Arc<Session>>,
+    pub metrics: Metrics,
+    pub host_id: String,
+    /// Transports the server's context can use.
+    pub transports: Vec<String>,
+    /// Woken whenever active-message put data lands (CommitPut waits on it).
+    pub arrivals: Notify,
+    draining: AtomicBool,
+    next_session: AtomicU64,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("sessions", &self.sessions.len())
+            .finish()
+    }
+}
+
+/// This machine's boot id: equal ids mean the same host (and kernel instance).
+pub fn host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned())
+}
+
+/// A seed for session ids that another process cannot guess from the clock alone.
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    u64::from_le_bytes(b) ^ (std::process::id() as u64).rotate_left(32)
+}
+
+/// splitmix64: spreads a counter into unrelated-looking ids.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl State {
+    pub fn new(
+        cfg: Config,
+        ctx: Context,
+        worker: Worker,
+        metrics: Metrics,
+    ) -> anyhow::Result<Arc<State>> {
+        let host_pool = MemRegion::alloc_host(&ctx, cfg.host_pool.0 as usize).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot allocate and register the {} host pool: {e}",
+                cfg.host_pool
+            )
+        })?;
+        let index = Index::new(IndexConfig {
+            tiers: vec![(Tier::Host, cfg.host_pool.0)],
+            max_chunk_size: cfg.max_chunk_size.0,
+            high_watermark: cfg.high_watermark,
+            low_watermark: cfg.low_watermark,
+            ..IndexConfig::default()
+        });
+        let transports = ctx.info().transports();
+        Ok(Arc::new(State {
+            cfg,
+            index: Mutex::new(index),
+            ctx,
+            worker,
+            host_pool,
+            sessions: dashmap::DashMap::new(),
+            metrics,
+            host_id: host_id(),
+            transports,
+            arrivals: Notify::new(),
+            draining: AtomicBool::new(false),
+            next_session: AtomicU64::new(random_seed()),
+        }))
+    }
+
+    /// The index, locked. Never held across an await.
+    pub fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn new_session_id(&self) -> u64 {
+        loop {
+            let id = mix(self.next_session.fetch_add(1, Ordering::Relaxed));
+            if id != 0 && !self.sessions.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    pub fn add_session(
+        &self,
+        id: u64,
+        name: String,
+        ep: Endpoint,
+        path: DataPath,
+        transport: String,
+    ) -> Arc<Session> {
+        let s = Arc::new(Session {
+            id,
+            name,
+            ep,
+            path,
+            transport,
+            last_seen: Mutex::new(Instant::now()),
+        });
+        self.sessions.insert(id, s.clone());
+        s
+    }
+
+    /// Ends a session: frees its reservations and leases; its endpoint closes when the last
+    /// in-flight transfer holding it ends.
+    pub fn drop_session(&self, id: u64) -> bool {
+        let Some((_, s)) = self.sessions.remove(&id) else {
+            return false;
+        };
+        let freed = self.index().drop_session(id);
+        tracing::info!(
+            session = format_args!("{id:016x}"), client = %s.name, puts = freed.puts, leases = freed.leases,
+            "session closed"
+        );
+        true
+    }
+
+    /// RMA for same-host clients when the policy allows it; active messages otherwise.
+    pub fn data_path_for(&self, client_host: &str, force_remote: bool) -> DataPath {
+        if !force_remote && self.cfg.rma == RmaPolicy::SameHost && client_host == self.host_id {
+            DataPath::Rma
+        } else {
+            DataPath::ActiveMessage
+        }
+    }
+
+    pub fn pool_base(&self, tier: Tier) -> u64 {
+        match tier {
+            Tier::Host => self.host_pool.as_ptr() as u64,
+            Tier::Gpu => 0,
+        }
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Copies the index's numbers into the gauges (on scrape).
+    pub fn refresh_gauges(&self) {
+        let idx = self.index();
+        for u in idx.usage() {
+            self.metrics
+                .pool_used
+                .with_label_values(&[u.tier.as_str()])
+                .set(u.used as i64);
+            self.metrics
+                .pool_capacity
+                .with_label_values(&[u.tier.as_str()])
+                .set(u.capacity as i64);
+        }
+        self.metrics.entries.set(idx.entries() as i64);
+        self.metrics.active_leases.set(idx.active_leases() as i64);
+        self.metrics
+            .active_reservations
+            .set(idx.active_reservations() as i64);
+        let c = idx.counters();
+        drop(idx);
+        let ev = self.metrics.evictions.get();
+        if c.evictions > ev {
+            self.metrics.evictions.inc_by(c.evictions - ev);
+        }
+        for (what, n) in [("put", c.expired_puts), ("lease", c.expired_leases)] {
+            let m = self.metrics.expired.with_label_values(&[what]);
+            if n > m.get() {
+                m.inc_by(n - m.get());
+            }
+        }
+        self.metrics.sessions.set(self.sessions.len() as i64);
+    }
+
+    /// Expires reservations and leases, and drops sessions idle for `session_idle`.
+    pub fn reap(&self, session_idle: Duration) {
+        let expired = self.index().expire(Instant::now());
+        if expired.puts + expired.leases > 0 {
+            tracing::info!(puts = expired.puts, leases = expired.leases, "expired");
+        }
+        let idle: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|s| s.idle_for() > session_idle)
+            .map(|s| *s.key())
+            .collect();
+        for id in idle {
+            tracing::info!(session = format_args!("{id:016x}"), "session idle too long");
+            self.drop_session(id);
+        }
+        self.refresh_gauges();
+    }
+}
