@@ -1,0 +1,725 @@
+//! # prefixd-client
+//!
+//! The Rust client of prefixd. [`Client::connect`] opens a gRPC session and a UCX endpoint to
+//! the server; then [`Client::put`] / [`Client::get`] move the KV bytes of a token prompt, and the
+//! chunk-level calls ([`Client::put_chunks`], [`Client::get_chunks`]) move registered buffers
+//! without copies.
+//!
+//! Data path: the server decides. Same-host clients (allowed by the server) write and read pool
+//! slots with UCX put/get and flush before committing; everyone else sends chunks as active
+//! messages and receives them the same way, choosing its own buffers.
+//!
+//! Keys follow [`prefixd_proto::keys`]: vLLM's block-hash chain; producers and consumers must use
+//! the same [`KeyConfig`]. Only full chunks are cached.
+
+use prefixd_proto::dataplane::{FetchHeader, PutHeader, AM_FETCH, AM_PUT};
+pub use prefixd_proto::keys::{parse_tokens, ChunkKey, KeyConfig};
+use prefixd_proto::v1::prefixd_client::PrefixdClient;
+use prefixd_proto::v1::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use ucx_bindings::{
+    AmData, Endpoint, IncomingAm, MemRegion, RegionSlice, RemoteKey, RemoteRegion, Worker,
+};
+
+pub use prefixd_proto::v1::StatsResponse as Stats;
+pub use ucx_bindings;
+
+/// Transfers in flight at once per call.
+const WINDOW: usize = 8;
+
+/// Client errors. [`Error::is_retryable`] says whether the same call may succeed later.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller's input cannot work; nothing was sent.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The server answered with an error status.
+    #[error("prefixd: {message} ({code:?})")]
+    Server { code: tonic::Code, message: String },
+    /// The server could not be reached.
+    #[error("cannot reach prefixd at {endpoint}: {message}")]
+    Connect { endpoint: String, message: String },
+    /// A UCX transfer failed.
+    #[error("transfer failed: {0}")]
+    Transfer(#[from] ucx_bindings::Error),
+    /// The lease or reservation ran out before the transfer finished; the bytes are not used.
+    #[error("{0} expired before the transfer finished")]
+    Expired(&'static str),
+}
+
+impl Error {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::InvalidArgument(_) => false,
+            Error::Server { code, .. } => matches!(
+                code,
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::Aborted
+                    | tonic::Code::NotFound // an expired session, lease or put: start over
+            ),
+            Error::Connect { .. } | Error::Expired(_) => true,
+            Error::Transfer(e) => e.is_retryable(),
+        }
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        Error::Server {
+            code: s.code(),
+            message: s.message().to_owned(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How to connect. Every field has a default that works on one machine.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Name in the server's logs. Default "prefixd-client".
+    pub name: String,
+    /// UCX transports, as `UCX_TLS`. Default "sm,tcp".
+    pub transports: String,
+    /// UCX network devices, as `UCX_NET_DEVICES`. Default: all.
+    pub net_devices: Option<String>,
+    /// Use active messages even when the server would allow RMA. Default false.
+    pub force_remote: bool,
+    /// Key recipe. Default: seed "0", 16-token blocks, 256-token chunks.
+    pub keys: KeyConfig,
+    /// Deadline of every call and every transfer. Default 30 s.
+    pub timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            name: "prefixd-client".into(),
+            transports: "sm,tcp".into(),
+            net_devices: None,
+            force_remote: false,
+            keys: KeyConfig::default(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a put did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PutOutcome {
+    /// Chunks in the request.
+    pub chunks: usize,
+    /// Chunks written.
+    pub stored: usize,
+    /// Chunks already cached (or being written by someone else), skipped.
+    pub skipped: usize,
+}
+
+type FetchRoutes = Arc<Mutex<HashMap<u64, tokio::sync::mpsc::UnboundedSender<IncomingAm>>>>;
+
+/// A session with one prefixd server.
+pub struct Client {
+    grpc: PrefixdClient<Channel>,
+    channel: Channel,
+    session_id: u64,
+    worker: Worker,
+    ep: Endpoint,
+    path: DataPath,
+    pool: Option<RemoteKey>,
+    routes: FetchRoutes,
+    next_tag: AtomicU64,
+    opts: ClientOptions,
+    transports: Vec<String>,
+    router: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("session", &format_args!("{:016x}", self.session_id))
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+impl Client {
+    /// Connects with default options. `endpoint` is a URL such as `http://127.0.0.1:50051`.
+    pub async fn connect(endpoint: &str) -> Result<Client> {
+        Self::connect_with(endpoint, ClientOptions::default()).await
+    }
+
+    pub async fn connect_with(endpoint: &str, opts: ClientOptions) -> Result<Client> {
+        opts.keys.validate().map_err(Error::InvalidArgument)?;
+        let conn_err = |m: String| Error::Connect {
+            endpoint: endpoint.to_owned(),
+            message: m,
+        };
+        let channel = Channel::from_shared(endpoint.to_owned())
+            .map_err(|e| Error::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(opts.timeout)
+            .connect()
+            .await
+            .map_err(|e| conn_err(format!("{e}; is prefixd running?")))?;
+        let mut grpc = PrefixdClient::new(channel.clone())
+            .max_decoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES)
+            .max_encoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES);
+
+        let mut b = ucx_bindings::ContextBuilder::new()
+            .transports(&opts.transports)?
+            .name(&opts.name);
+        if let Some(d) = &opts.net_devices {
+            b = b.net_devices(d);
+        }
+        let ctx = b.build()?;
+        let worker = Worker::new(&ctx, "client")?;
+        let fetch_rx = worker.listen_am(AM_FETCH).await?;
+        let resp = grpc
+            .connect(ConnectRequest {
+                worker_address: worker.address().to_vec(),
+                host_id: host_id(),
+                transports: ctx.info().transports(),
+                force_remote: opts.force_remote,
+                client_name: opts.name.clone(),
+            })
+            .await?
+            .into_inner();
+        let ep = worker.connect(&resp.worker_address).await?;
+        let path = DataPath::try_from(resp.data_path).unwrap_or(DataPath::ActiveMessage);
+        let pool = match (path, resp.pools.first()) {
+            (DataPath::Rma, Some(p)) => Some(
+                ep.unpack_rkey(&RemoteRegion {
+                    base: p.base,
+                    len: p.length,
+                    rkey: p.rkey.clone(),
+                })
+                .await?,
+            ),
+            _ => None,
+        };
+        let path = if pool.is_some() {
+            DataPath::Rma
+        } else {
+            DataPath::ActiveMessage
+        };
+        let routes: FetchRoutes = Arc::default();
+        let router = tokio::spawn(route_fetches(fetch_rx, routes.clone()));
+        Ok(Client {
+            grpc,
+            channel,
+            session_id: resp.session_id,
+            worker,
+            ep,
+            path,
+            pool,
+            routes,
+            next_tag: AtomicU64::new(1),
+            opts,
+            transports: resp.transports,
+            router,
+        })
+    }
+
+    /// The data path the server chose for this session.
+    pub fn data_path(&self) -> DataPath {
+        self.path
+    }
+
+    /// Transports both sides can use, as the server reported them.
+    pub fn transports(&self) -> &[String] {
+        &self.transports
+    }
+
+    /// The transports this session's UCX endpoint actually uses, e.g. `posix/memory`.
+    pub async fn endpoint_transports(&self) -> Result<Vec<String>> {
+        Ok(self
+            .ep
+            .transports()
+            .await?
+            .iter()
+            .map(|t| t.to_string())
+            .collect())
+    }
+
+    pub fn key_config(&self) -> &KeyConfig {
+        &self.opts.keys
+    }
+
+    /// The chunk keys of a token list (full chunks only).
+    pub fn keys(&self, tokens: &[u32]) -> Vec<ChunkKey> {
+        self.opts.keys.chunk_keys(tokens)
+    }
+
+    /// A registered host buffer for the chunk-level calls.
+    pub fn alloc(&self, len: usize) -> Result<Arc<MemRegion>> {
+        Ok(MemRegion::alloc_host(self.worker.context(), len)?)
+    }
+
+    /// The UCX worker, for registering the caller's own memory (`MemRegion::register`).
+    pub fn worker(&self) -> &Worker {
+        &self.worker
+    }
+
+    /// Stores the KV bytes of `tokens`: `bytes` is split evenly over the full chunks.
+    pub async fn put(&self, namespace: &str, tokens: &[u32], bytes: &[u8]) -> Result<PutOutcome> {
+        let keys = self.keys(tokens);
+        if keys.is_empty() {
+            return Ok(PutOutcome::default());
+        }
+        if bytes.is_empty() || bytes.len() % keys.len() != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{} bytes do not split evenly over {} full chunks of {} tokens",
+                bytes.len(),
+                keys.len(),
+                self.opts.keys.chunk_tokens
+            )));
+        }
+        let size = bytes.len() / keys.len();
+        let staging = self.alloc(bytes.len())?;
+        staging.write(0, bytes)?;
+        let slices = (0..keys.len())
+            .map(|i| staging.slice(i * size, size))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.put_chunks(namespace, &keys, None, &slices).await
+    }
+
+    /// Fetches the longest cached prefix of `tokens`: (hit tokens, their bytes).
+    pub async fn get(&self, namespace: &str, tokens: &[u32]) -> Result<(usize, Vec<u8>)> {
+        let keys = self.keys(tokens);
+        if keys.is_empty() {
+            return Ok((0, Vec::new()));
+        }
+        let (lease, started) = self.lease(namespace, &keys).await?;
+        let total: u64 = lease.chunks.iter().map(|c| c.length).sum();
+        let result = async {
+            if total == 0 {
+                return Ok::<Vec<u8>, Error>(Vec::new());
+            }
+            let staging = self.alloc(total as usize)?;
+            let mut slices = Vec::new();
+            let mut off = 0usize;
+            for c in &lease.chunks {
+                slices.push(staging.slice(off, c.length as usize)?);
+                off += c.length as usize;
+            }
+            self.read_leased(&lease, started, &slices).await?;
+            Ok(staging.to_vec(0, total as usize)?)
+        }
+        .await;
+        self.release(lease.lease_id).await;
+        let bytes = result?;
+        Ok((
+            lease.hit_chunks as usize * self.opts.keys.chunk_tokens,
+            bytes,
+        ))
+    }
+
+    /// How many leading tokens of `tokens` are cached (in whole chunks).
+    pub async fn lookup(&self, namespace: &str, tokens: &[u32]) -> Result<usize> {
+        let keys = self.keys(tokens);
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        Ok(self.lookup_keys(namespace, &keys).await? * self.opts.keys.chunk_tokens)
+    }
+
+    /// How many leading chunks of `keys` are cached.
+    pub async fn lookup_keys(&self, namespace: &str, keys: &[ChunkKey]) -> Result<usize> {
+        let r = self
+            .grpc
+            .clone()
+            .lookup(LookupRequest {
+                session_id: self.session_id,
+                namespace: namespace.to_owned(),
+                keys: keys.iter().map(|k| k.0.to_vec()).collect(),
+                lease: false,
+                lease_ttl_ms: 0,
+                chunk_tokens: self.opts.keys.chunk_tokens as u32,
+            })
+            .await?
+            .into_inner();
+        Ok(r.hit_chunks as usize)
+    }
+
+    /// Stores chunks from registered buffers, one per key; `parent` is the key `keys[0]` extends.
+    pub async fn put_chunks(
+        &self,
+        namespace: &str,
+        keys: &[ChunkKey],
+        parent: Option<ChunkKey>,
+        data: &[RegionSlice],
+    ) -> Result<PutOutcome> {
+        if keys.len() != data.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} keys but {} buffers",
+                keys.len(),
+                data.len()
+            )));
+        }
+        let started = Instant::now();
+        let mut grpc = self.grpc.clone();
+        let begin = grpc
+            .begin_put(BeginPutRequest {
+                session_id: self.session_id,
+                namespace: namespace.to_owned(),
+                keys: keys.iter().map(|k| k.0.to_vec()).collect(),
+                sizes: data.iter().map(|d| d.len() as u64).collect(),
+                parent_key: parent.map(|p| p.0.to_vec()).unwrap_or_default(),
+            })
+            .await?
+            .into_inner();
+        if begin.slots.len() != keys.len() {
+            return Err(Error::Server {
+                code: tonic::Code::Internal,
+                message: "slot count mismatch".into(),
+            });
+        }
+        let deadline = started + Duration::from_millis(begin.expires_in_ms);
+        let result = self.write_slots(&begin, data, deadline).await;
+        let stored = begin.slots.iter().filter(|s| !s.present).count();
+        match result {
+            Ok(()) => {
+                grpc.commit_put(CommitPutRequest {
+                    session_id: self.session_id,
+                    put_id: begin.put_id,
+                })
+                .await?;
+                Ok(PutOutcome {
+                    chunks: keys.len(),
+                    stored,
+                    skipped: keys.len() - stored,
+                })
+            }
+            Err(e) => {
+                let _ = grpc
+                    .abort_put(AbortPutRequest {
+                        session_id: self.session_id,
+                        put_id: begin.put_id,
+                    })
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn write_slots(
+        &self,
+        begin: &BeginPutResponse,
+        data: &[RegionSlice],
+        deadline: Instant,
+    ) -> Result<()> {
+        let t = self.opts.timeout;
+        let jobs: Vec<(usize, &PutSlot, &RegionSlice)> = begin
+            .slots
+            .iter()
+            .zip(data)
+            .enumerate()
+            .filter(|(_, (s, _))| !s.present)
+            .map(|(i, (s, d))| (i, s, d))
+            .collect();
+        for batch in jobs.chunks(WINDOW) {
+            let sends = batch.iter().map(|&(i, slot, d)| async move {
+                match &self.pool {
+                    // RMA: write straight into the reserved slot.
+                    Some(pool) => self.ep.put(d, pool, slot.address, t).await,
+                    // Active message: the server picks the buffer and pulls the data.
+                    None => {
+                        let h = PutHeader {
+                            session_id: self.session_id,
+                            put_id: begin.put_id,
+                            index: i as u32,
+                        };
+                        self.ep
+                            .am_send(AM_PUT, &h.encode(), AmData::Region(d.clone()), t)
+                            .await
+                    }
+                }
+            });
+            for r in join_all(sends).await {
+                r?;
+            }
+        }
+        if self.pool.is_some() {
+            // A put completes locally: make it land before anyone is told the bytes are there.
+            self.ep.flush(t).await?;
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Expired("reservation"));
+        }
+        Ok(())
+    }
+
+    /// Reads the longest cached prefix of `keys` into `dest` (one registered buffer per key,
+    /// each exactly the chunk's size); returns the number of chunks read.
+    pub async fn get_chunks(
+        &self,
+        namespace: &str,
+        keys: &[ChunkKey],
+        dest: &[RegionSlice],
+    ) -> Result<usize> {
+        if keys.len() != dest.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} keys but {} buffers",
+                keys.len(),
+                dest.len()
+            )));
+        }
+        let (lease, started) = self.lease(namespace, keys).await?;
+        let hits = lease.hit_chunks as usize;
+        let result = async {
+            for (i, (c, d)) in lease.chunks.iter().zip(dest).enumerate() {
+                if c.length != d.len() as u64 {
+                    return Err(Error::InvalidArgument(format!(
+                        "buffer {i} is {} bytes; the chunk is {} bytes",
+                        d.len(),
+                        c.length
+                    )));
+                }
+            }
+            self.read_leased(&lease, started, &dest[..hits]).await
+        }
+        .await;
+        self.release(lease.lease_id).await;
+        result.map(|()| hits)
+    }
+
+    async fn lease(&self, namespace: &str, keys: &[ChunkKey]) -> Result<(LookupResponse, Instant)> {
+        let started = Instant::now();
+        let r = self
+            .grpc
+            .clone()
+            .lookup(LookupRequest {
+                session_id: self.session_id,
+                namespace: namespace.to_owned(),
+                keys: keys.iter().map(|k| k.0.to_vec()).collect(),
+                lease: true,
+                lease_ttl_ms: 0,
+                chunk_tokens: self.opts.keys.chunk_tokens as u32,
+            })
+            .await?
+            .into_inner();
+        Ok((r, started))
+    }
+
+    async fn release(&self, lease_id: u64) {
+        if lease_id != 0 {
+            let _ = self
+                .grpc
+                .clone()
+                .release(ReleaseRequest {
+                    session_id: self.session_id,
+                    lease_id,
+                })
+                .await;
+        }
+    }
+
+    /// Moves the leased chunks into `dest` and checks the lease was still valid at the end.
+    async fn read_leased(
+        &self,
+        lease: &LookupResponse,
+        started: Instant,
+        dest: &[RegionSlice],
+    ) -> Result<()> {
+        let deadline = started + Duration::from_millis(lease.lease_expires_in_ms);
+        let t = self.opts.timeout;
+        match &self.pool {
+            Some(pool) => {
+                let mut done = 0;
+                while done < dest.len() {
+                    // Window of gets in flight; the futures borrow `pool` and run concurrently.
+                    let end = (done + WINDOW).min(dest.len());
+                    let batch = (done..end)
+                        .map(|i| self.ep.get(&dest[i], pool, lease.chunks[i].address, t));
+                    for r in join_all(batch).await {
+                        r?;
+                    }
+                    done = end;
+                }
+            }
+            None => self.fetch(lease, dest).await?,
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Expired("lease"));
+        }
+        Ok(())
+    }
+
+    /// Active-message path: asks the server to send the leased chunks and receives each into
+    /// its buffer while the call is in flight.
+    async fn fetch(&self, lease: &LookupResponse, dest: &[RegionSlice]) -> Result<()> {
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tag, tx);
+        let mut grpc = self.grpc.clone();
+        let call = grpc.fetch(FetchRequest {
+            session_id: self.session_id,
+            lease_id: lease.lease_id,
+            indices: (0..dest.len() as u32).collect(),
+            tag,
+        });
+        let t = self.opts.timeout;
+        let receive = async {
+            let mut got = vec![false; dest.len()];
+            let mut pending = Vec::new();
+            for _ in 0..dest.len() {
+                let msg = tokio::time::timeout(t, rx.recv())
+                    .await
+                    .map_err(|_| {
+                        Error::Transfer(ucx_bindings::Error::TimedOut {
+                            op: "fetch",
+                            after: t,
+                        })
+                    })?
+                    .ok_or(Error::Transfer(ucx_bindings::Error::WorkerStopped))?;
+                let h = FetchHeader::decode(msg.header())
+                    .ok_or_else(|| Error::InvalidArgument("malformed fetch header".into()))?;
+                let i = h.index as usize;
+                if i >= dest.len() || got[i] {
+                    return Err(Error::InvalidArgument(format!(
+                        "unexpected chunk index {i} from the server"
+                    )));
+                }
+                got[i] = true;
+                pending.push(msg.recv_into(&dest[i], t));
+            }
+            for r in join_all(pending).await {
+                r?;
+            }
+            Ok::<(), Error>(())
+        };
+        let (call, received) = tokio::join!(call, receive);
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&tag);
+        call?;
+        received
+    }
+
+    /// Counters, pool usage and transports of the server.
+    pub async fn stats(&self) -> Result<Stats> {
+        Ok(self.grpc.clone().stats(StatsRequest {}).await?.into_inner())
+    }
+
+    /// The standard gRPC health check of the server: true when SERVING.
+    pub async fn health(&self) -> Result<bool> {
+        health_check(self.channel.clone()).await
+    }
+
+    /// Ends the session now (otherwise the server ends it after it has been idle a while).
+    pub async fn close(self) -> Result<()> {
+        self.grpc
+            .clone()
+            .disconnect(DisconnectRequest {
+                session_id: self.session_id,
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
+}
+
+/// The standard gRPC health check of a server, without opening a session.
+pub async fn health_check(channel: Channel) -> Result<bool> {
+    let r = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok(r.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+}
+
+/// Stats of a server without opening a UCX session.
+pub async fn stats_only(endpoint: &str, timeout: Duration) -> Result<Stats> {
+    let channel = Channel::from_shared(endpoint.to_owned())
+        .map_err(|e| Error::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| Error::Connect {
+            endpoint: endpoint.to_owned(),
+            message: format!("{e}; is prefixd running?"),
+        })?;
+    Ok(PrefixdClient::new(channel)
+        .stats(StatsRequest {})
+        .await?
+        .into_inner())
+}
+
+/// A channel to `endpoint`, for [`health_check`].
+pub async fn channel(endpoint: &str, timeout: Duration) -> Result<Channel> {
+    Channel::from_shared(endpoint.to_owned())
+        .map_err(|e| Error::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| Error::Connect {
+            endpoint: endpoint.to_owned(),
+            message: format!("{e}; is prefixd running?"),
+        })
+}
+
+/// Polls futures concurrently on the current task and returns their outputs in order.
+async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+async fn route_fetches(mut rx: ucx_bindings::AmReceiver, routes: FetchRoutes) {
+    while let Some(msg) = rx.recv().await {
+        let Some(h) = FetchHeader::decode(msg.header()) else {
+            continue;
+        };
+        let tx = routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&h.tag)
+            .cloned();
+        if let Some(tx) = tx {
+            let _ = tx.send(msg);
+        }
+        // Otherwise nobody waits for it (a timed-out fetch): dropping it releases the data.
+    }
+}
