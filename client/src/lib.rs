@@ -368,14 +368,36 @@ impl Client {
                 data.len()
             )));
         }
+        let sizes: Vec<u64> = data.iter().map(|d| d.len() as u64).collect();
+        let put = self.begin_put(namespace, keys, &sizes, parent).await?;
+        match put.write(data).await {
+            Ok(()) => put.commit().await,
+            Err(e) => {
+                put.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The first step of a put, for producers that write chunks as they compute them:
+    /// reserves slots (the chunks stay invisible), then [`PendingPut::write`] and
+    /// [`PendingPut::commit`]. The reservation expires after the server's lease TTL.
+    pub async fn begin_put(
+        &self,
+        namespace: &str,
+        keys: &[ChunkKey],
+        sizes: &[u64],
+        parent: Option<ChunkKey>,
+    ) -> Result<PendingPut<'_>> {
         let started = Instant::now();
-        let mut grpc = self.grpc.clone();
-        let begin = grpc
+        let begin = self
+            .grpc
+            .clone()
             .begin_put(BeginPutRequest {
                 session_id: self.session_id,
                 namespace: namespace.to_owned(),
                 keys: keys.iter().map(|k| k.0.to_vec()).collect(),
-                sizes: data.iter().map(|d| d.len() as u64).collect(),
+                sizes: sizes.to_vec(),
                 parent_key: parent.map(|p| p.0.to_vec()).unwrap_or_default(),
             })
             .await?
@@ -387,31 +409,11 @@ impl Client {
             });
         }
         let deadline = started + Duration::from_millis(begin.expires_in_ms);
-        let result = self.write_slots(&begin, data, deadline).await;
-        let stored = begin.slots.iter().filter(|s| !s.present).count();
-        match result {
-            Ok(()) => {
-                grpc.commit_put(CommitPutRequest {
-                    session_id: self.session_id,
-                    put_id: begin.put_id,
-                })
-                .await?;
-                Ok(PutOutcome {
-                    chunks: keys.len(),
-                    stored,
-                    skipped: keys.len() - stored,
-                })
-            }
-            Err(e) => {
-                let _ = grpc
-                    .abort_put(AbortPutRequest {
-                        session_id: self.session_id,
-                        put_id: begin.put_id,
-                    })
-                    .await;
-                Err(e)
-            }
-        }
+        Ok(PendingPut {
+            client: self,
+            begin,
+            deadline,
+        })
     }
 
     async fn write_slots(
@@ -631,6 +633,72 @@ impl Client {
             })
             .await?;
         Ok(())
+    }
+}
+
+/// A put between [`Client::begin_put`] and its commit or abort. Dropping it without either
+/// leaves the reservation to expire on the server.
+#[derive(Debug)]
+pub struct PendingPut<'a> {
+    client: &'a Client,
+    begin: BeginPutResponse,
+    deadline: Instant,
+}
+
+impl PendingPut<'_> {
+    pub fn put_id(&self) -> u64 {
+        self.begin.put_id
+    }
+
+    /// Which chunks must be written (false: already cached, skip).
+    pub fn needed(&self) -> Vec<bool> {
+        self.begin.slots.iter().map(|s| !s.present).collect()
+    }
+
+    /// Writes every needed chunk from `data` (one buffer per key, sizes as declared).
+    pub async fn write(&self, data: &[RegionSlice]) -> Result<()> {
+        if data.len() != self.begin.slots.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} buffers for {} chunks",
+                data.len(),
+                self.begin.slots.len()
+            )));
+        }
+        self.client
+            .write_slots(&self.begin, data, self.deadline)
+            .await
+    }
+
+    /// Makes the chunks visible (after the server has every byte).
+    pub async fn commit(self) -> Result<PutOutcome> {
+        let c = self.client;
+        c.grpc
+            .clone()
+            .commit_put(CommitPutRequest {
+                session_id: c.session_id,
+                put_id: self.begin.put_id,
+            })
+            .await?;
+        let n = self.begin.slots.len();
+        let stored = self.begin.slots.iter().filter(|s| !s.present).count();
+        Ok(PutOutcome {
+            chunks: n,
+            stored,
+            skipped: n - stored,
+        })
+    }
+
+    /// Frees the reservation now.
+    pub async fn abort(self) {
+        let c = self.client;
+        let _ = c
+            .grpc
+            .clone()
+            .abort_put(AbortPutRequest {
+                session_id: c.session_id,
+                put_id: self.begin.put_id,
+            })
+            .await;
     }
 }
 

@@ -111,6 +111,8 @@ impl State {
             max_chunk_size: cfg.max_chunk_size.0,
             high_watermark: cfg.high_watermark,
             low_watermark: cfg.low_watermark,
+            // Late RMA transfers of a client that missed its deadline land before the slot is reused.
+            grace: (cfg.lease_ttl / 2).min(Duration::from_secs(2)),
             ..IndexConfig::default()
         });
         let transports = ctx.info().transports();
