@@ -1,6 +1,7 @@
 //! Randomized (property) tests: long random sequences of puts, commits, aborts, lookups,
 //! leases, releases, deletes, session drops and expiry against a small pool, checking every
 //! invariant after each step, plus the specific promises the server relies on.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use prefixd_cache::{ErrorKind, Index, IndexConfig, Slot, Tier};
 use prefixd_proto::keys::ChunkKey;

@@ -1,5 +1,6 @@
 //! Harness for the end-to-end tests: starts real `prefixd` processes on ephemeral loopback
 //! ports and runs real `prefixctl` and `chaos-client` processes against them.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! Producer and consumer as separate processes (prefixctl) against a real prefixd: puts of a
 //! 1000-token prompt come back byte-identical, a prompt sharing 512 tokens hits exactly 512,
 //! over the same-host RMA path and the active-message path that remote hosts use.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use prefixd_tests::*;
 

@@ -1,5 +1,6 @@
 //! Malformed and hostile requests against a real server: each gets a clear status, changes
 //! nothing, and the server keeps serving.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use prefixd_proto::dataplane::{PutHeader, AM_PUT};
 use prefixd_proto::v1::prefixd_client::PrefixdClient;

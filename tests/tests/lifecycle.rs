@@ -1,5 +1,6 @@
 //! Clients that die, and a server that is asked to stop: nothing stays visible or leaks past the
 //! TTL, and SIGTERM lets open work finish before exiting 0.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use prefixd_tests::*;
 use std::io::{BufRead, BufReader, Write};

@@ -1,5 +1,6 @@
 //! Pool pressure: writing ten times the pool's capacity through a real server keeps serving,
 //! evicts least-recent prefixes, and keeps the server's resident memory near pool + overhead.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use prefixd_client::{Client, ClientOptions};
 use prefixd_tests::*;

@@ -1,4 +1,5 @@
 //! Failure behaviour with a real second process: a killed peer, a dropped future, bad arguments.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 

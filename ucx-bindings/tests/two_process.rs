@@ -1,5 +1,6 @@
 //! Put, get and active-message round trips between two real processes over real UCX transports,
 //! verified byte for byte, for 1 B, 4 KiB, 1 MiB and 64 MiB.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 
