@@ -38,7 +38,7 @@ case $cmd in
   run)
     ensure_cargo; ensure_ucx
     say "building prefixd (release)"
-    cargo build --release --quiet -p prefixd-server --bin prefixd
+    cargo build --release --quiet -p prefixd-server -p prefixd-client --bins
     exec target/release/prefixd "$@"
     ;;
   test)
