@@ -4,6 +4,7 @@
 #   scripts/dev.sh run [ARGS...]   build and run prefixd (release) on the embedded defaults
 #   scripts/dev.sh test            formatting, clippy -D warnings, and every test (CI runs this)
 #   scripts/dev.sh bench-ucx [..]  ucx-bindings throughput against ucx_perftest (BENCHMARKS.md)
+#   scripts/dev.sh bench [..]      prefixd against redis-server and ucx_perftest (BENCHMARKS.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,11 +53,17 @@ case $cmd in
     ;;
   bench-ucx)
     ensure_cargo; ensure_ucx
-    cargo build --release --quiet -p ucx-bindings --bins
+    cargo build --release --quiet -p ucx-bindings -p prefixd-bench --bins
     exec target/release/ucx-bench "$@"
     ;;
+  bench)
+    ensure_cargo; ensure_ucx
+    command -v redis-server >/dev/null || { say "installing redis-server (the benchmark's baseline)"; apt-get install -y -qq redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }; }
+    cargo build --release --quiet -p prefixd-server -p prefixd-bench --bins
+    exec target/release/prefixd-bench "$@"
+    ;;
   *)
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
     [[ $cmd == help || $cmd == -h || $cmd == --help ]] || exit 2
     ;;
 esac

@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use ucx_bindings::{
-    AmData, Endpoint, IncomingAm, MemRegion, RegionSlice, RemoteKey, RemoteRegion, Worker,
+    AmData, Endpoint, ErrorMode, IncomingAm, MemRegion, RegionSlice, RemoteKey, RemoteRegion,
+    Worker,
 };
 
 pub use prefixd_proto::v1::StatsResponse as Stats;
@@ -170,6 +171,7 @@ impl Client {
             .map_err(|e| Error::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(opts.timeout)
+            .tcp_nodelay(true)
             .connect()
             .await
             .map_err(|e| conn_err(format!("{e}; is prefixd running?")))?;
@@ -196,8 +198,14 @@ impl Client {
             })
             .await?
             .into_inner();
-        let ep = worker.connect(&resp.worker_address).await?;
         let path = DataPath::try_from(resp.data_path).unwrap_or(DataPath::ActiveMessage);
+        // The server's endpoint to us uses the same mode (UCX hangs when the two ends differ).
+        let mode = if path == DataPath::Rma {
+            ErrorMode::None
+        } else {
+            ErrorMode::Peer
+        };
+        let ep = worker.connect_with(&resp.worker_address, mode).await?;
         let pool = match (path, resp.pools.first()) {
             (DataPath::Rma, Some(p)) => Some(
                 ep.unpack_rkey(&RemoteRegion {
@@ -515,16 +523,20 @@ impl Client {
         Ok((r, started))
     }
 
+    /// Releases a lease without waiting for the answer: the bytes are already here, and a lost
+    /// release only means the lease runs out at its TTL.
     async fn release(&self, lease_id: u64) {
         if lease_id != 0 {
-            let _ = self
-                .grpc
-                .clone()
-                .release(ReleaseRequest {
-                    session_id: self.session_id,
-                    lease_id,
-                })
-                .await;
+            let mut grpc = self.grpc.clone();
+            let session_id = self.session_id;
+            tokio::spawn(async move {
+                let _ = grpc
+                    .release(ReleaseRequest {
+                        session_id,
+                        lease_id,
+                    })
+                    .await;
+            });
         }
     }
 

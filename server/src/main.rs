@@ -87,6 +87,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
+    // Handlers first: a signal that arrives once we say we are ready must not hit the default.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
     let mut b = ucx_bindings::ContextBuilder::new()
         .transports(&cfg.transports)?
         .name("prefixd");
@@ -155,13 +158,11 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
             .add_service(health_service)
             .add_service(svc)
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc),
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 async move { stop.cancelled().await },
             )
     };
     let mut server = tokio::spawn(server);
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
 
     tokio::select! {
         _ = sigterm.recv() => {

@@ -13,7 +13,7 @@ use prefixd_proto::v1::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
-use ucx_bindings::AmData;
+use ucx_bindings::{AmData, ErrorMode};
 
 /// Sends in flight at once per Fetch call.
 const FETCH_WINDOW: usize = 8;
@@ -107,12 +107,25 @@ impl Service {
             ));
         }
         let st = &self.state;
-        let ep = st.worker.connect(&r.worker_address).await.map_err(|e| {
-            Status::invalid_argument(format!(
-                "cannot connect to the client's worker address: {e}"
-            ))
-        })?;
-        let path = st.data_path_for(&r.host_id, r.force_remote);
+        let path = st.data_path_for(&r.host_id, r.force_remote, &r.transports);
+        // Same-host RMA sessions use UCX's default error mode, where shared-memory RMA is
+        // zero-copy (cma); peer error mode makes UCX emulate it with active messages (~1 GB/s
+        // measured). The server never sends on such an endpoint, so a dying client cannot hurt
+        // it; deadlines still bound every transfer. Both ends must use the same mode.
+        let mode = if path == DataPath::Rma {
+            ErrorMode::None
+        } else {
+            ErrorMode::Peer
+        };
+        let ep = st
+            .worker
+            .connect_with(&r.worker_address, mode)
+            .await
+            .map_err(|e| {
+                Status::invalid_argument(format!(
+                    "cannot connect to the client's worker address: {e}"
+                ))
+            })?;
         let both: Vec<String> = st
             .transports
             .iter()

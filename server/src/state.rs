@@ -180,9 +180,25 @@ impl State {
         true
     }
 
-    /// RMA for same-host clients when the policy allows it; active messages otherwise.
-    pub fn data_path_for(&self, client_host: &str, force_remote: bool) -> DataPath {
-        if !force_remote && self.cfg.rma == RmaPolicy::SameHost && client_host == self.host_id {
+    /// RMA for same-host clients when the policy allows it and both sides share a transport that
+    /// does RMA natively (shared memory, cma, cuda_ipc); active messages otherwise. (Over tcp,
+    /// UCX in peer error mode emulates put/get with active messages, several times slower than
+    /// our own rendezvous path.)
+    pub fn data_path_for(
+        &self,
+        client_host: &str,
+        force_remote: bool,
+        client_transports: &[String],
+    ) -> DataPath {
+        const NATIVE_RMA: &[&str] = &["cma", "posix", "sysv", "xpmem", "knem", "cuda_ipc"];
+        let shared_rma = client_transports
+            .iter()
+            .any(|t| NATIVE_RMA.contains(&t.as_str()) && self.transports.contains(t));
+        if !force_remote
+            && shared_rma
+            && self.cfg.rma == RmaPolicy::SameHost
+            && client_host == self.host_id
+        {
             DataPath::Rma
         } else {
             DataPath::ActiveMessage

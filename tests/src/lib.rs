@@ -15,11 +15,18 @@ pub fn bin_dir() -> PathBuf {
     deps.parent().expect("profile dir").to_path_buf()
 }
 
-/// Path of a workspace binary, building `prefixd` and `prefixctl` once if they are missing
-/// (they are not dependencies of this crate, so `cargo test -p prefixd-tests` alone does not).
+/// Path of a workspace binary. `cargo test --workspace` builds `prefixd` and `prefixctl` beside
+/// the tests; when they are missing (`cargo test -p prefixd-tests` alone), they are built once.
+/// (A stale binary is not rebuilt: run the tests with `--workspace` after changing the server.)
 pub fn bin(name: &str) -> PathBuf {
     static BUILD: Once = Once::new();
+    let missing = ["prefixd", "prefixctl"]
+        .iter()
+        .any(|b| !bin_dir().join(b).exists());
     BUILD.call_once(|| {
+        if !missing {
+            return;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let release = bin_dir().ends_with("release");
         let mut cmd = Command::new(cargo);

@@ -8,15 +8,13 @@
 //! `ucx_perftest` server/client pair (found in the `libucx-cu13` wheel unless `--perftest` says).
 //! Bandwidth is in GB/s (10^9 bytes per second) for both.
 
-use std::error::Error as StdError;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ucx_bindings::peer_protocol::{self as pp, Header, PeerProcess};
 use ucx_bindings::{AmData, ContextBuilder, Endpoint, ErrorMode, MemRegion, RemoteKey, Worker};
 
-type BoxResult<T> = Result<T, Box<dyn StdError>>;
+use prefixd_bench::{find_perftest, human, median, parse_size, run_perftest, BoxResult};
 
 const USAGE: &str = "usage: ucx-bench [--tls tcp,sm] [--sizes 64K,256K,1M,4M,16M,64M] [--window 8] [--bytes 512M] [--reps 3] [--perftest PATH]";
 const OP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -28,20 +26,6 @@ struct Args {
     bytes: usize,
     reps: usize,
     perftest: Option<PathBuf>,
-}
-
-fn parse_size(s: &str) -> BoxResult<usize> {
-    let s = s.trim();
-    let (num, mul) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1usize << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    Ok(num
-        .parse::<usize>()
-        .map_err(|e| format!("size {s:?}: {e}"))?
-        * mul)
 }
 
 fn parse_args() -> BoxResult<Args> {
@@ -187,21 +171,6 @@ fn run() -> BoxResult<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn human(n: usize) -> String {
-    if n >= 1 << 20 && n % (1 << 20) == 0 {
-        format!("{} MiB", n >> 20)
-    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
-        format!("{} KiB", n >> 10)
-    } else {
-        format!("{n} B")
-    }
-}
-
 fn iterations(total: usize, size: usize) -> usize {
     (total / size).clamp(20, 200_000)
 }
@@ -315,87 +284,4 @@ async fn barrier(ep: &Endpoint, replies: &mut ucx_bindings::AmReceiver, op: &str
         _ => {}
     }
     Ok(())
-}
-
-fn find_perftest() -> BoxResult<PathBuf> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import libucx, os; print(os.path.dirname(libucx.__file__))",
-        ])
-        .output()?;
-    if !out.status.success() {
-        return Err(
-            "ucx_perftest not found: pass --perftest PATH or pip install libucx-cu13".into(),
-        );
-    }
-    let dir = PathBuf::from(String::from_utf8(out.stdout)?.trim());
-    Ok(dir.join("bin").join("ucx_perftest"))
-}
-
-/// Runs a `ucx_perftest` server and client on loopback and returns the client's overall GB/s.
-fn run_perftest(
-    exe: &Path,
-    tls: &str,
-    test: &str,
-    size: usize,
-    iters: usize,
-    window: usize,
-    port: u16,
-) -> BoxResult<f64> {
-    let lib = exe.parent().and_then(Path::parent).map(|p| p.join("lib"));
-    let mut base = Command::new(exe);
-    base.env("UCX_TLS", tls).env("UCX_NET_DEVICES", "lo");
-    if let Some(lib) = &lib {
-        let old = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
-        base.env("LD_LIBRARY_PATH", format!("{}:{old}", lib.display()));
-    }
-    let common = [
-        "-t".to_owned(),
-        test.to_owned(),
-        "-s".to_owned(),
-        size.to_string(),
-        "-n".to_owned(),
-        iters.to_string(),
-        "-w".to_owned(),
-        window.min(4).to_string(),
-        "-O".to_owned(),
-        window.to_string(),
-        "-p".to_owned(),
-        port.to_string(),
-    ];
-    let mut server = clone_cmd(&base)
-        .args(["-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
-    let client = clone_cmd(&base).arg("127.0.0.1").args(&common).output();
-    let _ = server.kill();
-    let _ = server.wait();
-    let client = client?;
-    let text = String::from_utf8_lossy(&client.stdout);
-    // "Final: iters lat50 lat-avg lat-overall bw-avg bw-overall rate-avg rate-overall", bw in MB/s (2^20).
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("Final:"))
-        .ok_or_else(|| {
-            format!(
-                "no Final line; stderr: {}",
-                String::from_utf8_lossy(&client.stderr).trim()
-            )
-        })?;
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let mbs: f64 = fields.get(6).ok_or("short Final line")?.parse()?;
-    Ok(mbs * 1_048_576.0 / 1e9)
-}
-
-fn clone_cmd(c: &Command) -> Command {
-    let mut n = Command::new(c.get_program());
-    for (k, v) in c.get_envs() {
-        if let Some(v) = v {
-            n.env(k, v);
-        }
-    }
-    n
 }
