@@ -13,8 +13,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const INSTALL_HINT: &str =
-    "UCX not found: run `python3 -m pip install libucx-cu13` (or set UCX_HOME \
+const INSTALL_HINT: &str = "UCX not found: run `python3 -m pip install libucx-cu13` (or set UCX_HOME \
      to a UCX >= 1.22 install prefix)";
 
 fn main() {
@@ -68,10 +67,7 @@ fn find_ucx() -> Option<(PathBuf, &'static str)> {
 /// `pkg-config --variable=libdir ucx`. The wheel ships a `.pc` whose prefix is its build folder,
 /// so the answer is only taken when the folder really holds the library.
 fn from_pkg_config() -> Option<PathBuf> {
-    let out = Command::new("pkg-config")
-        .args(["--variable=libdir", "ucx"])
-        .output()
-        .ok()?;
+    let out = Command::new("pkg-config").args(["--variable=libdir", "ucx"]).output().ok()?;
     if !out.status.success() {
         return None;
     }
@@ -82,10 +78,7 @@ fn from_pkg_config() -> Option<PathBuf> {
 fn from_python_wheel() -> Option<PathBuf> {
     let python = env::var("PREFIXD_PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let out = Command::new(python)
-        .args([
-            "-c",
-            "import libucx, os; print(os.path.dirname(libucx.__file__))",
-        ])
+        .args(["-c", "import libucx, os; print(os.path.dirname(libucx.__file__))"])
         .output()
         .ok()?;
     if !out.status.success() {

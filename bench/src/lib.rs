@@ -8,20 +8,12 @@ pub type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// `ucx_perftest` from the libucx-cu13 wheel.
 pub fn find_perftest() -> BoxResult<PathBuf> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import libucx, os; print(os.path.dirname(libucx.__file__))",
-        ])
-        .output()?;
+    let out =
+        Command::new("python3").args(["-c", "import libucx, os; print(os.path.dirname(libucx.__file__))"]).output()?;
     if !out.status.success() {
-        return Err(
-            "ucx_perftest not found: pass --perftest PATH or pip install libucx-cu13".into(),
-        );
+        return Err("ucx_perftest not found: pass --perftest PATH or pip install libucx-cu13".into());
     }
-    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim())
-        .join("bin")
-        .join("ucx_perftest"))
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()).join("bin").join("ucx_perftest"))
 }
 
 /// Runs a `ucx_perftest` server and client pair on loopback; returns the client's overall GB/s
@@ -37,25 +29,15 @@ pub fn run_perftest(
 ) -> BoxResult<f64> {
     let lib = exe.parent().and_then(Path::parent).map(|p| p.join("lib"));
     let ld = match &lib {
-        Some(lib) => format!(
-            "{}:{}",
-            lib.display(),
-            std::env::var("LD_LIBRARY_PATH").unwrap_or_default()
-        ),
+        Some(lib) => format!("{}:{}", lib.display(), std::env::var("LD_LIBRARY_PATH").unwrap_or_default()),
         None => std::env::var("LD_LIBRARY_PATH").unwrap_or_default(),
     };
     let cmd = || {
         let mut c = Command::new(exe);
-        c.env("UCX_TLS", tls)
-            .env("UCX_NET_DEVICES", "lo")
-            .env("LD_LIBRARY_PATH", &ld);
+        c.env("UCX_TLS", tls).env("UCX_NET_DEVICES", "lo").env("LD_LIBRARY_PATH", &ld);
         c
     };
-    let mut server = cmd()
-        .args(["-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let mut server = cmd().args(["-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     std::thread::sleep(Duration::from_millis(300));
     let args = [
         "127.0.0.1".to_owned(),
@@ -81,17 +63,8 @@ pub fn run_perftest(
     let line = text
         .lines()
         .find(|l| l.starts_with("Final:"))
-        .ok_or_else(|| {
-            format!(
-                "no Final line; stderr: {}",
-                String::from_utf8_lossy(&client.stderr).trim()
-            )
-        })?;
-    let mbs: f64 = line
-        .split_whitespace()
-        .nth(6)
-        .ok_or("short Final line")?
-        .parse()?;
+        .ok_or_else(|| format!("no Final line; stderr: {}", String::from_utf8_lossy(&client.stderr).trim()))?;
+    let mbs: f64 = line.split_whitespace().nth(6).ok_or("short Final line")?.parse()?;
     Ok(mbs * 1_048_576.0 / 1e9)
 }
 
@@ -104,10 +77,7 @@ pub fn parse_size(s: &str) -> BoxResult<usize> {
         Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    Ok(num
-        .parse::<usize>()
-        .map_err(|e| format!("size {s:?}: {e}"))?
-        * mul)
+    Ok(num.parse::<usize>().map_err(|e| format!("size {s:?}: {e}"))? * mul)
 }
 
 pub fn human(n: usize) -> String {

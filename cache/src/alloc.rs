@@ -25,12 +25,7 @@ impl Allocator {
     /// An allocator over `[0, capacity)`; capacity is rounded down to [`ALIGN`].
     pub fn new(capacity: u64) -> Self {
         let capacity = capacity / ALIGN * ALIGN;
-        let mut a = Allocator {
-            capacity,
-            used: 0,
-            by_offset: BTreeMap::new(),
-            by_size: BTreeSet::new(),
-        };
+        let mut a = Allocator { capacity, used: 0, by_offset: BTreeMap::new(), by_size: BTreeSet::new() };
         if capacity > 0 {
             a.insert_free(0, capacity);
         }
@@ -124,11 +119,7 @@ mod tests {
         a.free(x, 1000);
         a.free(y, 1);
         assert_eq!(a.used(), 0);
-        assert_eq!(
-            a.free_ranges().collect::<Vec<_>>(),
-            vec![(0, 4096)],
-            "coalesced back to one range"
-        );
+        assert_eq!(a.free_ranges().collect::<Vec<_>>(), vec![(0, 4096)], "coalesced back to one range");
         assert_eq!(a.alloc(4096), Some(0));
     }
 

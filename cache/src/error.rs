@@ -35,10 +35,7 @@ pub struct IndexError {
 
 impl IndexError {
     fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        IndexError {
-            kind,
-            message: message.into(),
-        }
+        IndexError { kind, message: message.into() }
     }
     pub fn invalid(m: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidArgument, m)

@@ -88,6 +88,14 @@ pub struct Location {
     pub len: u64,
 }
 
+/// A chunk demoted from a faster tier to a slower one. The index has already recorded the new
+/// location; the caller must copy the bytes before releasing the index (see [`Index::take_moves`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    pub from: Location,
+    pub to: Location,
+}
+
 /// One slot of a [`BeginPut`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
@@ -152,6 +160,7 @@ pub struct Counters {
     pub hit_chunks: u64,
     pub miss_chunks: u64,
     pub evictions: u64,
+    pub demotions: u64,
     pub expired_puts: u64,
     pub expired_leases: u64,
 }
@@ -183,15 +192,13 @@ pub struct Index {
     tick: u64,
     next_id: u64,
     counters: Counters,
+    /// Demotions recorded but not yet handed to the caller.
+    moves: Vec<Move>,
 }
 
 impl Index {
     pub fn new(cfg: IndexConfig) -> Self {
-        let pools = cfg
-            .tiers
-            .iter()
-            .map(|&(t, cap)| (t, Allocator::new(cap)))
-            .collect();
+        let pools = cfg.tiers.iter().map(|&(t, cap)| (t, Allocator::new(cap))).collect();
         Index {
             cfg,
             pools,
@@ -203,6 +210,7 @@ impl Index {
             tick: 0,
             next_id: 1,
             counters: Counters::default(),
+            moves: Vec::new(),
         }
     }
 
@@ -226,11 +234,7 @@ impl Index {
             return Err(IndexError::invalid("no keys"));
         }
         if keys.len() > self.cfg.max_keys {
-            return Err(IndexError::invalid(format!(
-                "{} keys exceed the limit of {}",
-                keys.len(),
-                self.cfg.max_keys
-            )));
+            return Err(IndexError::invalid(format!("{} keys exceed the limit of {}", keys.len(), self.cfg.max_keys)));
         }
         Ok(())
     }
@@ -255,10 +259,7 @@ impl Index {
             return Ok(*id);
         }
         if self.ns_ids.len() >= self.cfg.max_namespaces {
-            return Err(IndexError::exhausted(format!(
-                "more than {} namespaces",
-                self.cfg.max_namespaces
-            )));
+            return Err(IndexError::exhausted(format!("more than {} namespaces", self.cfg.max_namespaces)));
         }
         let id = self.ns_ids.len() as NsId;
         self.ns_ids.insert(ns.to_owned(), id);
@@ -266,10 +267,7 @@ impl Index {
     }
 
     fn pool_mut(&mut self, tier: Tier) -> Option<&mut Allocator> {
-        self.pools
-            .iter_mut()
-            .find(|(t, _)| *t == tier)
-            .map(|(_, a)| a)
+        self.pools.iter_mut().find(|(t, _)| *t == tier).map(|(_, a)| a)
     }
 
     fn is_evictable(e: &Entry) -> bool {
@@ -317,12 +315,8 @@ impl Index {
         self.add_child(k.0, e.parent, -1);
         if e.children > 0 {
             // Orphan the children: they stay reachable only through their own prefix walk.
-            let orphans: Vec<EntryKey> = self
-                .entries
-                .iter()
-                .filter(|(ck, c)| ck.0 == k.0 && c.parent == Some(k.1))
-                .map(|(ck, _)| *ck)
-                .collect();
+            let orphans: Vec<EntryKey> =
+                self.entries.iter().filter(|(ck, c)| ck.0 == k.0 && c.parent == Some(k.1)).map(|(ck, _)| *ck).collect();
             for ck in orphans {
                 if let Some(c) = self.entries.get_mut(&ck) {
                     c.parent = None;
@@ -339,21 +333,67 @@ impl Index {
             if let Some(off) = self.pool_mut(tier)?.alloc(len) {
                 return Some(off);
             }
-            let victim = self
-                .evictable
-                .iter()
-                .find(|(_, k)| self.entries.get(k).is_some_and(|e| e.tier == tier))
-                .copied();
+            let victim =
+                self.evictable.iter().find(|(_, k)| self.entries.get(k).is_some_and(|e| e.tier == tier)).copied();
             let (_, k) = victim?;
             self.remove_entry(k);
             self.counters.evictions += 1;
         }
     }
 
+    /// The next slower tier after `tier` (tiers are listed fastest first).
+    fn lower_tier(&self, tier: Tier) -> Option<Tier> {
+        let i = self.pools.iter().position(|(t, _)| *t == tier)?;
+        self.pools.get(i + 1).map(|(t, _)| *t)
+    }
+
+    /// Allocates in `tier`, making room by demoting its least-recent leaves to the next slower
+    /// tier (a copy, recorded in `moves`) or, in the slowest tier, by evicting them.
+    fn alloc_demoting(&mut self, tier: Tier, len: u64) -> Option<u64> {
+        let Some(lower) = self.lower_tier(tier) else {
+            return self.alloc_evicting(tier, len);
+        };
+        loop {
+            if let Some(off) = self.pool_mut(tier)?.alloc(len) {
+                return Some(off);
+            }
+            let (_, k) =
+                self.evictable.iter().find(|(_, k)| self.entries.get(k).is_some_and(|e| e.tier == tier)).copied()?;
+            let (from_off, vlen) = self.entries.get(&k).map(|e| (e.offset, e.len))?;
+            match self.alloc_evicting(lower, vlen) {
+                Some(to_off) => {
+                    if let Some(e) = self.entries.get_mut(&k) {
+                        e.tier = lower;
+                        e.offset = to_off;
+                    }
+                    self.pool_mut(tier)?.free(from_off, vlen);
+                    self.moves.push(Move {
+                        from: Location { tier, offset: from_off, len: vlen },
+                        to: Location { tier: lower, offset: to_off, len: vlen },
+                    });
+                    self.counters.demotions += 1;
+                }
+                None => {
+                    self.remove_entry(k);
+                    self.counters.evictions += 1;
+                }
+            }
+        }
+    }
+
+    /// Demotions recorded since the last call. The caller copies each chunk's bytes from `from`
+    /// to `to` while it still holds the index (nobody can lease the chunk's new location before
+    /// the bytes are there, and the old slot is not written before the copy, since the index
+    /// is not released in between).
+    pub fn take_moves(&mut self) -> Vec<Move> {
+        std::mem::take(&mut self.moves)
+    }
+
     /// Evicts leaves while a tier is above its high watermark, down to the low one.
     pub fn evict_to_watermarks(&mut self) -> usize {
         let mut evicted = 0;
-        let tiers: Vec<Tier> = self.pools.iter().map(|(t, _)| *t).collect();
+        // Faster tiers demote on demand instead; only the slowest one evicts ahead of time.
+        let tiers: Vec<Tier> = self.pools.last().map(|(t, _)| *t).into_iter().collect();
         for tier in tiers {
             let (high, low) = {
                 let Some(a) = self.pool_mut(tier) else {
@@ -367,11 +407,8 @@ impl Index {
                 continue;
             }
             while used(self) > low {
-                let victim = self
-                    .evictable
-                    .iter()
-                    .find(|(_, k)| self.entries.get(k).is_some_and(|e| e.tier == tier))
-                    .copied();
+                let victim =
+                    self.evictable.iter().find(|(_, k)| self.entries.get(k).is_some_and(|e| e.tier == tier)).copied();
                 let Some((_, k)) = victim else { break };
                 self.remove_entry(k);
                 self.counters.evictions += 1;
@@ -398,13 +435,8 @@ impl Index {
         Self::check_namespace(ns)?;
         self.check_keys(keys)?;
         if sizes.len() != keys.len() {
-            return Err(IndexError::invalid(format!(
-                "{} keys but {} sizes",
-                keys.len(),
-                sizes.len()
-            )));
+            return Err(IndexError::invalid(format!("{} keys but {} sizes", keys.len(), sizes.len())));
         }
-        let tier = Tier::Host;
         for (i, &s) in sizes.iter().enumerate() {
             if s == 0 || s > self.cfg.max_chunk_size {
                 return Err(IndexError::invalid(format!(
@@ -414,11 +446,13 @@ impl Index {
             }
         }
         let total: u64 = sizes.iter().map(|&s| Allocator::footprint(s)).sum();
-        let capacity = self
+        // New chunks go to the fastest tier that can hold the whole put.
+        let (tier, capacity) = self
             .pools
             .iter()
-            .find(|(t, _)| *t == tier)
-            .map_or(0, |(_, a)| a.capacity());
+            .find(|(_, a)| a.capacity() >= total)
+            .or(self.pools.last())
+            .map_or((Tier::Host, 0), |(t, a)| (*t, a.capacity()));
         if total > capacity {
             return Err(IndexError::exhausted(format!(
                 "put of {total} bytes exceeds the {tier} pool of {capacity} bytes"
@@ -436,7 +470,7 @@ impl Index {
                 prev = Some(key);
                 continue;
             }
-            let Some(offset) = self.alloc_evicting(tier, size) else {
+            let Some(offset) = self.alloc_demoting(tier, size) else {
                 // Roll back: nothing of this put stays.
                 for (_, rk) in reserved {
                     self.remove_entry((nsid, rk));
@@ -450,58 +484,26 @@ impl Index {
             let parent = prev.filter(|p| self.entries.contains_key(&(nsid, *p)));
             self.entries.insert(
                 k,
-                Entry {
-                    state: State::Reserved(put_id),
-                    tier,
-                    offset,
-                    len: size,
-                    parent,
-                    children: 0,
-                    leases: 0,
-                    tick,
-                },
+                Entry { state: State::Reserved(put_id), tier, offset, len: size, parent, children: 0, leases: 0, tick },
             );
             self.add_child(nsid, parent, 1);
             reserved.push((i as u32, key));
-            slots.push(Slot::Reserved(Location {
-                tier,
-                offset,
-                len: size,
-            }));
+            slots.push(Slot::Reserved(Location { tier, offset, len: size }));
             prev = Some(key);
         }
         let expires = now + ttl;
         let received = active_message.then(|| vec![Arrival::Waiting; reserved.len()]);
-        self.puts.insert(
-            put_id,
-            Put {
-                session,
-                ns: nsid,
-                reserved,
-                received,
-                expires,
-                inflight: 0,
-                doomed: false,
-            },
-        );
-        Ok(BeginPut {
-            put_id,
-            slots,
-            expires,
-        })
+        self.puts.insert(put_id, Put { session, ns: nsid, reserved, received, expires, inflight: 0, doomed: false });
+        Ok(BeginPut { put_id, slots, expires })
     }
 
     fn own_put(&self, put_id: PutId, session: SessionId) -> Result<&Put> {
         match self.puts.get(&put_id) {
-            Some(p) if p.doomed => Err(IndexError::not_found(format!(
-                "put {put_id} was aborted or expired"
-            ))),
-            None => Err(IndexError::not_found(format!(
-                "no put {put_id} (unknown, committed, aborted or expired)"
-            ))),
-            Some(p) if p.session != session => Err(IndexError::denied(format!(
-                "put {put_id} belongs to another session"
-            ))),
+            Some(p) if p.doomed => Err(IndexError::not_found(format!("put {put_id} was aborted or expired"))),
+            None => Err(IndexError::not_found(format!("no put {put_id} (unknown, committed, aborted or expired)"))),
+            Some(p) if p.session != session => {
+                Err(IndexError::denied(format!("put {put_id} belongs to another session")))
+            }
             Some(p) => Ok(p),
         }
     }
@@ -509,13 +511,7 @@ impl Index {
     /// Starts receiving an active-message put's chunk `index` (index in the BeginPut request):
     /// returns where its bytes go. The slot stays reserved until [`Index::end_receive`], even if
     /// the put is aborted or expires meanwhile, so a late write never lands in someone else's slot.
-    pub fn begin_receive(
-        &mut self,
-        put_id: PutId,
-        session: SessionId,
-        index: u32,
-        now: Instant,
-    ) -> Result<Location> {
+    pub fn begin_receive(&mut self, put_id: PutId, session: SessionId, index: u32, now: Instant) -> Result<Location> {
         let p = self.own_put(put_id, session)?;
         if now > p.expires {
             return Err(IndexError::expired(format!("put {put_id} expired")));
@@ -524,35 +520,16 @@ impl Index {
             .reserved
             .iter()
             .position(|(i, _)| *i == index)
-            .ok_or_else(|| {
-                IndexError::invalid(format!(
-                    "put {put_id} has no reserved chunk at index {index}"
-                ))
-            })?;
+            .ok_or_else(|| IndexError::invalid(format!("put {put_id} has no reserved chunk at index {index}")))?;
         let key = p.reserved[pos].1;
         let ns = p.ns;
         match p.received.as_ref().map(|r| r[pos]) {
-            None => {
-                return Err(IndexError::precondition(format!(
-                    "put {put_id} uses RMA, not active messages"
-                )))
-            }
+            None => return Err(IndexError::precondition(format!("put {put_id} uses RMA, not active messages"))),
             Some(Arrival::Waiting) => {}
-            Some(_) => {
-                return Err(IndexError::precondition(format!(
-                    "put {put_id}: chunk {index} was already sent"
-                )))
-            }
+            Some(_) => return Err(IndexError::precondition(format!("put {put_id}: chunk {index} was already sent"))),
         }
-        let e = self
-            .entries
-            .get(&(ns, key))
-            .ok_or_else(|| IndexError::not_found("reserved entry vanished"))?;
-        let loc = Location {
-            tier: e.tier,
-            offset: e.offset,
-            len: e.len,
-        };
+        let e = self.entries.get(&(ns, key)).ok_or_else(|| IndexError::not_found("reserved entry vanished"))?;
+        let loc = Location { tier: e.tier, offset: e.offset, len: e.len };
         if let Some(p) = self.puts.get_mut(&put_id) {
             if let Some(r) = p.received.as_mut() {
                 r[pos] = Arrival::Receiving;
@@ -568,15 +545,8 @@ impl Index {
             return;
         };
         p.inflight = p.inflight.saturating_sub(1);
-        if let (Some(pos), Some(r)) = (
-            p.reserved.iter().position(|(i, _)| *i == index),
-            p.received.as_mut(),
-        ) {
-            r[pos] = if ok {
-                Arrival::Received
-            } else {
-                Arrival::Waiting
-            };
+        if let (Some(pos), Some(r)) = (p.reserved.iter().position(|(i, _)| *i == index), p.received.as_mut()) {
+            r[pos] = if ok { Arrival::Received } else { Arrival::Waiting };
         }
         if p.doomed && p.inflight == 0 {
             self.drop_put(put_id);
@@ -586,37 +556,23 @@ impl Index {
     /// How many reserved chunks of an active-message put have not arrived yet (0 for RMA).
     pub fn missing_chunks(&self, put_id: PutId, session: SessionId) -> Result<usize> {
         let p = self.own_put(put_id, session)?;
-        Ok(p.received
-            .as_ref()
-            .map_or(0, |r| r.iter().filter(|x| **x != Arrival::Received).count()))
+        Ok(p.received.as_ref().map_or(0, |r| r.iter().filter(|x| **x != Arrival::Received).count()))
     }
 
     /// Makes a put's chunks visible; returns how many chunks and bytes. Fails (changing nothing) if the put is unknown, belongs to
     /// another session, expired, or still misses active-message data.
-    pub fn commit_put(
-        &mut self,
-        put_id: PutId,
-        session: SessionId,
-        now: Instant,
-    ) -> Result<(u32, u64)> {
+    pub fn commit_put(&mut self, put_id: PutId, session: SessionId, now: Instant) -> Result<(u32, u64)> {
         let p = self.own_put(put_id, session)?;
         if now > p.expires {
-            return Err(IndexError::expired(format!(
-                "put {put_id} expired before its commit"
-            )));
+            return Err(IndexError::expired(format!("put {put_id} expired before its commit")));
         }
         if let Some(r) = &p.received {
             let missing = r.iter().filter(|x| **x != Arrival::Received).count();
             if missing > 0 {
-                return Err(IndexError::precondition(format!(
-                    "put {put_id}: {missing} chunks have not arrived"
-                )));
+                return Err(IndexError::precondition(format!("put {put_id}: {missing} chunks have not arrived")));
             }
         }
-        let p = self
-            .puts
-            .remove(&put_id)
-            .ok_or_else(|| IndexError::not_found("put vanished"))?;
+        let p = self.puts.remove(&put_id).ok_or_else(|| IndexError::not_found("put vanished"))?;
         let (mut n, mut bytes) = (0, 0);
         for (_, key) in &p.reserved {
             let k = (p.ns, *key);
@@ -689,10 +645,7 @@ impl Index {
         for key in &keys[..hits] {
             self.touch((nsid, *key));
         }
-        let mut result = LookupResult {
-            hits,
-            ..Default::default()
-        };
+        let mut result = LookupResult { hits, ..Default::default() };
         if let (Some((session, ttl)), true) = (lease, hits > 0) {
             let lease_id = self.next_id();
             let expires = now + ttl;
@@ -700,24 +653,13 @@ impl Index {
                 let k = (nsid, *key);
                 if let Some(e) = self.entries.get_mut(&k) {
                     e.leases += 1;
-                    result.locations.push(Location {
-                        tier: e.tier,
-                        offset: e.offset,
-                        len: e.len,
-                    });
+                    result.locations.push(Location { tier: e.tier, offset: e.offset, len: e.len });
                 }
                 self.refile(k);
             }
             self.leases.insert(
                 lease_id,
-                Lease {
-                    session,
-                    ns: nsid,
-                    keys: keys[..hits].to_vec(),
-                    expires,
-                    inflight: 0,
-                    doomed: false,
-                },
+                Lease { session, ns: nsid, keys: keys[..hits].to_vec(), expires, inflight: 0, doomed: false },
             );
             result.lease = Some((lease_id, expires));
         }
@@ -726,46 +668,26 @@ impl Index {
 
     fn own_lease(&self, lease_id: LeaseId, session: SessionId) -> Result<&Lease> {
         match self.leases.get(&lease_id) {
-            Some(l) if l.doomed => Err(IndexError::not_found(format!(
-                "lease {lease_id} was released or expired"
-            ))),
-            None => Err(IndexError::not_found(format!(
-                "no lease {lease_id} (unknown, released or expired)"
-            ))),
-            Some(l) if l.session != session => Err(IndexError::denied(format!(
-                "lease {lease_id} belongs to another session"
-            ))),
+            Some(l) if l.doomed => Err(IndexError::not_found(format!("lease {lease_id} was released or expired"))),
+            None => Err(IndexError::not_found(format!("no lease {lease_id} (unknown, released or expired)"))),
+            Some(l) if l.session != session => {
+                Err(IndexError::denied(format!("lease {lease_id} belongs to another session")))
+            }
             Some(l) => Ok(l),
         }
     }
 
     /// The location of chunk `index` of a live lease.
-    pub fn lease_chunk(
-        &self,
-        lease_id: LeaseId,
-        session: SessionId,
-        index: u32,
-        now: Instant,
-    ) -> Result<Location> {
+    pub fn lease_chunk(&self, lease_id: LeaseId, session: SessionId, index: u32, now: Instant) -> Result<Location> {
         let l = self.own_lease(lease_id, session)?;
         if now > l.expires {
             return Err(IndexError::expired(format!("lease {lease_id} expired")));
         }
         let key = l.keys.get(index as usize).ok_or_else(|| {
-            IndexError::invalid(format!(
-                "lease {lease_id} has {} chunks, no index {index}",
-                l.keys.len()
-            ))
+            IndexError::invalid(format!("lease {lease_id} has {} chunks, no index {index}", l.keys.len()))
         })?;
-        let e = self
-            .entries
-            .get(&(l.ns, *key))
-            .ok_or_else(|| IndexError::not_found("leased entry vanished"))?;
-        Ok(Location {
-            tier: e.tier,
-            offset: e.offset,
-            len: e.len,
-        })
+        let e = self.entries.get(&(l.ns, *key)).ok_or_else(|| IndexError::not_found("leased entry vanished"))?;
+        Ok(Location { tier: e.tier, offset: e.offset, len: e.len })
     }
 
     /// Number of chunks a lease pins.
@@ -775,12 +697,7 @@ impl Index {
 
     /// Pins a live lease while its chunks are sent out (the active-message path): it is not
     /// released before [`Index::unpin_lease`], whatever happens to it meanwhile.
-    pub fn pin_lease(
-        &mut self,
-        lease_id: LeaseId,
-        session: SessionId,
-        now: Instant,
-    ) -> Result<usize> {
+    pub fn pin_lease(&mut self, lease_id: LeaseId, session: SessionId, now: Instant) -> Result<usize> {
         let l = self.own_lease(lease_id, session)?;
         if now > l.expires {
             return Err(IndexError::expired(format!("lease {lease_id} expired")));
@@ -853,46 +770,27 @@ impl Index {
 
     /// Frees everything a session holds: its reservations and its leases.
     pub fn drop_session(&mut self, session: SessionId) -> Expired {
-        let puts: Vec<PutId> = self
-            .puts
-            .iter()
-            .filter(|(_, p)| p.session == session && !p.doomed)
-            .map(|(id, _)| *id)
-            .collect();
-        let leases: Vec<LeaseId> = self
-            .leases
-            .iter()
-            .filter(|(_, l)| l.session == session && !l.doomed)
-            .map(|(id, _)| *id)
-            .collect();
+        let puts: Vec<PutId> =
+            self.puts.iter().filter(|(_, p)| p.session == session && !p.doomed).map(|(id, _)| *id).collect();
+        let leases: Vec<LeaseId> =
+            self.leases.iter().filter(|(_, l)| l.session == session && !l.doomed).map(|(id, _)| *id).collect();
         for p in &puts {
             self.drop_put(*p);
         }
         for l in &leases {
             self.drop_lease(*l);
         }
-        Expired {
-            puts: puts.len(),
-            leases: leases.len(),
-        }
+        Expired { puts: puts.len(), leases: leases.len() }
     }
 
     /// Frees reservations and leases whose deadline has passed.
     /// (Deadline plus the grace period.)
     pub fn expire(&mut self, now: Instant) -> Expired {
         let grace = self.cfg.grace;
-        let puts: Vec<PutId> = self
-            .puts
-            .iter()
-            .filter(|(_, p)| !p.doomed && now > p.expires + grace)
-            .map(|(id, _)| *id)
-            .collect();
-        let leases: Vec<LeaseId> = self
-            .leases
-            .iter()
-            .filter(|(_, l)| !l.doomed && now > l.expires + grace)
-            .map(|(id, _)| *id)
-            .collect();
+        let puts: Vec<PutId> =
+            self.puts.iter().filter(|(_, p)| !p.doomed && now > p.expires + grace).map(|(id, _)| *id).collect();
+        let leases: Vec<LeaseId> =
+            self.leases.iter().filter(|(_, l)| !l.doomed && now > l.expires + grace).map(|(id, _)| *id).collect();
         for p in &puts {
             self.drop_put(*p);
         }
@@ -901,10 +799,7 @@ impl Index {
         }
         self.counters.expired_puts += puts.len() as u64;
         self.counters.expired_leases += leases.len() as u64;
-        Expired {
-            puts: puts.len(),
-            leases: leases.len(),
-        }
+        Expired { puts: puts.len(), leases: leases.len() }
     }
 
     pub fn counters(&self) -> Counters {
@@ -946,17 +841,10 @@ impl Index {
                 .collect();
             let used: u64 = spans.iter().map(|s| s.1).sum();
             if used != a.used() {
-                return Err(format!(
-                    "{tier}: entries occupy {used} bytes, allocator says {}",
-                    a.used()
-                ));
+                return Err(format!("{tier}: entries occupy {used} bytes, allocator says {}", a.used()));
             }
             if a.used() > a.capacity() {
-                return Err(format!(
-                    "{tier}: used {} > capacity {}",
-                    a.used(),
-                    a.capacity()
-                ));
+                return Err(format!("{tier}: used {} > capacity {}", a.used(), a.capacity()));
             }
             spans.extend(a.free_ranges());
             spans.sort();
@@ -976,16 +864,9 @@ impl Index {
             if should != self.evictable.contains(&(e.tick, *k)) {
                 return Err(format!("evictable set disagrees for {:?}", k.1));
             }
-            let children = self
-                .entries
-                .iter()
-                .filter(|(ck, c)| ck.0 == k.0 && c.parent == Some(k.1))
-                .count() as u32;
+            let children = self.entries.iter().filter(|(ck, c)| ck.0 == k.0 && c.parent == Some(k.1)).count() as u32;
             if children != e.children {
-                return Err(format!(
-                    "{:?} counts {} children, has {children}",
-                    k.1, e.children
-                ));
+                return Err(format!("{:?} counts {} children, has {children}", k.1, e.children));
             }
             let leases: u32 = self
                 .leases
@@ -994,10 +875,7 @@ impl Index {
                 .map(|l| l.keys.iter().filter(|x| **x == k.1).count() as u32)
                 .sum();
             if leases != e.leases {
-                return Err(format!(
-                    "{:?} counts {} leases, has {leases}",
-                    k.1, e.leases
-                ));
+                return Err(format!("{:?} counts {} leases, has {leases}", k.1, e.leases));
             }
             if let State::Reserved(p) = e.state {
                 if !self.puts.contains_key(&p) {

@@ -24,7 +24,7 @@ mod tier;
 pub use alloc::{Allocator, ALIGN};
 pub use error::{ErrorKind, IndexError, Result};
 pub use index::{
-    BeginPut, Counters, Expired, Index, IndexConfig, LeaseId, Location, LookupResult, PutId,
-    SessionId, Slot, TierUsage,
+    BeginPut, Counters, Expired, Index, IndexConfig, LeaseId, Location, LookupResult, Move, PutId, SessionId, Slot,
+    TierUsage,
 };
 pub use tier::Tier;

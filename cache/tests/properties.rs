@@ -59,8 +59,7 @@ fn random_operations_keep_every_invariant() {
             match rng.below(10) {
                 0..=2 => {
                     let sizes: Vec<u64> = keys.iter().map(|_| 1 + rng.below(8 * 1024)).collect();
-                    if let Ok(b) = idx.begin_put(session, ns, &keys, &sizes, None, false, now, ttl)
-                    {
+                    if let Ok(b) = idx.begin_put(session, ns, &keys, &sizes, None, false, now, ttl) {
                         open_puts.push((b.put_id, session));
                     }
                 }
@@ -106,37 +105,11 @@ fn reserved_chunks_are_invisible_until_commit() {
     let mut idx = small_index();
     let now = Instant::now();
     let keys = [key(1, 0), key(1, 1)];
-    let b = idx
-        .begin_put(
-            1,
-            "ns",
-            &keys,
-            &[100, 100],
-            None,
-            false,
-            now,
-            Duration::from_secs(5),
-        )
-        .unwrap();
+    let b = idx.begin_put(1, "ns", &keys, &[100, 100], None, false, now, Duration::from_secs(5)).unwrap();
     assert!(b.slots.iter().all(|s| matches!(s, Slot::Reserved(_))));
-    assert_eq!(
-        idx.lookup("ns", &keys, None, now).unwrap().hits,
-        0,
-        "no partial reads"
-    );
+    assert_eq!(idx.lookup("ns", &keys, None, now).unwrap().hits, 0, "no partial reads");
     // A second producer sees them as present (being written) and skips them.
-    let b2 = idx
-        .begin_put(
-            2,
-            "ns",
-            &keys,
-            &[100, 100],
-            None,
-            false,
-            now,
-            Duration::from_secs(5),
-        )
-        .unwrap();
+    let b2 = idx.begin_put(2, "ns", &keys, &[100, 100], None, false, now, Duration::from_secs(5)).unwrap();
     assert!(b2.slots.iter().all(|s| *s == Slot::Present));
     assert_eq!(idx.commit_put(b.put_id, 1, now).unwrap().0, 2);
     assert_eq!(idx.lookup("ns", &keys, None, now).unwrap().hits, 2);
@@ -150,31 +123,9 @@ fn longest_prefix_stops_at_first_miss() {
     let mut idx = small_index();
     let now = Instant::now();
     let keys: Vec<ChunkKey> = (0..4).map(|c| key(2, c)).collect();
-    let b = idx
-        .begin_put(
-            1,
-            "ns",
-            &keys[..2],
-            &[10, 10],
-            None,
-            false,
-            now,
-            Duration::from_secs(5),
-        )
-        .unwrap();
+    let b = idx.begin_put(1, "ns", &keys[..2], &[10, 10], None, false, now, Duration::from_secs(5)).unwrap();
     idx.commit_put(b.put_id, 1, now).unwrap();
-    let b = idx
-        .begin_put(
-            1,
-            "ns",
-            &keys[3..],
-            &[10],
-            Some(keys[2]),
-            false,
-            now,
-            Duration::from_secs(5),
-        )
-        .unwrap();
+    let b = idx.begin_put(1, "ns", &keys[3..], &[10], Some(keys[2]), false, now, Duration::from_secs(5)).unwrap();
     idx.commit_put(b.put_id, 1, now).unwrap();
     assert_eq!(idx.lookup("ns", &keys, None, now).unwrap().hits, 2);
 }
@@ -185,9 +136,7 @@ fn leased_chunks_survive_pressure_and_expire() {
     let now = Instant::now();
     let ttl = Duration::from_secs(2);
     let keys = [key(3, 0)];
-    let b = idx
-        .begin_put(1, "ns", &keys, &[16 * 1024], None, false, now, ttl)
-        .unwrap();
+    let b = idx.begin_put(1, "ns", &keys, &[16 * 1024], None, false, now, ttl).unwrap();
     idx.commit_put(b.put_id, 1, now).unwrap();
     let r = idx.lookup("ns", &keys, Some((9, ttl)), now).unwrap();
     let (lease, _) = r.lease.unwrap();
@@ -202,16 +151,10 @@ fn leased_chunks_survive_pressure_and_expire() {
         idx.check_invariants().unwrap();
     }
     // Someone else's session cannot touch the lease.
-    assert_eq!(
-        idx.release(lease, 1).unwrap_err().kind,
-        ErrorKind::PermissionDenied
-    );
+    assert_eq!(idx.release(lease, 1).unwrap_err().kind, ErrorKind::PermissionDenied);
     // After the TTL the lease is gone (a dead consumer leaks nothing) and reads fail.
     let later = now + ttl + Duration::from_millis(1);
-    assert_eq!(
-        idx.lease_chunk(lease, 9, 0, later).unwrap_err().kind,
-        ErrorKind::Expired
-    );
+    assert_eq!(idx.lease_chunk(lease, 9, 0, later).unwrap_err().kind, ErrorKind::Expired);
     assert_eq!(idx.expire(later).leases, 1);
     assert_eq!(idx.active_leases(), 0);
     idx.check_invariants().unwrap();
@@ -223,19 +166,14 @@ fn dead_producer_reservations_are_reclaimed() {
     let now = Instant::now();
     let ttl = Duration::from_secs(1);
     let keys: Vec<ChunkKey> = (0..3).map(|c| key(4, c)).collect();
-    let b = idx
-        .begin_put(7, "ns", &keys, &[16 * 1024; 3], None, false, now, ttl)
-        .unwrap();
+    let b = idx.begin_put(7, "ns", &keys, &[16 * 1024; 3], None, false, now, ttl).unwrap();
     assert_eq!(idx.usage()[0].used, 3 * 16 * 1024);
     // The producer dies: nothing is visible, and after the TTL the space is back.
     assert_eq!(idx.lookup("ns", &keys, None, now).unwrap().hits, 0);
     let later = now + ttl + Duration::from_millis(1);
     assert_eq!(idx.expire(later).puts, 1);
     assert_eq!(idx.usage()[0].used, 0);
-    assert_eq!(
-        idx.commit_put(b.put_id, 7, later).unwrap_err().kind,
-        ErrorKind::NotFound
-    );
+    assert_eq!(idx.commit_put(b.put_id, 7, later).unwrap_err().kind, ErrorKind::NotFound);
     idx.check_invariants().unwrap();
 }
 
@@ -247,36 +185,19 @@ fn pool_accounting_never_exceeds_capacity() {
     // Fill with reservations nobody commits: a further put cannot evict them.
     let mut held = Vec::new();
     for p in 0..4 {
-        held.push(
-            idx.begin_put(1, "ns", &[key(p, 0)], &[16 * 1024], None, false, now, ttl)
-                .unwrap(),
-        );
+        held.push(idx.begin_put(1, "ns", &[key(p, 0)], &[16 * 1024], None, false, now, ttl).unwrap());
     }
-    let e = idx
-        .begin_put(1, "ns", &[key(99, 0)], &[16 * 1024], None, false, now, ttl)
-        .unwrap_err();
+    let e = idx.begin_put(1, "ns", &[key(99, 0)], &[16 * 1024], None, false, now, ttl).unwrap_err();
     assert_eq!(e.kind, ErrorKind::ResourceExhausted);
     // All or nothing: a two-chunk put that only half fits reserves nothing.
     idx.abort_put(held.pop().unwrap().put_id, 1).unwrap();
     let before = idx.usage()[0].used;
-    let e = idx
-        .begin_put(
-            1,
-            "ns",
-            &[key(98, 0), key(98, 1)],
-            &[16 * 1024, 16 * 1024],
-            None,
-            false,
-            now,
-            ttl,
-        )
-        .unwrap_err();
+    let e =
+        idx.begin_put(1, "ns", &[key(98, 0), key(98, 1)], &[16 * 1024, 16 * 1024], None, false, now, ttl).unwrap_err();
     assert_eq!(e.kind, ErrorKind::ResourceExhausted);
     assert_eq!(idx.usage()[0].used, before);
     // A chunk larger than the pool is refused up front.
-    let e = idx
-        .begin_put(1, "ns", &[key(97, 0)], &[1 << 20], None, false, now, ttl)
-        .unwrap_err();
+    let e = idx.begin_put(1, "ns", &[key(97, 0)], &[1 << 20], None, false, now, ttl).unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidArgument);
     idx.check_invariants().unwrap();
 }
@@ -294,37 +215,22 @@ fn eviction_is_leaf_first_and_least_recent_first() {
     let ttl = Duration::from_secs(5);
     // One prompt of 3 chunks (a chain) and one single chunk; 4 KiB pool, 1 KiB chunks.
     let chain: Vec<ChunkKey> = (0..3).map(|c| key(5, c)).collect();
-    let b = idx
-        .begin_put(1, "ns", &chain, &[1024; 3], None, false, now, ttl)
-        .unwrap();
+    let b = idx.begin_put(1, "ns", &chain, &[1024; 3], None, false, now, ttl).unwrap();
     idx.commit_put(b.put_id, 1, now).unwrap();
     let single = [key(6, 0)];
-    let b = idx
-        .begin_put(1, "ns", &single, &[1024], None, false, now, ttl)
-        .unwrap();
+    let b = idx.begin_put(1, "ns", &single, &[1024], None, false, now, ttl).unwrap();
     idx.commit_put(b.put_id, 1, now).unwrap();
     // Touch the chain so the single chunk is least recent among leaves.
     idx.lookup("ns", &chain, None, now).unwrap();
-    let b = idx
-        .begin_put(1, "ns", &[key(7, 0)], &[1024], None, false, now, ttl)
-        .unwrap();
+    let b = idx.begin_put(1, "ns", &[key(7, 0)], &[1024], None, false, now, ttl).unwrap();
     idx.commit_put(b.put_id, 1, now).unwrap();
-    assert_eq!(
-        idx.lookup("ns", &single, None, now).unwrap().hits,
-        0,
-        "least recent leaf went first"
-    );
+    assert_eq!(idx.lookup("ns", &single, None, now).unwrap().hits, 0, "least recent leaf went first");
     assert_eq!(idx.lookup("ns", &chain, None, now).unwrap().hits, 3);
     // Next pressure trims the chain from its end, never its middle.
-    let b = idx
-        .begin_put(1, "ns", &[key(8, 0)], &[1024], None, false, now, ttl)
-        .unwrap();
+    let b = idx.begin_put(1, "ns", &[key(8, 0)], &[1024], None, false, now, ttl).unwrap();
     idx.commit_put(b.put_id, 1, now).unwrap();
     let hits = idx.lookup("ns", &chain, None, now).unwrap().hits;
-    assert!(
-        hits == 2 || hits == 3,
-        "chain trimmed from its tail, hits={hits}"
-    );
+    assert!(hits == 2 || hits == 3, "chain trimmed from its tail, hits={hits}");
     idx.check_invariants().unwrap();
 }
 
@@ -334,15 +240,10 @@ fn watermarks_evict_down_to_low_after_commit() {
     let now = Instant::now();
     let ttl = Duration::from_secs(5);
     for p in 0..16 {
-        let b = idx
-            .begin_put(1, "ns", &[key(p, 0)], &[4096], None, false, now, ttl)
-            .unwrap();
+        let b = idx.begin_put(1, "ns", &[key(p, 0)], &[4096], None, false, now, ttl).unwrap();
         idx.commit_put(b.put_id, 1, now).unwrap();
         let u = idx.usage()[0];
-        assert!(
-            u.used as f64 <= 0.9 * u.capacity as f64,
-            "above high watermark after commit: {u:?}"
-        );
+        assert!(u.used as f64 <= 0.9 * u.capacity as f64, "above high watermark after commit: {u:?}");
     }
     assert!(idx.counters().evictions > 0);
     idx.check_invariants().unwrap();
@@ -353,47 +254,17 @@ fn bad_input_changes_nothing() {
     let mut idx = small_index();
     let now = Instant::now();
     let ttl = Duration::from_secs(5);
-    let snapshot = |idx: &Index| {
-        (
-            idx.entries(),
-            idx.usage(),
-            idx.active_reservations(),
-            idx.active_leases(),
-        )
-    };
+    let snapshot = |idx: &Index| (idx.entries(), idx.usage(), idx.active_reservations(), idx.active_leases());
     let before = snapshot(&idx);
     let k = [key(1, 0)];
     let cases: Vec<ErrorKind> = vec![
-        idx.begin_put(1, "", &k, &[1], None, false, now, ttl)
-            .unwrap_err()
-            .kind,
-        idx.begin_put(1, &"x".repeat(300), &k, &[1], None, false, now, ttl)
-            .unwrap_err()
-            .kind,
-        idx.begin_put(1, "ns", &[], &[], None, false, now, ttl)
-            .unwrap_err()
-            .kind,
-        idx.begin_put(1, "ns", &k, &[1, 2], None, false, now, ttl)
-            .unwrap_err()
-            .kind,
-        idx.begin_put(1, "ns", &k, &[0], None, false, now, ttl)
-            .unwrap_err()
-            .kind,
-        idx.begin_put(1, "ns", &k, &[u64::MAX], None, false, now, ttl)
-            .unwrap_err()
-            .kind,
-        idx.begin_put(
-            1,
-            "ns",
-            &vec![key(1, 0); 65],
-            &[1; 65],
-            None,
-            false,
-            now,
-            ttl,
-        )
-        .unwrap_err()
-        .kind,
+        idx.begin_put(1, "", &k, &[1], None, false, now, ttl).unwrap_err().kind,
+        idx.begin_put(1, &"x".repeat(300), &k, &[1], None, false, now, ttl).unwrap_err().kind,
+        idx.begin_put(1, "ns", &[], &[], None, false, now, ttl).unwrap_err().kind,
+        idx.begin_put(1, "ns", &k, &[1, 2], None, false, now, ttl).unwrap_err().kind,
+        idx.begin_put(1, "ns", &k, &[0], None, false, now, ttl).unwrap_err().kind,
+        idx.begin_put(1, "ns", &k, &[u64::MAX], None, false, now, ttl).unwrap_err().kind,
+        idx.begin_put(1, "ns", &vec![key(1, 0); 65], &[1; 65], None, false, now, ttl).unwrap_err().kind,
         idx.commit_put(12345, 1, now).unwrap_err().kind,
         idx.abort_put(12345, 1).unwrap_err().kind,
         idx.release(999, 1).unwrap_err().kind,
@@ -404,15 +275,10 @@ fn bad_input_changes_nothing() {
     assert_eq!(cases.len(), 13);
     assert_eq!(snapshot(&idx), before, "errors changed state");
     // Double commit: the second one fails and changes nothing.
-    let b = idx
-        .begin_put(1, "ns", &k, &[10], None, false, now, ttl)
-        .unwrap();
+    let b = idx.begin_put(1, "ns", &k, &[10], None, false, now, ttl).unwrap();
     idx.commit_put(b.put_id, 1, now).unwrap();
     let mid = snapshot(&idx);
-    assert_eq!(
-        idx.commit_put(b.put_id, 1, now).unwrap_err().kind,
-        ErrorKind::NotFound
-    );
+    assert_eq!(idx.commit_put(b.put_id, 1, now).unwrap_err().kind, ErrorKind::NotFound);
     assert_eq!(snapshot(&idx), mid);
     idx.check_invariants().unwrap();
 }
@@ -422,31 +288,14 @@ fn active_message_puts_commit_only_when_all_data_arrived() {
     let mut idx = small_index();
     let now = Instant::now();
     let keys = [key(1, 0), key(1, 1)];
-    let b = idx
-        .begin_put(
-            1,
-            "ns",
-            &keys,
-            &[10, 10],
-            None,
-            true,
-            now,
-            Duration::from_secs(5),
-        )
-        .unwrap();
+    let b = idx.begin_put(1, "ns", &keys, &[10, 10], None, true, now, Duration::from_secs(5)).unwrap();
     assert_eq!(idx.missing_chunks(b.put_id, 1).unwrap(), 2);
     let loc = idx.begin_receive(b.put_id, 1, 0, now).unwrap();
     assert_eq!(loc.len, 10);
     // The same chunk cannot be received twice at once.
-    assert_eq!(
-        idx.begin_receive(b.put_id, 1, 0, now).unwrap_err().kind,
-        ErrorKind::FailedPrecondition
-    );
+    assert_eq!(idx.begin_receive(b.put_id, 1, 0, now).unwrap_err().kind, ErrorKind::FailedPrecondition);
     idx.end_receive(b.put_id, 0, true);
-    assert_eq!(
-        idx.commit_put(b.put_id, 1, now).unwrap_err().kind,
-        ErrorKind::FailedPrecondition
-    );
+    assert_eq!(idx.commit_put(b.put_id, 1, now).unwrap_err().kind, ErrorKind::FailedPrecondition);
     idx.begin_receive(b.put_id, 1, 1, now).unwrap();
     idx.end_receive(b.put_id, 1, true);
     assert_eq!(idx.commit_put(b.put_id, 1, now).unwrap().0, 2);
@@ -458,33 +307,68 @@ fn slots_in_flight_are_not_reused_after_abort_or_expiry() {
     let now = Instant::now();
     let ttl = Duration::from_secs(1);
     let keys: Vec<ChunkKey> = (0..4).map(|c| key(1, c)).collect();
-    let b = idx
-        .begin_put(1, "ns", &keys, &[16 * 1024; 4], None, true, now, ttl)
-        .unwrap();
+    let b = idx.begin_put(1, "ns", &keys, &[16 * 1024; 4], None, true, now, ttl).unwrap();
     idx.begin_receive(b.put_id, 1, 0, now).unwrap();
     idx.abort_put(b.put_id, 1).unwrap();
     // The slot is still held: the pool is full, so another put cannot get it.
-    let e = idx
-        .begin_put(2, "ns", &[key(2, 0)], &[16 * 1024], None, true, now, ttl)
-        .unwrap_err();
+    let e = idx.begin_put(2, "ns", &[key(2, 0)], &[16 * 1024], None, true, now, ttl).unwrap_err();
     assert_eq!(e.kind, ErrorKind::ResourceExhausted);
     idx.check_invariants().unwrap();
     idx.end_receive(b.put_id, 0, true);
     assert_eq!(idx.usage()[0].used, 0, "freed once the receive ended");
     // Leases: a pinned lease outlives its expiry until unpinned.
-    let b = idx
-        .begin_put(1, "ns", &[key(3, 0)], &[100], None, false, now, ttl)
-        .unwrap();
+    let b = idx.begin_put(1, "ns", &[key(3, 0)], &[100], None, false, now, ttl).unwrap();
     idx.commit_put(b.put_id, 1, now).unwrap();
-    let (lease, _) = idx
-        .lookup("ns", &[key(3, 0)], Some((1, ttl)), now)
-        .unwrap()
-        .lease
-        .unwrap();
+    let (lease, _) = idx.lookup("ns", &[key(3, 0)], Some((1, ttl)), now).unwrap().lease.unwrap();
     idx.pin_lease(lease, 1, now).unwrap();
     idx.expire(now + Duration::from_secs(10));
     assert_eq!(idx.active_leases(), 1, "pinned lease kept");
     idx.unpin_lease(lease);
     assert_eq!(idx.active_leases(), 0);
+    idx.check_invariants().unwrap();
+}
+
+#[test]
+fn gpu_pressure_demotes_to_host_instead_of_dropping() {
+    let mut idx = Index::new(IndexConfig {
+        tiers: vec![(Tier::Gpu, 4 * 1024), (Tier::Host, 16 * 1024)],
+        high_watermark: 1.0,
+        low_watermark: 1.0,
+        grace: Duration::ZERO,
+        ..IndexConfig::default()
+    });
+    let now = Instant::now();
+    let ttl = Duration::from_secs(5);
+    let mut all = Vec::new();
+    for p in 0..8 {
+        let k = [key(p, 0)];
+        let b = idx.begin_put(1, "ns", &k, &[1024], None, false, now, ttl).unwrap();
+        assert!(matches!(b.slots[0], Slot::Reserved(l) if l.tier == Tier::Gpu), "new chunks go to the GPU");
+        idx.commit_put(b.put_id, 1, now).unwrap();
+        all.push(k);
+        let moves = idx.take_moves();
+        for m in &moves {
+            assert_eq!((m.from.tier, m.to.tier), (Tier::Gpu, Tier::Host));
+        }
+        idx.check_invariants().unwrap();
+    }
+    // 8 KiB of chunks in a 4 KiB GPU tier: four were demoted, none dropped, all still hit.
+    assert_eq!(idx.counters().demotions, 4);
+    assert_eq!(idx.counters().evictions, 0);
+    for k in &all {
+        assert_eq!(idx.lookup("ns", k, None, now).unwrap().hits, 1);
+    }
+    let usage = idx.usage();
+    assert_eq!((usage[0].tier, usage[0].entries), (Tier::Gpu, 4));
+    assert_eq!((usage[1].tier, usage[1].entries), (Tier::Host, 4));
+    // A leased GPU chunk is not demoted.
+    let (lease, _) = idx.lookup("ns", &all[7], Some((1, ttl)), now).unwrap().lease.unwrap();
+    let before = idx.lease_chunk(lease, 1, 0, now).unwrap();
+    for p in 100..104 {
+        let b = idx.begin_put(1, "ns", &[key(p, 0)], &[1024], None, false, now, ttl).unwrap();
+        idx.commit_put(b.put_id, 1, now).unwrap();
+        idx.take_moves();
+    }
+    assert_eq!(idx.lease_chunk(lease, 1, 0, now).unwrap(), before, "leased chunk moved");
     idx.check_invariants().unwrap();
 }

@@ -21,10 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
-use ucx_bindings::{
-    AmData, Endpoint, ErrorMode, IncomingAm, MemRegion, RegionSlice, RemoteKey, RemoteRegion,
-    Worker,
-};
+use ucx_bindings::{AmData, Endpoint, ErrorMode, IncomingAm, MemRegion, RegionSlice, RemoteKey, RemoteRegion, Worker};
 
 pub use prefixd_proto::v1::StatsResponse as Stats;
 pub use ucx_bindings;
@@ -72,10 +69,7 @@ impl Error {
 
 impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Self {
-        Error::Server {
-            code: s.code(),
-            message: s.message().to_owned(),
-        }
+        Error::Server { code: s.code(), message: s.message().to_owned() }
     }
 }
 
@@ -96,6 +90,19 @@ pub struct ClientOptions {
     pub keys: KeyConfig,
     /// Deadline of every call and every transfer. Default 30 s.
     pub timeout: Duration,
+    /// Run first on the client's UCX progress thread, e.g. to make the engine's CUDA context
+    /// current there (UCX's cuda transports use the current context). Default: nothing.
+    pub worker_init: Option<WorkerInit>,
+}
+
+/// A function run on the client's UCX progress thread when it starts.
+#[derive(Clone)]
+pub struct WorkerInit(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for WorkerInit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkerInit")
+    }
 }
 
 impl Default for ClientOptions {
@@ -107,6 +114,7 @@ impl Default for ClientOptions {
             force_remote: false,
             keys: KeyConfig::default(),
             timeout: Duration::from_secs(30),
+            worker_init: None,
         }
     }
 }
@@ -132,7 +140,8 @@ pub struct Client {
     worker: Worker,
     ep: Endpoint,
     path: DataPath,
-    pool: Option<RemoteKey>,
+    /// RMA sessions: the server's pools (GPU and host), found by address.
+    pools: Vec<RemoteKey>,
     routes: FetchRoutes,
     next_tag: AtomicU64,
     opts: ClientOptions,
@@ -150,9 +159,7 @@ impl std::fmt::Debug for Client {
 }
 
 fn host_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
 impl Client {
@@ -163,10 +170,7 @@ impl Client {
 
     pub async fn connect_with(endpoint: &str, opts: ClientOptions) -> Result<Client> {
         opts.keys.validate().map_err(Error::InvalidArgument)?;
-        let conn_err = |m: String| Error::Connect {
-            endpoint: endpoint.to_owned(),
-            message: m,
-        };
+        let conn_err = |m: String| Error::Connect { endpoint: endpoint.to_owned(), message: m };
         let channel = Channel::from_shared(endpoint.to_owned())
             .map_err(|e| Error::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
@@ -179,14 +183,17 @@ impl Client {
             .max_decoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES)
             .max_encoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES);
 
-        let mut b = ucx_bindings::ContextBuilder::new()
-            .transports(&opts.transports)?
-            .name(&opts.name);
+        let mut b = ucx_bindings::ContextBuilder::new().transports(&opts.transports)?.name(&opts.name);
         if let Some(d) = &opts.net_devices {
             b = b.net_devices(d);
         }
         let ctx = b.build()?;
-        let worker = Worker::new(&ctx, "client")?;
+        let init = opts.worker_init.clone();
+        let worker = Worker::with_thread_init(&ctx, "client", move || {
+            if let Some(f) = init {
+                (f.0)();
+            }
+        })?;
         let fetch_rx = worker.listen_am(AM_FETCH).await?;
         let resp = grpc
             .connect(ConnectRequest {
@@ -200,28 +207,15 @@ impl Client {
             .into_inner();
         let path = DataPath::try_from(resp.data_path).unwrap_or(DataPath::ActiveMessage);
         // The server's endpoint to us uses the same mode (UCX hangs when the two ends differ).
-        let mode = if path == DataPath::Rma {
-            ErrorMode::None
-        } else {
-            ErrorMode::Peer
-        };
+        let mode = if path == DataPath::Rma { ErrorMode::None } else { ErrorMode::Peer };
         let ep = worker.connect_with(&resp.worker_address, mode).await?;
-        let pool = match (path, resp.pools.first()) {
-            (DataPath::Rma, Some(p)) => Some(
-                ep.unpack_rkey(&RemoteRegion {
-                    base: p.base,
-                    len: p.length,
-                    rkey: p.rkey.clone(),
-                })
-                .await?,
-            ),
-            _ => None,
-        };
-        let path = if pool.is_some() {
-            DataPath::Rma
-        } else {
-            DataPath::ActiveMessage
-        };
+        let mut pools = Vec::new();
+        if path == DataPath::Rma {
+            for p in &resp.pools {
+                pools.push(ep.unpack_rkey(&RemoteRegion { base: p.base, len: p.length, rkey: p.rkey.clone() }).await?);
+            }
+        }
+        let path = if pools.is_empty() { DataPath::ActiveMessage } else { DataPath::Rma };
         let routes: FetchRoutes = Arc::default();
         let router = tokio::spawn(route_fetches(fetch_rx, routes.clone()));
         Ok(Client {
@@ -231,13 +225,32 @@ impl Client {
             worker,
             ep,
             path,
-            pool,
+            pools,
             routes,
             next_tag: AtomicU64::new(1),
             opts,
             transports: resp.transports,
             router,
         })
+    }
+
+    /// The server pool holding `addr` (RMA sessions).
+    fn pool_at(&self, addr: u64) -> ucx_bindings::Result<&RemoteKey> {
+        self.pools.iter().find(|p| addr >= p.base() && addr - p.base() < p.len()).ok_or_else(|| {
+            ucx_bindings::Error::InvalidArgument(format!("address {addr:#x} is in none of the server's pools"))
+        })
+    }
+
+    /// Registers the caller's CUDA device memory for the chunk-level calls (needs a client whose
+    /// transports include cuda_copy/cuda_ipc, and a CUDA context current on its UCX thread: see
+    /// [`ClientOptions::worker_init`]).
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be device memory that stays allocated while the region or any
+    /// transfer using it exists.
+    pub unsafe fn register_cuda(&self, ptr: u64, len: usize) -> Result<Arc<MemRegion>> {
+        // SAFETY: forwarded from this function's contract.
+        Ok(unsafe { MemRegion::register(self.worker.context(), ptr as *mut u8, len, ucx_bindings::MemoryType::Cuda) }?)
     }
 
     /// The data path the server chose for this session.
@@ -252,13 +265,7 @@ impl Client {
 
     /// The transports this session's UCX endpoint actually uses, e.g. `posix/memory`.
     pub async fn endpoint_transports(&self) -> Result<Vec<String>> {
-        Ok(self
-            .ep
-            .transports()
-            .await?
-            .iter()
-            .map(|t| t.to_string())
-            .collect())
+        Ok(self.ep.transports().await?.iter().map(|t| t.to_string()).collect())
     }
 
     pub fn key_config(&self) -> &KeyConfig {
@@ -297,9 +304,7 @@ impl Client {
         let size = bytes.len() / keys.len();
         let staging = self.alloc(bytes.len())?;
         staging.write(0, bytes)?;
-        let slices = (0..keys.len())
-            .map(|i| staging.slice(i * size, size))
-            .collect::<Result<Vec<_>, _>>()?;
+        let slices = (0..keys.len()).map(|i| staging.slice(i * size, size)).collect::<Result<Vec<_>, _>>()?;
         self.put_chunks(namespace, &keys, None, &slices).await
     }
 
@@ -328,10 +333,7 @@ impl Client {
         .await;
         self.release(lease.lease_id).await;
         let bytes = result?;
-        Ok((
-            lease.hit_chunks as usize * self.opts.keys.chunk_tokens,
-            bytes,
-        ))
+        Ok((lease.hit_chunks as usize * self.opts.keys.chunk_tokens, bytes))
     }
 
     /// How many leading tokens of `tokens` are cached (in whole chunks).
@@ -370,11 +372,7 @@ impl Client {
         data: &[RegionSlice],
     ) -> Result<PutOutcome> {
         if keys.len() != data.len() {
-            return Err(Error::InvalidArgument(format!(
-                "{} keys but {} buffers",
-                keys.len(),
-                data.len()
-            )));
+            return Err(Error::InvalidArgument(format!("{} keys but {} buffers", keys.len(), data.len())));
         }
         let sizes: Vec<u64> = data.iter().map(|d| d.len() as u64).collect();
         let put = self.begin_put(namespace, keys, &sizes, parent).await?;
@@ -411,25 +409,13 @@ impl Client {
             .await?
             .into_inner();
         if begin.slots.len() != keys.len() {
-            return Err(Error::Server {
-                code: tonic::Code::Internal,
-                message: "slot count mismatch".into(),
-            });
+            return Err(Error::Server { code: tonic::Code::Internal, message: "slot count mismatch".into() });
         }
         let deadline = started + Duration::from_millis(begin.expires_in_ms);
-        Ok(PendingPut {
-            client: self,
-            begin,
-            deadline,
-        })
+        Ok(PendingPut { client: self, begin, deadline })
     }
 
-    async fn write_slots(
-        &self,
-        begin: &BeginPutResponse,
-        data: &[RegionSlice],
-        deadline: Instant,
-    ) -> Result<()> {
+    async fn write_slots(&self, begin: &BeginPutResponse, data: &[RegionSlice], deadline: Instant) -> Result<()> {
         let t = self.opts.timeout;
         let jobs: Vec<(usize, &PutSlot, &RegionSlice)> = begin
             .slots
@@ -441,19 +427,13 @@ impl Client {
             .collect();
         for batch in jobs.chunks(WINDOW) {
             let sends = batch.iter().map(|&(i, slot, d)| async move {
-                match &self.pool {
+                match self.path {
                     // RMA: write straight into the reserved slot.
-                    Some(pool) => self.ep.put(d, pool, slot.address, t).await,
+                    DataPath::Rma => self.ep.put(d, self.pool_at(slot.address)?, slot.address, t).await,
                     // Active message: the server picks the buffer and pulls the data.
-                    None => {
-                        let h = PutHeader {
-                            session_id: self.session_id,
-                            put_id: begin.put_id,
-                            index: i as u32,
-                        };
-                        self.ep
-                            .am_send(AM_PUT, &h.encode(), AmData::Region(d.clone()), t)
-                            .await
+                    _ => {
+                        let h = PutHeader { session_id: self.session_id, put_id: begin.put_id, index: i as u32 };
+                        self.ep.am_send(AM_PUT, &h.encode(), AmData::Region(d.clone()), t).await
                     }
                 }
             });
@@ -461,7 +441,7 @@ impl Client {
                 r?;
             }
         }
-        if self.pool.is_some() {
+        if self.path == DataPath::Rma {
             // A put completes locally: make it land before anyone is told the bytes are there.
             self.ep.flush(t).await?;
         }
@@ -473,18 +453,9 @@ impl Client {
 
     /// Reads the longest cached prefix of `keys` into `dest` (one registered buffer per key,
     /// each exactly the chunk's size); returns the number of chunks read.
-    pub async fn get_chunks(
-        &self,
-        namespace: &str,
-        keys: &[ChunkKey],
-        dest: &[RegionSlice],
-    ) -> Result<usize> {
+    pub async fn get_chunks(&self, namespace: &str, keys: &[ChunkKey], dest: &[RegionSlice]) -> Result<usize> {
         if keys.len() != dest.len() {
-            return Err(Error::InvalidArgument(format!(
-                "{} keys but {} buffers",
-                keys.len(),
-                dest.len()
-            )));
+            return Err(Error::InvalidArgument(format!("{} keys but {} buffers", keys.len(), dest.len())));
         }
         let (lease, started) = self.lease(namespace, keys).await?;
         let hits = lease.hit_chunks as usize;
@@ -530,40 +501,32 @@ impl Client {
             let mut grpc = self.grpc.clone();
             let session_id = self.session_id;
             tokio::spawn(async move {
-                let _ = grpc
-                    .release(ReleaseRequest {
-                        session_id,
-                        lease_id,
-                    })
-                    .await;
+                let _ = grpc.release(ReleaseRequest { session_id, lease_id }).await;
             });
         }
     }
 
     /// Moves the leased chunks into `dest` and checks the lease was still valid at the end.
-    async fn read_leased(
-        &self,
-        lease: &LookupResponse,
-        started: Instant,
-        dest: &[RegionSlice],
-    ) -> Result<()> {
+    async fn read_leased(&self, lease: &LookupResponse, started: Instant, dest: &[RegionSlice]) -> Result<()> {
         let deadline = started + Duration::from_millis(lease.lease_expires_in_ms);
         let t = self.opts.timeout;
-        match &self.pool {
-            Some(pool) => {
+        match self.path {
+            DataPath::Rma => {
                 let mut done = 0;
                 while done < dest.len() {
-                    // Window of gets in flight; the futures borrow `pool` and run concurrently.
+                    // Window of gets in flight; the futures borrow the pool keys and run concurrently.
                     let end = (done + WINDOW).min(dest.len());
-                    let batch = (done..end)
-                        .map(|i| self.ep.get(&dest[i], pool, lease.chunks[i].address, t));
+                    let batch = (done..end).map(|i| async move {
+                        let addr = lease.chunks[i].address;
+                        self.ep.get(&dest[i], self.pool_at(addr)?, addr, t).await
+                    });
                     for r in join_all(batch).await {
                         r?;
                     }
                     done = end;
                 }
             }
-            None => self.fetch(lease, dest).await?,
+            _ => self.fetch(lease, dest).await?,
         }
         if Instant::now() > deadline {
             return Err(Error::Expired("lease"));
@@ -576,10 +539,7 @@ impl Client {
     async fn fetch(&self, lease: &LookupResponse, dest: &[RegionSlice]) -> Result<()> {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        self.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(tag, tx);
+        self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(tag, tx);
         let mut grpc = self.grpc.clone();
         let call = grpc.fetch(FetchRequest {
             session_id: self.session_id,
@@ -594,20 +554,13 @@ impl Client {
             for _ in 0..dest.len() {
                 let msg = tokio::time::timeout(t, rx.recv())
                     .await
-                    .map_err(|_| {
-                        Error::Transfer(ucx_bindings::Error::TimedOut {
-                            op: "fetch",
-                            after: t,
-                        })
-                    })?
+                    .map_err(|_| Error::Transfer(ucx_bindings::Error::TimedOut { op: "fetch", after: t }))?
                     .ok_or(Error::Transfer(ucx_bindings::Error::WorkerStopped))?;
                 let h = FetchHeader::decode(msg.header())
                     .ok_or_else(|| Error::InvalidArgument("malformed fetch header".into()))?;
                 let i = h.index as usize;
                 if i >= dest.len() || got[i] {
-                    return Err(Error::InvalidArgument(format!(
-                        "unexpected chunk index {i} from the server"
-                    )));
+                    return Err(Error::InvalidArgument(format!("unexpected chunk index {i} from the server")));
                 }
                 got[i] = true;
                 pending.push(msg.recv_into(&dest[i], t));
@@ -618,10 +571,7 @@ impl Client {
             Ok::<(), Error>(())
         };
         let (call, received) = tokio::join!(call, receive);
-        self.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&tag);
+        self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&tag);
         call?;
         received
     }
@@ -638,12 +588,7 @@ impl Client {
 
     /// Ends the session now (otherwise the server ends it after it has been idle a while).
     pub async fn close(self) -> Result<()> {
-        self.grpc
-            .clone()
-            .disconnect(DisconnectRequest {
-                session_id: self.session_id,
-            })
-            .await?;
+        self.grpc.clone().disconnect(DisconnectRequest { session_id: self.session_id }).await?;
         Ok(())
     }
 }
@@ -676,41 +621,22 @@ impl PendingPut<'_> {
                 self.begin.slots.len()
             )));
         }
-        self.client
-            .write_slots(&self.begin, data, self.deadline)
-            .await
+        self.client.write_slots(&self.begin, data, self.deadline).await
     }
 
     /// Makes the chunks visible (after the server has every byte).
     pub async fn commit(self) -> Result<PutOutcome> {
         let c = self.client;
-        c.grpc
-            .clone()
-            .commit_put(CommitPutRequest {
-                session_id: c.session_id,
-                put_id: self.begin.put_id,
-            })
-            .await?;
+        c.grpc.clone().commit_put(CommitPutRequest { session_id: c.session_id, put_id: self.begin.put_id }).await?;
         let n = self.begin.slots.len();
         let stored = self.begin.slots.iter().filter(|s| !s.present).count();
-        Ok(PutOutcome {
-            chunks: n,
-            stored,
-            skipped: n - stored,
-        })
+        Ok(PutOutcome { chunks: n, stored, skipped: n - stored })
     }
 
     /// Frees the reservation now.
     pub async fn abort(self) {
         let c = self.client;
-        let _ = c
-            .grpc
-            .clone()
-            .abort_put(AbortPutRequest {
-                session_id: c.session_id,
-                put_id: self.begin.put_id,
-            })
-            .await;
+        let _ = c.grpc.clone().abort_put(AbortPutRequest { session_id: c.session_id, put_id: self.begin.put_id }).await;
     }
 }
 
@@ -723,9 +649,7 @@ impl Drop for Client {
 /// The standard gRPC health check of a server, without opening a session.
 pub async fn health_check(channel: Channel) -> Result<bool> {
     let r = tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
         .await?
         .into_inner();
     Ok(r.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
@@ -739,14 +663,8 @@ pub async fn stats_only(endpoint: &str, timeout: Duration) -> Result<Stats> {
         .timeout(timeout)
         .connect()
         .await
-        .map_err(|e| Error::Connect {
-            endpoint: endpoint.to_owned(),
-            message: format!("{e}; is prefixd running?"),
-        })?;
-    Ok(PrefixdClient::new(channel)
-        .stats(StatsRequest {})
-        .await?
-        .into_inner())
+        .map_err(|e| Error::Connect { endpoint: endpoint.to_owned(), message: format!("{e}; is prefixd running?") })?;
+    Ok(PrefixdClient::new(channel).stats(StatsRequest {}).await?.into_inner())
 }
 
 /// A channel to `endpoint`, for [`health_check`].
@@ -757,10 +675,7 @@ pub async fn channel(endpoint: &str, timeout: Duration) -> Result<Channel> {
         .timeout(timeout)
         .connect()
         .await
-        .map_err(|e| Error::Connect {
-            endpoint: endpoint.to_owned(),
-            message: format!("{e}; is prefixd running?"),
-        })
+        .map_err(|e| Error::Connect { endpoint: endpoint.to_owned(), message: format!("{e}; is prefixd running?") })
 }
 
 /// Polls futures concurrently on the current task and returns their outputs in order.
@@ -792,11 +707,7 @@ async fn route_fetches(mut rx: ucx_bindings::AmReceiver, routes: FetchRoutes) {
         let Some(h) = FetchHeader::decode(msg.header()) else {
             continue;
         };
-        let tx = routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&h.tag)
-            .cloned();
+        let tx = routes.lock().unwrap_or_else(|p| p.into_inner()).get(&h.tag).cloned();
         if let Some(tx) = tx {
             let _ = tx.send(msg);
         }

@@ -52,20 +52,11 @@ impl FetchHeader {
     pub const SIZE: usize = 20;
 
     pub fn encode(&self) -> [u8; Self::SIZE] {
-        PutHeader {
-            session_id: self.tag,
-            put_id: self.lease_id,
-            index: self.index,
-        }
-        .encode()
+        PutHeader { session_id: self.tag, put_id: self.lease_id, index: self.index }.encode()
     }
 
     pub fn decode(b: &[u8]) -> Option<FetchHeader> {
-        PutHeader::decode(b).map(|h| FetchHeader {
-            tag: h.session_id,
-            lease_id: h.put_id,
-            index: h.index,
-        })
+        PutHeader::decode(b).map(|h| FetchHeader { tag: h.session_id, lease_id: h.put_id, index: h.index })
     }
 }
 
@@ -75,17 +66,9 @@ mod tests {
 
     #[test]
     fn headers_round_trip_and_reject_bad_lengths() {
-        let p = PutHeader {
-            session_id: 1 << 60,
-            put_id: 7,
-            index: 3,
-        };
+        let p = PutHeader { session_id: 1 << 60, put_id: 7, index: 3 };
         assert_eq!(PutHeader::decode(&p.encode()), Some(p));
-        let f = FetchHeader {
-            tag: 9,
-            lease_id: u64::MAX,
-            index: u32::MAX,
-        };
+        let f = FetchHeader { tag: 9, lease_id: u64::MAX, index: u32::MAX };
         assert_eq!(FetchHeader::decode(&f.encode()), Some(f));
         assert_eq!(PutHeader::decode(&[0; 19]), None);
         assert_eq!(FetchHeader::decode(&[0; 21]), None);

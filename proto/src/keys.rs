@@ -55,11 +55,7 @@ pub struct KeyConfig {
 
 impl Default for KeyConfig {
     fn default() -> Self {
-        KeyConfig {
-            seed: "0".into(),
-            block_tokens: 16,
-            chunk_tokens: 256,
-        }
+        KeyConfig { seed: "0".into(), block_tokens: 16, chunk_tokens: 256 }
     }
 }
 
@@ -112,10 +108,7 @@ impl KeyConfig {
         let per_chunk = (self.chunk_tokens / self.block_tokens.max(1)).max(1);
         let full_chunks = tokens.len() / self.chunk_tokens.max(1);
         let blocks = self.block_hashes(&tokens[..full_chunks * self.chunk_tokens]);
-        blocks
-            .chunks_exact(per_chunk)
-            .filter_map(|c| c.last().copied().map(ChunkKey))
-            .collect()
+        blocks.chunks_exact(per_chunk).filter_map(|c| c.last().copied().map(ChunkKey)).collect()
     }
 }
 
@@ -142,18 +135,13 @@ fn cbor_head(out: &mut Vec<u8>, major: u8, value: u64) {
 pub fn parse_tokens(text: &str) -> Result<Vec<u32>, String> {
     let trimmed = text.trim();
     let body = match trimmed.strip_prefix('[') {
-        Some(rest) => rest
-            .strip_suffix(']')
-            .ok_or("a JSON array must end with ']'")?,
+        Some(rest) => rest.strip_suffix(']').ok_or("a JSON array must end with ']'")?,
         None => trimmed,
     };
     body.split(|c: char| c == ',' || c.is_whitespace())
         .filter(|s| !s.is_empty())
         .enumerate()
-        .map(|(i, s)| {
-            s.parse::<u32>()
-                .map_err(|e| format!("token #{i} {s:?} is not a token id: {e}"))
-        })
+        .map(|(i, s)| s.parse::<u32>().map_err(|e| format!("token #{i} {s:?} is not a token id: {e}")))
         .collect()
 }
 
@@ -162,10 +150,7 @@ mod tests {
     use super::*;
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     /// Vectors written by testdata/make_key_vectors.py (Python hashlib + cbor2).
@@ -173,10 +158,7 @@ mod tests {
     fn matches_python_vectors() {
         let text = include_str!("../testdata/key_vectors.txt");
         let mut cases = 0;
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        {
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
             let f: Vec<&str> = line.split('|').collect();
             assert_eq!(f.len(), 6, "bad vector line {line:?}");
             let cfg = KeyConfig {
@@ -192,18 +174,8 @@ mod tests {
                 cfg.seed
             );
             let want: Vec<Vec<u8>> = f[5].split(',').filter(|s| !s.is_empty()).map(hex).collect();
-            let got: Vec<Vec<u8>> = cfg
-                .chunk_keys(&tokens)
-                .iter()
-                .map(|k| k.0.to_vec())
-                .collect();
-            assert_eq!(
-                got,
-                want,
-                "chunk keys for seed {:?}, {} tokens",
-                cfg.seed,
-                tokens.len()
-            );
+            let got: Vec<Vec<u8>> = cfg.chunk_keys(&tokens).iter().map(|k| k.0.to_vec()).collect();
+            assert_eq!(got, want, "chunk keys for seed {:?}, {} tokens", cfg.seed, tokens.len());
             cases += 1;
         }
         assert!(cases >= 5, "only {cases} vectors");
@@ -234,18 +206,8 @@ mod tests {
 
     #[test]
     fn validates_sizes() {
-        assert!(KeyConfig {
-            chunk_tokens: 250,
-            ..KeyConfig::default()
-        }
-        .validate()
-        .is_err());
-        assert!(KeyConfig {
-            block_tokens: 0,
-            ..KeyConfig::default()
-        }
-        .validate()
-        .is_err());
+        assert!(KeyConfig { chunk_tokens: 250, ..KeyConfig::default() }.validate().is_err());
+        assert!(KeyConfig { block_tokens: 0, ..KeyConfig::default() }.validate().is_err());
         assert!(KeyConfig::default().validate().is_ok());
     }
 }

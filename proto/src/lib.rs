@@ -8,12 +8,7 @@
 //! - [`dataplane`]: the active-message formats for clients that get no remote key.
 //! - [`limits`]: the bounds every request is checked against.
 
-#[allow(
-    clippy::all,
-    clippy::unwrap_used,
-    missing_debug_implementations,
-    missing_docs
-)]
+#[allow(clippy::all, clippy::unwrap_used, missing_debug_implementations, missing_docs)]
 pub mod v1 {
     include!("gen/prefixd.v1.rs");
 }

@@ -49,8 +49,17 @@ pub struct Cli {
     #[arg(long, env = "PREFIXD_HOST_POOL", value_name = "SIZE")]
     pub host_pool: Option<ByteSize>,
 
+    /// GPU-memory pool (the fast tier) on --gpu, e.g. 8GiB. Needs a CUDA driver; off by default.
+    /// New chunks go there first; under pressure the least-recent ones are copied to the host pool.
+    #[arg(long, env = "PREFIXD_GPU_POOL", value_name = "SIZE")]
+    pub gpu_pool: Option<ByteSize>,
+
+    /// CUDA device ordinal of the GPU pool [default: 0].
+    #[arg(long, env = "PREFIXD_GPU", value_name = "ORDINAL")]
+    pub gpu: Option<usize>,
+
     /// UCX transports, in the form of UCX_TLS (e.g. "sm,tcp" or "cuda_ipc,cuda_copy,sm,tcp")
-    /// [default: "sm,tcp", what any machine has].
+    /// [default: "sm,tcp"; with --gpu-pool "cuda_ipc,cuda_copy,sm,tcp"].
     #[arg(long, env = "PREFIXD_TRANSPORTS", value_name = "LIST")]
     pub transports: Option<String>,
 
@@ -103,6 +112,8 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     metrics_listen: Option<SocketAddr>,
     host_pool: Option<String>,
+    gpu_pool: Option<String>,
+    gpu: Option<usize>,
     transports: Option<String>,
     net_devices: Option<String>,
     lease_ttl: Option<String>,
@@ -122,6 +133,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub host_pool: ByteSize,
+    /// None: no GPU tier.
+    pub gpu_pool: Option<ByteSize>,
+    pub gpu: usize,
     pub transports: String,
     pub net_devices: Option<String>,
     pub lease_ttl: Duration,
@@ -141,6 +155,8 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9400)),
             host_pool: ByteSize(1 << 30),
+            gpu_pool: None,
+            gpu: 0,
             transports: "sm,tcp".into(),
             net_devices: None,
             lease_ttl: Duration::from_secs(30),
@@ -156,13 +172,8 @@ impl Default for Config {
     }
 }
 
-fn field<T>(
-    name: &str,
-    v: Option<String>,
-    parse: impl Fn(&str) -> Result<T, String>,
-) -> Result<Option<T>, String> {
-    v.map(|s| parse(&s).map_err(|e| format!("{name}: {e}")))
-        .transpose()
+fn field<T>(name: &str, v: Option<String>, parse: impl Fn(&str) -> Result<T, String>) -> Result<Option<T>, String> {
+    v.map(|s| parse(&s).map_err(|e| format!("{name}: {e}"))).transpose()
 }
 
 impl Config {
@@ -171,28 +182,27 @@ impl Config {
     pub fn resolve(cli: &Cli) -> Result<Config, String> {
         let mut c = Config::default();
         let mut chunk_size_set = cli.max_chunk_size.is_some();
+        let mut transports_set = cli.transports.is_some();
         if let Some(path) = &cli.config {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let f: FileConfig =
-                toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let f: FileConfig = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             let size = |s: &str| s.parse::<ByteSize>();
             c.listen = f.listen.unwrap_or(c.listen);
             c.metrics_listen = f.metrics_listen.unwrap_or(c.metrics_listen);
             c.host_pool = field("host_pool", f.host_pool, size)?.unwrap_or(c.host_pool);
+            c.gpu_pool = field("gpu_pool", f.gpu_pool, size)?.or(c.gpu_pool);
+            c.gpu = f.gpu.unwrap_or(c.gpu);
+            transports_set |= f.transports.is_some();
             c.transports = f.transports.unwrap_or(c.transports);
             c.net_devices = f.net_devices.or(c.net_devices);
             c.lease_ttl = field("lease_ttl", f.lease_ttl, parse_duration)?.unwrap_or(c.lease_ttl);
-            c.max_lease_ttl =
-                field("max_lease_ttl", f.max_lease_ttl, parse_duration)?.unwrap_or(c.max_lease_ttl);
+            c.max_lease_ttl = field("max_lease_ttl", f.max_lease_ttl, parse_duration)?.unwrap_or(c.max_lease_ttl);
             chunk_size_set |= f.max_chunk_size.is_some();
-            c.max_chunk_size =
-                field("max_chunk_size", f.max_chunk_size, size)?.unwrap_or(c.max_chunk_size);
+            c.max_chunk_size = field("max_chunk_size", f.max_chunk_size, size)?.unwrap_or(c.max_chunk_size);
             c.rma = f.rma.unwrap_or(c.rma);
-            c.transfer_timeout = field("transfer_timeout", f.transfer_timeout, parse_duration)?
-                .unwrap_or(c.transfer_timeout);
-            c.drain_timeout =
-                field("drain_timeout", f.drain_timeout, parse_duration)?.unwrap_or(c.drain_timeout);
+            c.transfer_timeout =
+                field("transfer_timeout", f.transfer_timeout, parse_duration)?.unwrap_or(c.transfer_timeout);
+            c.drain_timeout = field("drain_timeout", f.drain_timeout, parse_duration)?.unwrap_or(c.drain_timeout);
             c.log = f.log.unwrap_or(c.log);
             c.high_watermark = f.high_watermark.unwrap_or(c.high_watermark);
             c.low_watermark = f.low_watermark.unwrap_or(c.low_watermark);
@@ -200,7 +210,12 @@ impl Config {
         c.listen = cli.listen.unwrap_or(c.listen);
         c.metrics_listen = cli.metrics_listen.unwrap_or(c.metrics_listen);
         c.host_pool = cli.host_pool.unwrap_or(c.host_pool);
+        c.gpu_pool = cli.gpu_pool.or(c.gpu_pool).filter(|g| g.0 > 0);
+        c.gpu = cli.gpu.unwrap_or(c.gpu);
         c.transports = cli.transports.clone().unwrap_or(c.transports);
+        if !transports_set && c.gpu_pool.is_some() {
+            c.transports = "cuda_ipc,cuda_copy,sm,tcp".into();
+        }
         c.net_devices = cli.net_devices.clone().or(c.net_devices);
         c.lease_ttl = cli.lease_ttl.unwrap_or(c.lease_ttl);
         c.max_lease_ttl = cli.max_lease_ttl.unwrap_or(c.max_lease_ttl);
@@ -219,10 +234,12 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), String> {
         if self.host_pool.0 < 1 << 20 {
-            return Err(format!(
-                "host_pool {} is below the 1MiB minimum",
-                self.host_pool
-            ));
+            return Err(format!("host_pool {} is below the 1MiB minimum", self.host_pool));
+        }
+        if let Some(g) = self.gpu_pool {
+            if g.0 < 1 << 20 {
+                return Err(format!("gpu_pool {g} is below the 1MiB minimum"));
+            }
         }
         if self.max_chunk_size.0 == 0 || self.max_chunk_size.0 > self.host_pool.0 {
             return Err(format!(
@@ -239,17 +256,13 @@ impl Config {
         if self.transfer_timeout.is_zero() {
             return Err("transfer_timeout must be positive".into());
         }
-        if !(0.0 < self.low_watermark
-            && self.low_watermark <= self.high_watermark
-            && self.high_watermark <= 1.0)
-        {
+        if !(0.0 < self.low_watermark && self.low_watermark <= self.high_watermark && self.high_watermark <= 1.0) {
             return Err(format!(
                 "watermarks must satisfy 0 < low ({}) <= high ({}) <= 1",
                 self.low_watermark, self.high_watermark
             ));
         }
-        ucx_bindings::TransportList::parse(&self.transports)
-            .map_err(|e| format!("transports: {e}"))?;
+        ucx_bindings::TransportList::parse(&self.transports).map_err(|e| format!("transports: {e}"))?;
         Ok(())
     }
 
@@ -265,6 +278,9 @@ impl Config {
         );
         if let Some(d) = &self.net_devices {
             s += &format!("net_devices = \"{d}\"\n");
+        }
+        if let Some(g) = &self.gpu_pool {
+            s += &format!("gpu_pool = \"{g}\"\ngpu = {}\n", self.gpu);
         }
         s += &format!(
             "lease_ttl = \"{}\"\nmax_lease_ttl = \"{}\"\nmax_chunk_size = \"{}\"\nrma = \"{rma}\"\n\
@@ -302,11 +318,7 @@ mod tests {
     #[test]
     fn file_then_flags() {
         let dir = std::env::temp_dir().join(format!("prefixd-cfg-{}", std::process::id()));
-        std::fs::write(
-            &dir,
-            "host_pool = \"64MiB\"\nlease_ttl = \"5s\"\nrma = \"never\"\n",
-        )
-        .unwrap();
+        std::fs::write(&dir, "host_pool = \"64MiB\"\nlease_ttl = \"5s\"\nrma = \"never\"\n").unwrap();
         let path = dir.to_str().unwrap();
         let c = Config::resolve(&cli(&["--config", path, "--lease-ttl", "7s"])).unwrap();
         assert_eq!(c.host_pool.0, 64 << 20);

@@ -19,9 +19,7 @@ pub fn index_status(e: IndexError) -> Status {
 pub fn ucx_status(e: ucx_bindings::Error) -> Status {
     match &e {
         ucx_bindings::Error::TimedOut { .. } => Status::deadline_exceeded(format!("transfer: {e}")),
-        ucx_bindings::Error::InvalidArgument(_) => {
-            Status::invalid_argument(format!("transfer: {e}"))
-        }
+        ucx_bindings::Error::InvalidArgument(_) => Status::invalid_argument(format!("transfer: {e}")),
         _ => Status::unavailable(format!("transfer: {e}")),
     }
 }

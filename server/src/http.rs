@@ -11,11 +11,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
-fn respond(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     if let Ok(v) = content_type.parse() {
@@ -24,36 +20,19 @@ fn respond(
     r
 }
 
-async fn handle(
-    state: Arc<State>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(respond(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET only\n",
-        ));
+        return Ok(respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n"));
     }
     Ok(match req.uri().path() {
         "/metrics" => {
             state.refresh_gauges();
-            respond(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                state.metrics.encode(),
-            )
+            respond(StatusCode::OK, "text/plain; version=0.0.4", state.metrics.encode())
         }
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" if state.is_draining() => {
-            respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
-        }
+        "/readyz" if state.is_draining() => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n"),
         "/readyz" => respond(StatusCode::OK, "text/plain", "ready\n"),
-        _ => respond(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "try /metrics, /healthz or /readyz\n",
-        ),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "try /metrics, /healthz or /readyz\n"),
     })
 }
 
@@ -74,8 +53,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancelToken) 
         let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
             // Bounded: a client that never finishes its request is dropped.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
         });

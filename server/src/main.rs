@@ -13,6 +13,7 @@
 mod config;
 mod dataplane;
 mod errors;
+mod gpu;
 mod http;
 mod metrics;
 mod service;
@@ -66,11 +67,7 @@ fn main() -> ExitCode {
         .with(filter)
         .init();
 
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("prefixd")
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("prefixd").build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("prefixd: cannot start the async runtime: {e}");
@@ -90,21 +87,36 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     // Handlers first: a signal that arrives once we say we are ready must not hit the default.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut b = ucx_bindings::ContextBuilder::new()
-        .transports(&cfg.transports)?
-        .name("prefixd");
+    let mut b = ucx_bindings::ContextBuilder::new().transports(&cfg.transports)?.name("prefixd");
     if let Some(d) = &cfg.net_devices {
         b = b.net_devices(d);
     }
     let ctx = b.build().context("cannot start UCX")?;
-    let worker =
-        ucx_bindings::Worker::new(&ctx, "prefixd").context("cannot start the UCX worker")?;
+    // CUDA: required for --gpu-pool; otherwise used, where present, only to page-lock the host pool.
+    let cuda = match cfg.gpu_pool {
+        Some(size) => Some(Arc::new(gpu::Cuda::open(cfg.gpu).map_err(|e| {
+            anyhow::anyhow!("--gpu-pool {size} on GPU {}: {e} (run without --gpu-pool for the host tier only)", cfg.gpu)
+        })?)),
+        None if gpu::driver_present() => gpu::Cuda::open(cfg.gpu).ok().map(Arc::new),
+        None => None,
+    };
+    let worker = {
+        // UCX's cuda transports work in the context current on the progress thread.
+        let cuda = cuda.clone();
+        ucx_bindings::Worker::with_thread_init(&ctx, "prefixd", move || {
+            if let Some(c) = cuda {
+                if let Err(e) = c.make_current() {
+                    tracing::warn!(error = %e, "no CUDA context on the UCX progress thread");
+                }
+            }
+        })
+        .context("cannot start the UCX worker")?
+    };
     let metrics = metrics::Metrics::new()?;
-    let state = state::State::new(cfg.clone(), ctx, worker, metrics)?;
+    let state = state::State::new(cfg.clone(), ctx, worker, metrics, cuda)?;
 
-    let grpc = TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
+    let grpc =
+        TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
     let ops = TcpListener::bind(cfg.metrics_listen)
         .await
         .with_context(|| format!("cannot listen on {} (--metrics-listen)", cfg.metrics_listen))?;
@@ -143,24 +155,17 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<PrefixdServer<service::Service>>()
-        .await;
-    let svc = PrefixdServer::new(service::Service {
-        state: state.clone(),
-    })
-    .max_decoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES)
-    .max_encoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES);
+    health.set_serving::<PrefixdServer<service::Service>>().await;
+    let svc = PrefixdServer::new(service::Service { state: state.clone() })
+        .max_decoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES);
     let stop_accepting = CancelToken::default();
     let server = {
         let stop = stop_accepting.clone();
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(svc)
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                async move { stop.cancelled().await },
-            )
+        tonic::transport::Server::builder().add_service(health_service).add_service(svc).serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            async move { stop.cancelled().await },
+        )
     };
     let mut server = tokio::spawn(server);
 

@@ -3,8 +3,7 @@
 //! names, gRPC code names, tiers, data paths, transport names), never free text.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub const REQUESTS_TOTAL: &str = "prefixd_requests_total";
@@ -18,6 +17,7 @@ pub const POOL_USED_BYTES: &str = "prefixd_pool_used_bytes";
 pub const POOL_CAPACITY_BYTES: &str = "prefixd_pool_capacity_bytes";
 pub const ENTRIES: &str = "prefixd_entries";
 pub const EVICTIONS_TOTAL: &str = "prefixd_evictions_total";
+pub const DEMOTIONS_TOTAL: &str = "prefixd_demotions_total";
 pub const EXPIRED_TOTAL: &str = "prefixd_expired_total";
 pub const ACTIVE_LEASES: &str = "prefixd_active_leases";
 pub const ACTIVE_RESERVATIONS: &str = "prefixd_active_reservations";
@@ -42,6 +42,7 @@ pub const CATALOG: &[(&str, &str, &str, &str)] = &[
     (POOL_CAPACITY_BYTES, "gauge", "tier", "pool size"),
     (ENTRIES, "gauge", "", "cached chunks (reserved and ready)"),
     (EVICTIONS_TOTAL, "counter", "", "chunks evicted under pressure"),
+    (DEMOTIONS_TOTAL, "counter", "", "chunks copied from the GPU tier to the host tier under GPU pressure"),
     (EXPIRED_TOTAL, "counter", "what", "reservations (put) and leases (lease) reclaimed after their deadline"),
     (ACTIVE_LEASES, "gauge", "", "leases held"),
     (ACTIVE_RESERVATIONS, "gauge", "", "puts begun and not yet committed or aborted"),
@@ -63,6 +64,7 @@ pub struct Metrics {
     pub pool_capacity: IntGaugeVec,
     pub entries: IntGauge,
     pub evictions: IntCounter,
+    pub demotions: IntCounter,
     pub expired: IntCounterVec,
     pub active_leases: IntGauge,
     pub active_reservations: IntGauge,
@@ -78,20 +80,16 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let counter = |name: &str| IntCounter::with_opts(Opts::new(name, help(name)));
-        let counter_vec =
-            |name: &str, labels: &[&str]| IntCounterVec::new(Opts::new(name, help(name)), labels);
+        let counter_vec = |name: &str, labels: &[&str]| IntCounterVec::new(Opts::new(name, help(name)), labels);
         let gauge = |name: &str| IntGauge::with_opts(Opts::new(name, help(name)));
-        let gauge_vec =
-            |name: &str, labels: &[&str]| IntGaugeVec::new(Opts::new(name, help(name)), labels);
+        let gauge_vec = |name: &str, labels: &[&str]| IntGaugeVec::new(Opts::new(name, help(name)), labels);
         let buckets = vec![
-            50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5,
-            1.0, 2.5, 10.0,
+            50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
         ];
         let m = Metrics {
             requests: counter_vec(REQUESTS_TOTAL, &["op", "code"])?,
             duration: HistogramVec::new(
-                HistogramOpts::new(REQUEST_DURATION_SECONDS, help(REQUEST_DURATION_SECONDS))
-                    .buckets(buckets),
+                HistogramOpts::new(REQUEST_DURATION_SECONDS, help(REQUEST_DURATION_SECONDS)).buckets(buckets),
                 &["op"],
             )?,
             hit_chunks: counter(HIT_CHUNKS_TOTAL)?,
@@ -103,6 +101,7 @@ impl Metrics {
             pool_capacity: gauge_vec(POOL_CAPACITY_BYTES, &["tier"])?,
             entries: gauge(ENTRIES)?,
             evictions: counter(EVICTIONS_TOTAL)?,
+            demotions: counter(DEMOTIONS_TOTAL)?,
             expired: counter_vec(EXPIRED_TOTAL, &["what"])?,
             active_leases: gauge(ACTIVE_LEASES)?,
             active_reservations: gauge(ACTIVE_RESERVATIONS)?,
@@ -122,6 +121,7 @@ impl Metrics {
         r.register(Box::new(m.pool_capacity.clone()))?;
         r.register(Box::new(m.entries.clone()))?;
         r.register(Box::new(m.evictions.clone()))?;
+        r.register(Box::new(m.demotions.clone()))?;
         r.register(Box::new(m.expired.clone()))?;
         r.register(Box::new(m.active_leases.clone()))?;
         r.register(Box::new(m.active_reservations.clone()))?;
@@ -158,26 +158,17 @@ mod tests {
         let m = Metrics::new().unwrap();
         m.requests.with_label_values(&["lookup", "ok"]).inc();
         m.duration.with_label_values(&["lookup"]).observe(0.001);
-        m.transfer_bytes
-            .with_label_values(&["in", "am", "tcp"])
-            .inc();
+        m.transfer_bytes.with_label_values(&["in", "am", "tcp"]).inc();
         m.pool_used.with_label_values(&["host"]).set(1);
         m.pool_capacity.with_label_values(&["host"]).set(1);
         m.expired.with_label_values(&["put"]).inc();
         m.rejected.with_label_values(&["bad_header"]).inc();
         let text = String::from_utf8(m.encode()).unwrap();
         for (name, kind, _, meaning) in CATALOG {
-            assert!(
-                text.contains(&format!("# TYPE {name} {kind}")),
-                "{name} missing from the exposition"
-            );
+            assert!(text.contains(&format!("# TYPE {name} {kind}")), "{name} missing from the exposition");
             assert!(!meaning.is_empty());
             assert!(name.starts_with("prefixd_"));
-            assert_eq!(
-                name.ends_with("_total"),
-                *kind == "counter",
-                "{name}: _total only on counters"
-            );
+            assert_eq!(name.ends_with("_total"), *kind == "counter", "{name}: _total only on counters");
         }
     }
 }

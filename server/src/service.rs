@@ -27,12 +27,8 @@ fn keys_from(raw: &[Vec<u8>], what: &str) -> Result<Vec<ChunkKey>, Status> {
     raw.iter()
         .enumerate()
         .map(|(i, k)| {
-            ChunkKey::from_slice(k).ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "{what}[{i}] is {} bytes; keys are 32 bytes",
-                    k.len()
-                ))
-            })
+            ChunkKey::from_slice(k)
+                .ok_or_else(|| Status::invalid_argument(format!("{what}[{i}] is {} bytes; keys are 32 bytes", k.len())))
         })
         .collect()
 }
@@ -48,9 +44,7 @@ impl Service {
             .sessions
             .get(&id)
             .map(|s| s.clone())
-            .ok_or_else(|| {
-                Status::not_found(format!("unknown session {id:016x}; connect again"))
-            })?;
+            .ok_or_else(|| Status::not_found(format!("unknown session {id:016x}; connect again")))?;
         s.touch();
         Ok(s)
     }
@@ -63,11 +57,7 @@ impl Service {
     ) -> Result<Response<T>, Status> {
         // Draining: refuse new work; let calls that finish work (commit, abort, fetch, release) in.
         if self.state.is_draining() && matches!(op, "connect" | "begin_put") {
-            self.state
-                .metrics
-                .requests
-                .with_label_values(&[op, "Unavailable"])
-                .inc();
+            self.state.metrics.requests.with_label_values(&[op, "Unavailable"]).inc();
             return Err(Status::unavailable("prefixd is shutting down"));
         }
         let t0 = Instant::now();
@@ -76,16 +66,8 @@ impl Service {
             Ok(_) => "Ok".to_owned(),
             Err(s) => format!("{:?}", s.code()),
         };
-        self.state
-            .metrics
-            .requests
-            .with_label_values(&[op, &code])
-            .inc();
-        self.state
-            .metrics
-            .duration
-            .with_label_values(&[op])
-            .observe(t0.elapsed().as_secs_f64());
+        self.state.metrics.requests.with_label_values(&[op, &code]).inc();
+        self.state.metrics.duration.with_label_values(&[op]).observe(t0.elapsed().as_secs_f64());
         r.map(Response::new)
     }
 
@@ -97,14 +79,10 @@ impl Service {
             )));
         }
         if r.client_name.len() > MAX_CLIENT_NAME_LEN || r.host_id.len() > 256 {
-            return Err(Status::invalid_argument(
-                "client_name (<= 128 bytes) or host_id (<= 256 bytes) too long",
-            ));
+            return Err(Status::invalid_argument("client_name (<= 128 bytes) or host_id (<= 256 bytes) too long"));
         }
         if r.transports.len() > 64 || r.transports.iter().any(|t| t.len() > 64) {
-            return Err(Status::invalid_argument(
-                "transports: at most 64 names of at most 64 bytes",
-            ));
+            return Err(Status::invalid_argument("transports: at most 64 names of at most 64 bytes"));
         }
         let st = &self.state;
         let path = st.data_path_for(&r.host_id, r.force_remote, &r.transports);
@@ -112,52 +90,34 @@ impl Service {
         // zero-copy (cma); peer error mode makes UCX emulate it with active messages (~1 GB/s
         // measured). The server never sends on such an endpoint, so a dying client cannot hurt
         // it; deadlines still bound every transfer. Both ends must use the same mode.
-        let mode = if path == DataPath::Rma {
-            ErrorMode::None
-        } else {
-            ErrorMode::Peer
-        };
+        let mode = if path == DataPath::Rma { ErrorMode::None } else { ErrorMode::Peer };
         let ep = st
             .worker
             .connect_with(&r.worker_address, mode)
             .await
-            .map_err(|e| {
-                Status::invalid_argument(format!(
-                    "cannot connect to the client's worker address: {e}"
-                ))
-            })?;
-        let both: Vec<String> = st
-            .transports
-            .iter()
-            .filter(|t| r.transports.contains(t))
-            .cloned()
-            .collect();
+            .map_err(|e| Status::invalid_argument(format!("cannot connect to the client's worker address: {e}")))?;
+        let both: Vec<String> = st.transports.iter().filter(|t| r.transports.contains(t)).cloned().collect();
         // The transport label for byte metrics: the first data lane the endpoint reports.
         let transport = match ep.transports().await {
-            Ok(t) => t
-                .iter()
-                .map(|t| t.transport.clone())
-                .find(|t| t != "self")
-                .unwrap_or_else(|| "unknown".into()),
+            Ok(t) => t.iter().map(|t| t.transport.clone()).find(|t| t != "self").unwrap_or_else(|| "unknown".into()),
             Err(_) => "unknown".into(),
         };
         let id = st.new_session_id();
         let pools = if path == DataPath::Rma {
-            let remote = st.host_pool.remote();
-            vec![PoolDescriptor {
-                tier: Tier::Host.to_string(),
-                base: remote.base,
-                length: remote.len,
-                rkey: remote.rkey,
-            }]
+            [Tier::Gpu, Tier::Host]
+                .into_iter()
+                .filter_map(|t| st.pool(t).map(|p| (t, p.remote())))
+                .map(|(t, remote)| PoolDescriptor {
+                    tier: t.to_string(),
+                    base: remote.base,
+                    length: remote.len,
+                    rkey: remote.rkey,
+                })
+                .collect()
         } else {
             Vec::new()
         };
-        let name = if r.client_name.is_empty() {
-            "unnamed".to_owned()
-        } else {
-            r.client_name.clone()
-        };
+        let name = if r.client_name.is_empty() { "unnamed".to_owned() } else { r.client_name.clone() };
         tracing::info!(session = format_args!("{id:016x}"), client = %name, path = ?path, %transport, "session opened");
         st.add_session(id, name, ep, path, transport);
         Ok(ConnectResponse {
@@ -179,50 +139,28 @@ impl Service {
         let parent = match r.parent_key.len() {
             0 => None,
             32 => ChunkKey::from_slice(&r.parent_key),
-            n => {
-                return Err(Status::invalid_argument(format!(
-                    "parent_key is {n} bytes; keys are 32 bytes"
-                )))
-            }
+            n => return Err(Status::invalid_argument(format!("parent_key is {n} bytes; keys are 32 bytes"))),
         };
         let am = session.path != DataPath::Rma;
         let st = &self.state;
-        let b = st
-            .index()
-            .begin_put(
-                session.id,
-                &r.namespace,
-                &keys,
-                &r.sizes,
-                parent,
-                am,
-                Instant::now(),
-                st.cfg.lease_ttl,
-            )
-            .map_err(index_status)?;
+        let b = {
+            let mut idx = st.index();
+            let b =
+                idx.begin_put(session.id, &r.namespace, &keys, &r.sizes, parent, am, Instant::now(), st.cfg.lease_ttl);
+            // Chunks demoted to make room are copied before anyone can see their new place.
+            st.copy_moves(&idx.take_moves());
+            b.map_err(index_status)?
+        };
         let slots = b
             .slots
             .iter()
             .map(|s| match s {
-                Slot::Present => PutSlot {
-                    present: true,
-                    address: 0,
-                },
-                Slot::Reserved(loc) if !am => PutSlot {
-                    present: false,
-                    address: st.pool_base(loc.tier) + loc.offset,
-                },
-                Slot::Reserved(_) => PutSlot {
-                    present: false,
-                    address: 0,
-                },
+                Slot::Present => PutSlot { present: true, address: 0 },
+                Slot::Reserved(loc) if !am => PutSlot { present: false, address: st.pool_base(loc.tier) + loc.offset },
+                Slot::Reserved(_) => PutSlot { present: false, address: 0 },
             })
             .collect();
-        Ok(BeginPutResponse {
-            put_id: b.put_id,
-            slots,
-            expires_in_ms: ms(st.cfg.lease_ttl),
-        })
+        Ok(BeginPutResponse { put_id: b.put_id, slots, expires_in_ms: ms(st.cfg.lease_ttl) })
     }
 
     async fn do_commit_put(&self, r: CommitPutRequest) -> Result<CommitPutResponse, Status> {
@@ -241,10 +179,7 @@ impl Service {
                         .inc_by(bytes);
                     return Ok(CommitPutResponse { committed: chunks });
                 }
-                Err(e)
-                    if e.kind == prefixd_cache::ErrorKind::FailedPrecondition
-                        && Instant::now() < give_up =>
-                {
+                Err(e) if e.kind == prefixd_cache::ErrorKind::FailedPrecondition && Instant::now() < give_up => {
                     let _ = tokio::time::timeout_at(give_up.into(), notified).await;
                 }
                 Err(e) => return Err(index_status(e)),
@@ -254,11 +189,7 @@ impl Service {
 
     async fn do_abort_put(&self, r: AbortPutRequest) -> Result<AbortPutResponse, Status> {
         let session = self.session(r.session_id)?;
-        let freed = self
-            .state
-            .index()
-            .abort_put(r.put_id, session.id)
-            .map_err(index_status)?;
+        let freed = self.state.index().abort_put(r.put_id, session.id).map_err(index_status)?;
         Ok(AbortPutResponse { freed })
     }
 
@@ -270,25 +201,14 @@ impl Service {
         }
         let (lease, session) = if r.lease {
             let s = self.session(r.session_id)?;
-            let ttl = if r.lease_ttl_ms == 0 {
-                st.cfg.lease_ttl
-            } else {
-                Duration::from_millis(r.lease_ttl_ms)
-            };
+            let ttl = if r.lease_ttl_ms == 0 { st.cfg.lease_ttl } else { Duration::from_millis(r.lease_ttl_ms) };
             (Some((s.id, ttl.min(st.cfg.max_lease_ttl))), Some(s))
         } else {
             (None, None)
         };
         let now = Instant::now();
-        let res = st
-            .index()
-            .lookup(&r.namespace, &keys, lease, now)
-            .map_err(index_status)?;
-        let tokens = if r.chunk_tokens == 0 {
-            256
-        } else {
-            r.chunk_tokens as u64
-        };
+        let res = st.index().lookup(&r.namespace, &keys, lease, now).map_err(index_status)?;
+        let tokens = if r.chunk_tokens == 0 { 256 } else { r.chunk_tokens as u64 };
         let (hits, misses) = (res.hits as u64, (keys.len() - res.hits) as u64);
         st.metrics.hit_chunks.inc_by(hits);
         st.metrics.miss_chunks.inc_by(misses);
@@ -299,75 +219,46 @@ impl Service {
             .locations
             .iter()
             .map(|l| ChunkLocation {
-                address: if rma {
-                    st.pool_base(l.tier) + l.offset
-                } else {
-                    0
-                },
+                address: if rma { st.pool_base(l.tier) + l.offset } else { 0 },
                 length: l.len,
                 tier: l.tier.to_string(),
             })
             .collect();
         if let (Some(s), true) = (&session, rma) {
             let bytes: u64 = chunks.iter().map(|c| c.length).sum();
-            st.metrics
-                .transfer_bytes
-                .with_label_values(&["out", "rma", &s.transport])
-                .inc_by(bytes);
+            st.metrics.transfer_bytes.with_label_values(&["out", "rma", &s.transport]).inc_by(bytes);
         }
         let (lease_id, expires_in) = match res.lease {
             Some((id, expires)) => (id, ms(expires.saturating_duration_since(now))),
             None => (0, 0),
         };
-        Ok(LookupResponse {
-            hit_chunks: res.hits as u32,
-            lease_id,
-            chunks,
-            lease_expires_in_ms: expires_in,
-        })
+        Ok(LookupResponse { hit_chunks: res.hits as u32, lease_id, chunks, lease_expires_in_ms: expires_in })
     }
 
     async fn do_fetch(&self, r: FetchRequest) -> Result<FetchResponse, Status> {
         let session = self.session(r.session_id)?;
         let st = self.state.clone();
-        let n = st
-            .index()
-            .pin_lease(r.lease_id, session.id, Instant::now())
-            .map_err(index_status)?;
+        let n = st.index().pin_lease(r.lease_id, session.id, Instant::now()).map_err(index_status)?;
         let result = self.send_leased(&session, &r, n).await;
         st.index().unpin_lease(r.lease_id);
         let bytes = result?;
-        st.metrics
-            .transfer_bytes
-            .with_label_values(&["out", "am", &session.transport])
-            .inc_by(bytes);
+        st.metrics.transfer_bytes.with_label_values(&["out", "am", &session.transport]).inc_by(bytes);
         Ok(FetchResponse { bytes })
     }
 
     /// Sends chunks of a pinned lease to the client as AM_FETCH messages, a window at a time.
-    async fn send_leased(
-        &self,
-        session: &crate::state::Session,
-        r: &FetchRequest,
-        n: usize,
-    ) -> Result<u64, Status> {
-        let indices: Vec<u32> = if r.indices.is_empty() {
-            (0..n as u32).collect()
-        } else {
-            r.indices.clone()
-        };
+    async fn send_leased(&self, session: &crate::state::Session, r: &FetchRequest, n: usize) -> Result<u64, Status> {
+        let indices: Vec<u32> = if r.indices.is_empty() { (0..n as u32).collect() } else { r.indices.clone() };
         if indices.len() > prefixd_proto::limits::MAX_KEYS_PER_REQUEST {
             return Err(Status::invalid_argument("too many indices"));
         }
         let st = &self.state;
         let mut jobs = Vec::with_capacity(indices.len());
         for &i in &indices {
-            let loc = st
-                .index()
-                .lease_chunk(r.lease_id, session.id, i, Instant::now())
-                .map_err(index_status)?;
+            let loc = st.index().lease_chunk(r.lease_id, session.id, i, Instant::now()).map_err(index_status)?;
             let slice = st
-                .host_pool
+                .pool(loc.tier)
+                .ok_or_else(|| Status::internal("chunk in a tier without a pool"))?
                 .slice(loc.offset as usize, loc.len as usize)
                 .map_err(|e| Status::internal(format!("pool slice: {e}")))?;
             jobs.push((i, slice));
@@ -378,29 +269,18 @@ impl Service {
         for (i, slice) in jobs {
             if set.len() >= FETCH_WINDOW {
                 if let Some(done) = set.join_next().await {
-                    bytes += done
-                        .map_err(|e| Status::internal(e.to_string()))?
-                        .map_err(ucx_status)?;
+                    bytes += done.map_err(|e| Status::internal(e.to_string()))?.map_err(ucx_status)?;
                 }
             }
             let ep = session.ep.clone();
-            let header = FetchHeader {
-                tag: r.tag,
-                lease_id: r.lease_id,
-                index: i,
-            }
-            .encode();
+            let header = FetchHeader { tag: r.tag, lease_id: r.lease_id, index: i }.encode();
             set.spawn(async move {
                 let len = slice.len() as u64;
-                ep.am_send(AM_FETCH, &header, AmData::Region(slice), timeout)
-                    .await
-                    .map(|()| len)
+                ep.am_send(AM_FETCH, &header, AmData::Region(slice), timeout).await.map(|()| len)
             });
         }
         while let Some(done) = set.join_next().await {
-            bytes += done
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(ucx_status)?;
+            bytes += done.map_err(|e| Status::internal(e.to_string()))?.map_err(ucx_status)?;
         }
         Ok(bytes)
     }
@@ -408,18 +288,11 @@ impl Service {
 
 #[tonic::async_trait]
 impl Prefixd for Service {
-    async fn connect(
-        &self,
-        req: Request<ConnectRequest>,
-    ) -> Result<Response<ConnectResponse>, Status> {
-        self.observe("connect", self.do_connect(req.into_inner()))
-            .await
+    async fn connect(&self, req: Request<ConnectRequest>) -> Result<Response<ConnectResponse>, Status> {
+        self.observe("connect", self.do_connect(req.into_inner())).await
     }
 
-    async fn disconnect(
-        &self,
-        req: Request<DisconnectRequest>,
-    ) -> Result<Response<DisconnectResponse>, Status> {
+    async fn disconnect(&self, req: Request<DisconnectRequest>) -> Result<Response<DisconnectResponse>, Status> {
         let id = req.into_inner().session_id;
         self.observe("disconnect", async {
             if self.state.drop_session(id) {
@@ -431,70 +304,41 @@ impl Prefixd for Service {
         .await
     }
 
-    async fn begin_put(
-        &self,
-        req: Request<BeginPutRequest>,
-    ) -> Result<Response<BeginPutResponse>, Status> {
-        self.observe("begin_put", self.do_begin_put(req.into_inner()))
-            .await
+    async fn begin_put(&self, req: Request<BeginPutRequest>) -> Result<Response<BeginPutResponse>, Status> {
+        self.observe("begin_put", self.do_begin_put(req.into_inner())).await
     }
 
-    async fn commit_put(
-        &self,
-        req: Request<CommitPutRequest>,
-    ) -> Result<Response<CommitPutResponse>, Status> {
-        self.observe("commit_put", self.do_commit_put(req.into_inner()))
-            .await
+    async fn commit_put(&self, req: Request<CommitPutRequest>) -> Result<Response<CommitPutResponse>, Status> {
+        self.observe("commit_put", self.do_commit_put(req.into_inner())).await
     }
 
-    async fn abort_put(
-        &self,
-        req: Request<AbortPutRequest>,
-    ) -> Result<Response<AbortPutResponse>, Status> {
-        self.observe("abort_put", self.do_abort_put(req.into_inner()))
-            .await
+    async fn abort_put(&self, req: Request<AbortPutRequest>) -> Result<Response<AbortPutResponse>, Status> {
+        self.observe("abort_put", self.do_abort_put(req.into_inner())).await
     }
 
-    async fn lookup(
-        &self,
-        req: Request<LookupRequest>,
-    ) -> Result<Response<LookupResponse>, Status> {
-        self.observe("lookup", self.do_lookup(req.into_inner()))
-            .await
+    async fn lookup(&self, req: Request<LookupRequest>) -> Result<Response<LookupResponse>, Status> {
+        self.observe("lookup", self.do_lookup(req.into_inner())).await
     }
 
     async fn fetch(&self, req: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
         self.observe("fetch", self.do_fetch(req.into_inner())).await
     }
 
-    async fn release(
-        &self,
-        req: Request<ReleaseRequest>,
-    ) -> Result<Response<ReleaseResponse>, Status> {
+    async fn release(&self, req: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {
         let r = req.into_inner();
         self.observe("release", async {
             let s = self.session(r.session_id)?;
-            self.state
-                .index()
-                .release(r.lease_id, s.id)
-                .map_err(index_status)?;
+            self.state.index().release(r.lease_id, s.id).map_err(index_status)?;
             Ok(ReleaseResponse {})
         })
         .await
     }
 
-    async fn delete(
-        &self,
-        req: Request<DeleteRequest>,
-    ) -> Result<Response<DeleteResponse>, Status> {
+    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let r = req.into_inner();
         self.observe("delete", async {
             let keys = keys_from(&r.keys, "keys")?;
-            let (deleted, leased) = self
-                .state
-                .index()
-                .delete(&r.namespace, &keys)
-                .map_err(index_status)?;
+            let (deleted, leased) = self.state.index().delete(&r.namespace, &keys).map_err(index_status)?;
             Ok(DeleteResponse { deleted, leased })
         })
         .await
@@ -516,25 +360,14 @@ impl Prefixd for Service {
                 })
                 .collect();
             let c = idx.counters();
-            let (entries, leases, reservations) = (
-                idx.entries() as u64,
-                idx.active_leases() as u64,
-                idx.active_reservations() as u64,
-            );
+            let (entries, leases, reservations) =
+                (idx.entries() as u64, idx.active_leases() as u64, idx.active_reservations() as u64);
             drop(idx);
             let mut bytes_by_path = std::collections::HashMap::new();
             for dir in ["in", "out"] {
                 for path in ["rma", "am"] {
-                    for t in st
-                        .transports
-                        .iter()
-                        .chain(std::iter::once(&"unknown".to_owned()))
-                    {
-                        if let Ok(m) = st
-                            .metrics
-                            .transfer_bytes
-                            .get_metric_with_label_values(&[dir, path, t])
-                        {
+                    for t in st.transports.iter().chain(std::iter::once(&"unknown".to_owned())) {
+                        if let Ok(m) = st.metrics.transfer_bytes.get_metric_with_label_values(&[dir, path, t]) {
                             if m.get() > 0 {
                                 bytes_by_path.insert(format!("{dir} {path}:{t}"), m.get());
                             }

@@ -12,10 +12,7 @@ pub struct CancelToken {
 impl Default for CancelToken {
     fn default() -> Self {
         let (tx, rx) = watch::channel(false);
-        CancelToken {
-            tx: Arc::new(tx),
-            rx,
-        }
+        CancelToken { tx: Arc::new(tx), rx }
     }
 }
 

@@ -2,6 +2,7 @@
 //! the UCX worker, client sessions and metrics.
 
 use crate::config::{Config, RmaPolicy};
+use crate::gpu::Cuda;
 use crate::metrics::Metrics;
 use prefixd_cache::{Index, IndexConfig, Tier};
 use prefixd_proto::v1::DataPath;
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-use ucx_bindings::{Context, Endpoint, MemRegion, Worker};
+use ucx_bindings::{Context, Endpoint, MemRegion, MemoryType, Worker};
 
 /// One connected client.
 #[derive(Debug)]
@@ -29,10 +30,7 @@ impl Session {
     }
 
     pub fn idle_for(&self) -> Duration {
-        self.last_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed()
+        self.last_seen.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
     }
 
     pub fn path_label(&self) -> &'static str {
@@ -43,12 +41,59 @@ impl Session {
     }
 }
 
+/// The GPU tier's memory: one cuMemAlloc'd range, registered with UCX as CUDA memory.
+#[derive(Debug)]
+pub struct GpuPool {
+    pub cuda: Arc<Cuda>,
+    pub ptr: u64,
+    pub len: usize,
+    pub region: Option<Arc<MemRegion>>,
+}
+
+impl Drop for GpuPool {
+    fn drop(&mut self) {
+        // Unregister first; free only if no transfer still holds the registration.
+        match self.region.take().map(Arc::try_unwrap) {
+            Some(Ok(region)) => {
+                drop(region);
+                self.cuda.free(self.ptr);
+            }
+            Some(Err(_)) => tracing::warn!("GPU pool still in use at shutdown; not freed"),
+            None => self.cuda.free(self.ptr),
+        }
+    }
+}
+
+/// Keeps the host pool page-locked for CUDA; unlocks it before the pool goes away.
+#[derive(Debug)]
+struct Pinned {
+    cuda: Arc<Cuda>,
+    ptr: *mut u8,
+}
+
+// SAFETY: only the pointer value is kept, to unregister it; nothing is read or written through it.
+unsafe impl Send for Pinned {}
+// SAFETY: as above.
+unsafe impl Sync for Pinned {}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: ptr was registered with host_register in State::new and is unregistered once.
+        unsafe { self.cuda.host_unregister(self.ptr) };
+    }
+}
+
 pub struct State {
     pub cfg: Config,
     index: Mutex<Index>,
     pub ctx: Context,
     pub worker: Worker,
+    // Field order is drop order: unpin the host pool and free the GPU pool before the host pool
+    // and the context go.
+    _pinned: Option<Pinned>,
+    pub gpu_pool: Option<GpuPool>,
     pub host_pool: Arc<MemRegion>,
+    pub cuda: Option<Arc<Cuda>>,
     pub sessions: dashmap::DashMap<u64, Arc<Session>>,
     pub metrics: Metrics,
     pub host_id: String,
@@ -62,9 +107,7 @@ pub struct State {
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State")
-            .field("sessions", &self.sessions.len())
-            .finish()
+        f.debug_struct("State").field("sessions", &self.sessions.len()).finish()
     }
 }
 
@@ -99,15 +142,48 @@ impl State {
         ctx: Context,
         worker: Worker,
         metrics: Metrics,
+        cuda: Option<Arc<Cuda>>,
     ) -> anyhow::Result<Arc<State>> {
-        let host_pool = MemRegion::alloc_host(&ctx, cfg.host_pool.0 as usize).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot allocate and register the {} host pool: {e}",
-                cfg.host_pool
-            )
-        })?;
+        let host_pool = MemRegion::alloc_host(&ctx, cfg.host_pool.0 as usize)
+            .map_err(|e| anyhow::anyhow!("cannot allocate and register the {} host pool: {e}", cfg.host_pool))?;
+        let pinned = cuda.as_ref().and_then(|c| {
+            // SAFETY: the host pool stays mapped until after `pinned` is dropped (field order).
+            match unsafe { c.host_register(host_pool.as_ptr(), host_pool.len()) } {
+                Ok(()) => Some(Pinned { cuda: c.clone(), ptr: host_pool.as_ptr() }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "host pool not page-locked; host<->GPU copies will be slower");
+                    None
+                }
+            }
+        });
+        let gpu_pool = match (cfg.gpu_pool, &cuda) {
+            (None, _) => None,
+            (Some(size), None) => anyhow::bail!("--gpu-pool {size} needs CUDA, which is not available here"),
+            (Some(size), Some(c)) => {
+                if !ctx.supports(MemoryType::Cuda) {
+                    anyhow::bail!(
+                        "--gpu-pool needs UCX's cuda transports: add cuda_copy (and cuda_ipc) to --transports (now {})",
+                        cfg.transports
+                    );
+                }
+                let len = size.0 as usize;
+                let ptr = c.alloc(len).map_err(|e| anyhow::anyhow!("cannot allocate the {size} GPU pool: {e}"))?;
+                let mut pool = GpuPool { cuda: c.clone(), ptr, len, region: None };
+                // SAFETY: ptr..ptr+len is our cuMemAlloc allocation, freed only in GpuPool's Drop
+                // after this registration is gone.
+                let region = unsafe { MemRegion::register(&ctx, ptr as *mut u8, len, MemoryType::Cuda) }
+                    .map_err(|e| anyhow::anyhow!("cannot register the GPU pool with UCX: {e}"))?;
+                pool.region = Some(region);
+                Some(pool)
+            }
+        };
+        let mut tiers = Vec::new();
+        if let Some(g) = &gpu_pool {
+            tiers.push((Tier::Gpu, g.len as u64));
+        }
+        tiers.push((Tier::Host, cfg.host_pool.0));
         let index = Index::new(IndexConfig {
-            tiers: vec![(Tier::Host, cfg.host_pool.0)],
+            tiers,
             max_chunk_size: cfg.max_chunk_size.0,
             high_watermark: cfg.high_watermark,
             low_watermark: cfg.low_watermark,
@@ -121,7 +197,10 @@ impl State {
             index: Mutex::new(index),
             ctx,
             worker,
+            _pinned: pinned,
+            gpu_pool,
             host_pool,
+            cuda,
             sessions: dashmap::DashMap::new(),
             metrics,
             host_id: host_id(),
@@ -146,22 +225,8 @@ impl State {
         }
     }
 
-    pub fn add_session(
-        &self,
-        id: u64,
-        name: String,
-        ep: Endpoint,
-        path: DataPath,
-        transport: String,
-    ) -> Arc<Session> {
-        let s = Arc::new(Session {
-            id,
-            name,
-            ep,
-            path,
-            transport,
-            last_seen: Mutex::new(Instant::now()),
-        });
+    pub fn add_session(&self, id: u64, name: String, ep: Endpoint, path: DataPath, transport: String) -> Arc<Session> {
+        let s = Arc::new(Session { id, name, ep, path, transport, last_seen: Mutex::new(Instant::now()) });
         self.sessions.insert(id, s.clone());
         s
     }
@@ -184,21 +249,11 @@ impl State {
     /// does RMA natively (shared memory, cma, cuda_ipc); active messages otherwise. (Over tcp,
     /// UCX in peer error mode emulates put/get with active messages, several times slower than
     /// our own rendezvous path.)
-    pub fn data_path_for(
-        &self,
-        client_host: &str,
-        force_remote: bool,
-        client_transports: &[String],
-    ) -> DataPath {
+    pub fn data_path_for(&self, client_host: &str, force_remote: bool, client_transports: &[String]) -> DataPath {
         const NATIVE_RMA: &[&str] = &["cma", "posix", "sysv", "xpmem", "knem", "cuda_ipc"];
-        let shared_rma = client_transports
-            .iter()
-            .any(|t| NATIVE_RMA.contains(&t.as_str()) && self.transports.contains(t));
-        if !force_remote
-            && shared_rma
-            && self.cfg.rma == RmaPolicy::SameHost
-            && client_host == self.host_id
-        {
+        let shared_rma =
+            client_transports.iter().any(|t| NATIVE_RMA.contains(&t.as_str()) && self.transports.contains(t));
+        if !force_remote && shared_rma && self.cfg.rma == RmaPolicy::SameHost && client_host == self.host_id {
             DataPath::Rma
         } else {
             DataPath::ActiveMessage
@@ -208,8 +263,36 @@ impl State {
     pub fn pool_base(&self, tier: Tier) -> u64 {
         match tier {
             Tier::Host => self.host_pool.as_ptr() as u64,
-            Tier::Gpu => 0,
+            Tier::Gpu => self.gpu_pool.as_ref().map_or(0, |g| g.ptr),
         }
+    }
+
+    /// The registered memory of a tier.
+    pub fn pool(&self, tier: Tier) -> Option<&Arc<MemRegion>> {
+        match tier {
+            Tier::Host => Some(&self.host_pool),
+            Tier::Gpu => self.gpu_pool.as_ref().and_then(|g| g.region.as_ref()),
+        }
+    }
+
+    /// Copies demoted chunks GPU -> host. Called with the index lock held (see `Index::take_moves`).
+    pub fn copy_moves(&self, moves: &[prefixd_cache::Move]) {
+        if moves.is_empty() {
+            return;
+        }
+        let Some(cuda) = &self.cuda else { return };
+        for m in moves {
+            let dst = self.pool_base(m.to.tier) + m.to.offset;
+            let src = self.pool_base(m.from.tier) + m.from.offset;
+            // SAFETY: both ranges are slots of our pools (the index hands out in-range offsets);
+            // the source is a Ready, unleased chunk and the destination a fresh slot, and the
+            // index lock held by the caller keeps anyone else from touching either.
+            let r = unsafe { cuda.copy_dtoh(dst as *mut u8, src, m.from.len as usize) };
+            if let Err(e) = r {
+                tracing::error!(error = %e, "demotion copy failed; the chunk's bytes are lost");
+            }
+        }
+        self.metrics.demotions.inc_by(moves.len() as u64);
     }
 
     pub fn start_draining(&self) {
@@ -224,20 +307,12 @@ impl State {
     pub fn refresh_gauges(&self) {
         let idx = self.index();
         for u in idx.usage() {
-            self.metrics
-                .pool_used
-                .with_label_values(&[u.tier.as_str()])
-                .set(u.used as i64);
-            self.metrics
-                .pool_capacity
-                .with_label_values(&[u.tier.as_str()])
-                .set(u.capacity as i64);
+            self.metrics.pool_used.with_label_values(&[u.tier.as_str()]).set(u.used as i64);
+            self.metrics.pool_capacity.with_label_values(&[u.tier.as_str()]).set(u.capacity as i64);
         }
         self.metrics.entries.set(idx.entries() as i64);
         self.metrics.active_leases.set(idx.active_leases() as i64);
-        self.metrics
-            .active_reservations
-            .set(idx.active_reservations() as i64);
+        self.metrics.active_reservations.set(idx.active_reservations() as i64);
         let c = idx.counters();
         drop(idx);
         let ev = self.metrics.evictions.get();
@@ -259,12 +334,7 @@ impl State {
         if expired.puts + expired.leases > 0 {
             tracing::info!(puts = expired.puts, leases = expired.leases, "expired");
         }
-        let idle: Vec<u64> = self
-            .sessions
-            .iter()
-            .filter(|s| s.idle_for() > session_idle)
-            .map(|s| *s.key())
-            .collect();
+        let idle: Vec<u64> = self.sessions.iter().filter(|s| s.idle_for() > session_idle).map(|s| *s.key()).collect();
         for id in idle {
             tracing::info!(session = format_args!("{id:016x}"), "session idle too long");
             self.drop_session(id);

@@ -15,9 +15,7 @@ impl FromStr for ByteSize {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size like 1GiB, 512MiB or 4096"))?;
+        let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 1GiB, 512MiB or 4096"))?;
         let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kib" => 1 << 10,
@@ -29,25 +27,16 @@ impl FromStr for ByteSize {
             "gb" => 1_000_000_000,
             "tb" => 1_000_000_000_000,
             other => {
-                return Err(format!(
-                "unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
-            ))
+                return Err(format!("unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"))
             }
         };
-        n.checked_mul(mul)
-            .map(ByteSize)
-            .ok_or_else(|| format!("{s:?} is too large"))
+        n.checked_mul(mul).map(ByteSize).ok_or_else(|| format!("{s:?} is too large"))
     }
 }
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u64); 4] = [
-            ("TiB", 1 << 40),
-            ("GiB", 1 << 30),
-            ("MiB", 1 << 20),
-            ("KiB", 1 << 10),
-        ];
+        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
         for (name, size) in UNITS {
             if self.0 >= size && self.0 % size == 0 {
                 return write!(f, "{}{name}", self.0 / size);
@@ -63,8 +52,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = t.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(t)
-        .map_err(|e| format!("{s:?} is not a duration like 30s or 500ms: {e}"))
+    humantime::parse_duration(t).map_err(|e| format!("{s:?} is not a duration like 30s or 500ms: {e}"))
 }
 
 #[cfg(test)]

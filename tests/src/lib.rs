@@ -20,9 +20,7 @@ pub fn bin_dir() -> PathBuf {
 /// (A stale binary is not rebuilt: run the tests with `--workspace` after changing the server.)
 pub fn bin(name: &str) -> PathBuf {
     static BUILD: Once = Once::new();
-    let missing = ["prefixd", "prefixctl"]
-        .iter()
-        .any(|b| !bin_dir().join(b).exists());
+    let missing = ["prefixd", "prefixctl"].iter().any(|b| !bin_dir().join(b).exists());
     BUILD.call_once(|| {
         if !missing {
             return;
@@ -30,15 +28,7 @@ pub fn bin(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let release = bin_dir().ends_with("release");
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "prefixd-server",
-            "-p",
-            "prefixd-client",
-            "--bins",
-        ]);
+        cmd.args(["build", "--quiet", "-p", "prefixd-server", "-p", "prefixd-client", "--bins"]);
         if release {
             cmd.arg("--release");
         }
@@ -96,14 +86,7 @@ impl Server {
         let dir = TempDir::new("server");
         let log = dir.path("prefixd.log");
         let mut child = Command::new(bin("prefixd"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--net-devices",
-                "lo",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--net-devices", "lo"])
             .args(args)
             .env("PREFIXD_LOG", "info")
             .stdout(Stdio::piped())
@@ -121,10 +104,7 @@ impl Server {
             Ok(l) => l,
             Err(_) => {
                 let _ = child.kill();
-                panic!(
-                    "prefixd did not start; log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
+                panic!("prefixd did not start; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
             }
         };
         let field = |k: &str| {
@@ -134,13 +114,7 @@ impl Server {
                 .to_owned()
         };
         let (grpc, metrics) = (format!("http://{}", field("grpc=")), field("metrics="));
-        Server {
-            child,
-            grpc,
-            metrics,
-            log,
-            _dir: dir,
-        }
+        Server { child, grpc, metrics, log, _dir: dir }
     }
 
     pub fn pid(&self) -> i32 {
@@ -161,10 +135,7 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!(
-            "prefixd did not exit within {limit:?}; log:\n{}",
-            self.log_text()
-        );
+        panic!("prefixd did not exit within {limit:?}; log:\n{}", self.log_text());
     }
 
     pub fn log_text(&self) -> String {
@@ -173,8 +144,7 @@ impl Server {
 
     /// Resident memory of the server process, in bytes.
     pub fn rss_bytes(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -188,22 +158,11 @@ impl Server {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&self.metrics).expect("connect metrics port");
         s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("send");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("send");
         let mut resp = String::new();
         let _ = s.read_to_string(&mut resp);
-        let code = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
+        let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
         (code, body)
     }
 

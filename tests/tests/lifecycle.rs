@@ -31,32 +31,18 @@ fn killed_producer_leaves_nothing_and_space_returns_within_ttl() {
     let server = Server::start(&["--host-pool", "16MiB", "--lease-ttl", "1s"]);
     let (mut child, line, _) = chaos(&["hold-put", &server.grpc, "ns"]);
     assert_eq!(line, "RESERVED");
-    assert!(
-        stats(&server).contains("reservations: 1"),
-        "{}",
-        stats(&server)
-    );
-    assert!(
-        stats(&server).contains("pool host: 2097152 /"),
-        "two 1 MiB slots reserved"
-    );
+    assert!(stats(&server).contains("reservations: 1"), "{}", stats(&server));
+    assert!(stats(&server).contains("pool host: 2097152 /"), "two 1 MiB slots reserved");
     child.kill().unwrap();
     child.wait().unwrap();
     let killed = Instant::now();
     // Nothing of it is visible, and within TTL + grace (1 s + 0.5 s) plus a reaper tick the
     // reservation and its space are gone.
-    assert!(wait_until(Duration::from_secs(4), || stats(&server)
-        .contains("reservations: 0")));
+    assert!(wait_until(Duration::from_secs(4), || stats(&server).contains("reservations: 0")));
     let took = killed.elapsed();
-    assert!(
-        took < Duration::from_millis(2500),
-        "reclaimed after {took:?}"
-    );
+    assert!(took < Duration::from_millis(2500), "reclaimed after {took:?}");
     let s = stats(&server);
-    assert!(
-        s.contains("pool host: 0 /") && s.contains("entries: 0"),
-        "{s}"
-    );
+    assert!(s.contains("pool host: 0 /") && s.contains("entries: 0"), "{s}");
     assert!(server.metric("prefixd_expired_total{what=\"put\"}") >= 1.0);
 }
 
@@ -70,15 +56,7 @@ fn killed_consumer_loses_its_lease_within_ttl() {
     let t = dir.path("t").to_str().unwrap().to_owned();
     let o = prefixctl(
         &server.grpc,
-        &[
-            "put",
-            "--namespace",
-            "ns",
-            "--tokens",
-            &t,
-            "--data",
-            dir.path("kv").to_str().unwrap(),
-        ],
+        &["put", "--namespace", "ns", "--tokens", &t, "--data", dir.path("kv").to_str().unwrap()],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (mut child, line, _) = chaos(&["hold-lease", &server.grpc, "ns", &t]);
@@ -86,17 +64,9 @@ fn killed_consumer_loses_its_lease_within_ttl() {
     assert!(stats(&server).contains("leases: 1"));
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(
-        wait_until(Duration::from_secs(4), || stats(&server)
-            .contains("leases: 0")),
-        "{}",
-        stats(&server)
-    );
+    assert!(wait_until(Duration::from_secs(4), || stats(&server).contains("leases: 0")), "{}", stats(&server));
     // The data stays cached (leases pin, they do not own).
-    let o = prefixctl(
-        &server.grpc,
-        &["lookup", "--namespace", "ns", "--tokens", &t],
-    );
+    let o = prefixctl(&server.grpc, &["lookup", "--namespace", "ns", "--tokens", &t]);
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("hit 512 of 512"));
 }
 
@@ -111,45 +81,20 @@ fn sigterm_drains_open_work_then_exits_zero() {
 
     server.signal(libc::SIGTERM);
     // Draining: not ready, new work refused, but the process waits for the open put.
-    assert!(wait_until(Duration::from_secs(5), || server
-        .http_get("/readyz")
-        .0
-        == 503));
-    let o = prefixctl(
-        &server.grpc,
-        &["put", "--namespace", "ns", "--tokens", &t, "--data", &t],
-    );
-    assert!(
-        !o.status.success(),
-        "new work must be refused while draining"
-    );
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("shutting down"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(wait_until(Duration::from_secs(5), || server.http_get("/readyz").0 == 503));
+    let o = prefixctl(&server.grpc, &["put", "--namespace", "ns", "--tokens", &t, "--data", &t]);
+    assert!(!o.status.success(), "new work must be refused while draining");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("shutting down"), "{}", String::from_utf8_lossy(&o.stderr));
     std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        server.child.try_wait().unwrap().is_none(),
-        "exited with a put still open"
-    );
+    assert!(server.child.try_wait().unwrap().is_none(), "exited with a put still open");
 
     // The in-flight put finishes, then the server exits 0.
     writeln!(child.stdin.as_mut().unwrap(), "go").unwrap();
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
-    assert_eq!(
-        line.trim(),
-        "COMMITTED 2",
-        "the open put must complete during the drain"
-    );
+    assert_eq!(line.trim(), "COMMITTED 2", "the open put must complete during the drain");
     child.wait().unwrap();
-    assert_eq!(
-        server.wait_exit(Duration::from_secs(15)),
-        Some(0),
-        "log:\n{}",
-        server.log_text()
-    );
+    assert_eq!(server.wait_exit(Duration::from_secs(15)), Some(0), "log:\n{}", server.log_text());
     assert!(server.log_text().contains("drained"));
 }
 
@@ -162,34 +107,36 @@ fn sigint_exits_at_once() {
 
 #[test]
 fn bad_configuration_fails_clearly() {
-    let o = Command::new(bin("prefixd"))
-        .args(["--host-pool", "lots"])
-        .output()
-        .unwrap();
+    let o = Command::new(bin("prefixd")).args(["--host-pool", "lots"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("lots"));
-    let o = Command::new(bin("prefixd"))
-        .args(["--transports", "tcp,cuda-ipc"])
-        .output()
-        .unwrap();
+    let o = Command::new(bin("prefixd")).args(["--transports", "tcp,cuda-ipc"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("cuda-ipc"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cuda-ipc"), "{}", String::from_utf8_lossy(&o.stderr));
+    // A GPU tier where there is no CUDA: a clear refusal, not a crash.
+    if !std::path::Path::new("/dev/nvidiactl").exists() {
+        let o = Command::new(bin("prefixd"))
+            .args([
+                "--gpu-pool",
+                "64MiB",
+                "--host-pool",
+                "16MiB",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--gpu-pool") && err.contains("CUDA"), "{err}");
+    }
     // A port that is taken: one clear line, exit 1.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let o = Command::new(bin("prefixd"))
-        .args([
-            "--listen",
-            &addr,
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--host-pool",
-            "16MiB",
-        ])
+        .args(["--listen", &addr, "--metrics-listen", "127.0.0.1:0", "--host-pool", "16MiB"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));

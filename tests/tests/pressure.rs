@@ -11,14 +11,8 @@ async fn ten_times_capacity_keeps_serving_with_bounded_memory() {
     let server = Server::start(&["--host-pool", "16MiB", "--max-chunk-size", "1MiB"]);
     let base_rss = server.rss_bytes();
     for force_remote in [false, true] {
-        let opts = ClientOptions {
-            net_devices: Some("lo".into()),
-            force_remote,
-            ..ClientOptions::default()
-        };
-        let client = Client::connect_with(&server.grpc, opts)
-            .await
-            .expect("connect");
+        let opts = ClientOptions { net_devices: Some("lo".into()), force_remote, ..ClientOptions::default() };
+        let client = Client::connect_with(&server.grpc, opts).await.expect("connect");
         let chunk = 1 << 20;
         // 80 prompts of 2 chunks of 1 MiB: 160 MiB, ten times the pool.
         let mut last = Vec::new();
@@ -36,11 +30,7 @@ async fn ten_times_capacity_keeps_serving_with_bounded_memory() {
         assert_eq!(hit, 512);
         assert!(&bytes == kv, "newest prompt corrupted under pressure");
         let first: Vec<u32> = (0..512).collect();
-        assert_eq!(
-            client.lookup("pressure", &first).await.unwrap(),
-            0,
-            "oldest prompt should be gone"
-        );
+        assert_eq!(client.lookup("pressure", &first).await.unwrap(), 0, "oldest prompt should be gone");
         let s = client.stats().await.unwrap();
         assert!(s.evictions > 0);
         assert!(s.tiers[0].used_bytes <= s.tiers[0].capacity_bytes);
@@ -49,12 +39,6 @@ async fn ten_times_capacity_keeps_serving_with_bounded_memory() {
     let rss = server.rss_bytes();
     // The pool is touched at most once; the rest is bounded overhead (UCX, gRPC buffers).
     let limit = base_rss + pool + (64 << 20);
-    assert!(
-        rss <= limit,
-        "server RSS {} MiB > limit {} MiB (base {} MiB)",
-        rss >> 20,
-        limit >> 20,
-        base_rss >> 20
-    );
+    assert!(rss <= limit, "server RSS {} MiB > limit {} MiB (base {} MiB)", rss >> 20, limit >> 20, base_rss >> 20);
     assert_eq!(server.http_get("/healthz").0, 200);
 }

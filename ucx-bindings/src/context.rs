@@ -102,20 +102,14 @@ impl ContextBuilder {
             settings.push(("NET_DEVICES".into(), d.clone()));
         }
         settings.extend(self.extra.iter().cloned());
-        let requested = self
-            .transports
-            .as_ref()
-            .map_or_else(|| "all".to_owned(), |t| t.to_ucx());
+        let requested = self.transports.as_ref().map_or_else(|| "all".to_owned(), |t| t.to_ucx());
 
         let config = Config::read()?;
         for (k, v) in &settings {
             config.modify(k, v)?;
         }
         let name = match &self.name {
-            Some(n) => Some(
-                CString::new(n.as_str())
-                    .map_err(|_| Error::invalid("context name has a NUL byte"))?,
-            ),
+            Some(n) => Some(CString::new(n.as_str()).map_err(|_| Error::invalid("context name has a NUL byte"))?),
             None => None,
         };
         // SAFETY: ucp_params_t is a plain C struct for which all-zeroes is a valid value.
@@ -123,8 +117,7 @@ impl ContextBuilder {
         params.field_mask = (sys::UCP_PARAM_FIELD_FEATURES
             | sys::UCP_PARAM_FIELD_MT_WORKERS_SHARED
             | sys::UCP_PARAM_FIELD_ESTIMATED_NUM_EPS) as u64;
-        params.features =
-            (sys::UCP_FEATURE_RMA | sys::UCP_FEATURE_AM | sys::UCP_FEATURE_WAKEUP) as u64;
+        params.features = (sys::UCP_FEATURE_RMA | sys::UCP_FEATURE_AM | sys::UCP_FEATURE_WAKEUP) as u64;
         // Regions are registered from the caller's thread while the worker thread moves data:
         // the context must take its own lock.
         params.mt_workers_shared = 1;
@@ -135,8 +128,7 @@ impl ContextBuilder {
         }
         // SAFETY: params is initialised for every bit in field_mask; `name` outlives the call;
         // config is live until `config` drops at the end of this function.
-        let handle =
-            unsafe { result::init(&params, config.ptr) }.map_err(|s| Error::ucx("ucp_init", s))?;
+        let handle = unsafe { result::init(&params, config.ptr) }.map_err(|s| Error::ucx("ucp_init", s))?;
         let inner = ContextInner {
             handle,
             info: ContextInfo {
@@ -150,14 +142,9 @@ impl ContextBuilder {
         inner.info.resources = inner.query_resources();
         inner.info.memory_types = inner.query_memory_types()?;
         if inner.info.resources.is_empty() {
-            return Err(Error::invalid(format!(
-                "UCX found no usable transport for TLS={}",
-                inner.info.requested
-            )));
+            return Err(Error::invalid(format!("UCX found no usable transport for TLS={}", inner.info.requested)));
         }
-        Ok(Context {
-            inner: Arc::new(inner),
-        })
+        Ok(Context { inner: Arc::new(inner) })
     }
 }
 
@@ -178,13 +165,11 @@ impl Config {
 
     fn modify(&self, key: &str, value: &str) -> Result<()> {
         let k = CString::new(key).map_err(|_| Error::invalid("UCX setting name has a NUL byte"))?;
-        let v =
-            CString::new(value).map_err(|_| Error::invalid("UCX setting value has a NUL byte"))?;
+        let v = CString::new(value).map_err(|_| Error::invalid("UCX setting value has a NUL byte"))?;
         // SAFETY: self.ptr is live (released only in Drop); both strings are NUL-terminated
         // and UCX copies them.
         let status = unsafe { sys::ucp_config_modify(self.ptr, k.as_ptr(), v.as_ptr()) };
-        result::check(status)
-            .map_err(|s| Error::InvalidArgument(format!("UCX rejected setting {key}={value}: {s}")))
+        result::check(status).map_err(|s| Error::InvalidArgument(format!("UCX rejected setting {key}={value}: {s}")))
     }
 }
 
@@ -240,12 +225,10 @@ impl ContextInner {
         // SAFETY: live context, valid out-struct with field_mask set.
         let status = unsafe { sys::ucp_context_query(self.handle, &mut attr) };
         result::check(status).map_err(|s| Error::ucx("ucp_context_query", s))?;
-        Ok(
-            [MemoryType::Host, MemoryType::Cuda, MemoryType::CudaManaged]
-                .into_iter()
-                .filter(|m| attr.memory_types & (1u64 << m.to_ucs()) != 0)
-                .collect(),
-        )
+        Ok([MemoryType::Host, MemoryType::Cuda, MemoryType::CudaManaged]
+            .into_iter()
+            .filter(|m| attr.memory_types & (1u64 << m.to_ucs()) != 0)
+            .collect())
     }
 }
 
@@ -278,8 +261,6 @@ impl Context {
 
 impl fmt::Debug for Context {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Context")
-            .field("info", &self.inner.info)
-            .finish()
+        f.debug_struct("Context").field("info", &self.inner.info).finish()
     }
 }

@@ -40,9 +40,7 @@ impl Error {
         match self {
             Error::TimedOut { .. } | Error::EndpointClosed { .. } => true,
             Error::Ucx { status, .. } => {
-                status.is_peer_failure()
-                    || *status == Status::ERR_BUSY
-                    || *status == Status::ERR_TIMED_OUT
+                status.is_peer_failure() || *status == Status::ERR_BUSY || *status == Status::ERR_TIMED_OUT
             }
             Error::InvalidArgument(_) | Error::WorkerStopped => false,
         }

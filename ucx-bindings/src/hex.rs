@@ -21,15 +21,9 @@ pub fn decode(s: &str) -> Result<Vec<u8>> {
         b'0'..=b'9' => Ok(c - b'0'),
         b'a'..=b'f' => Ok(c - b'a' + 10),
         b'A'..=b'F' => Ok(c - b'A' + 10),
-        _ => Err(Error::invalid(format!(
-            "{:?} is not a hex digit",
-            c as char
-        ))),
+        _ => Err(Error::invalid(format!("{:?} is not a hex digit", c as char))),
     };
-    s.as_bytes()
-        .chunks(2)
-        .map(|p| Ok(nibble(p[0])? << 4 | nibble(p[1])?))
-        .collect()
+    s.as_bytes().chunks(2).map(|p| Ok(nibble(p[0])? << 4 | nibble(p[1])?)).collect()
 }
 
 #[cfg(test)]

@@ -52,13 +52,9 @@ impl MemRegion {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(Error::invalid(format!(
-                "mmap of {len} bytes failed: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(Error::invalid(format!("mmap of {len} bytes failed: {}", std::io::Error::last_os_error())));
         }
-        let ptr =
-            NonNull::new(p.cast::<u8>()).ok_or_else(|| Error::invalid("mmap returned null"))?;
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| Error::invalid("mmap returned null"))?;
         // SAFETY: ptr..ptr+len is a fresh mapping this region will own and unmap in Drop.
         match unsafe { Self::map(ctx, ptr, len, MemoryType::Host, true) } {
             Ok(r) => Ok(r),
@@ -76,14 +72,8 @@ impl MemRegion {
     /// # Safety
     /// `ptr..ptr+len` must be memory of type `mem_type` that stays allocated, and is not freed
     /// or remapped, until the returned region and every clone and transfer of it are dropped.
-    pub unsafe fn register(
-        ctx: &Context,
-        ptr: *mut u8,
-        len: usize,
-        mem_type: MemoryType,
-    ) -> Result<Arc<MemRegion>> {
-        let ptr =
-            NonNull::new(ptr).ok_or_else(|| Error::invalid("cannot register a null pointer"))?;
+    pub unsafe fn register(ctx: &Context, ptr: *mut u8, len: usize, mem_type: MemoryType) -> Result<Arc<MemRegion>> {
+        let ptr = NonNull::new(ptr).ok_or_else(|| Error::invalid("cannot register a null pointer"))?;
         if len == 0 {
             return Err(Error::invalid("cannot register a zero-length region"));
         }
@@ -120,15 +110,8 @@ impl MemRegion {
         let status = unsafe { sys::ucp_mem_map(ctx.inner.handle, &params, &mut memh) };
         result::check(status).map_err(|s| Error::ucx("ucp_mem_map", s))?;
 
-        let mut region = MemRegion {
-            ctx: ctx.inner.clone(),
-            ptr,
-            len,
-            mem_type,
-            memh,
-            packed_rkey: Vec::new(),
-            owns_memory,
-        };
+        let mut region =
+            MemRegion { ctx: ctx.inner.clone(), ptr, len, mem_type, memh, packed_rkey: Vec::new(), owns_memory };
         region.packed_rkey = region.pack()?;
         Ok(Arc::new(region))
     }
@@ -169,30 +152,18 @@ impl MemRegion {
     /// What a peer needs to reach this region: base address, length and packed remote key.
     /// Hand it only to peers you trust with this memory.
     pub fn remote(&self) -> RemoteRegion {
-        RemoteRegion {
-            base: self.ptr.as_ptr() as u64,
-            len: self.len as u64,
-            rkey: self.packed_rkey.clone(),
-        }
+        RemoteRegion { base: self.ptr.as_ptr() as u64, len: self.len as u64, rkey: self.packed_rkey.clone() }
     }
 
     /// A range of this region for a transfer.
     pub fn slice(self: &Arc<Self>, offset: usize, len: usize) -> Result<RegionSlice> {
         self.check_range(offset, len)?;
-        Ok(RegionSlice {
-            region: self.clone(),
-            offset,
-            len,
-        })
+        Ok(RegionSlice { region: self.clone(), offset, len })
     }
 
     /// The whole region as a slice.
     pub fn full(self: &Arc<Self>) -> RegionSlice {
-        RegionSlice {
-            region: self.clone(),
-            offset: 0,
-            len: self.len,
-        }
+        RegionSlice { region: self.clone(), offset: 0, len: self.len }
     }
 
     fn check_range(&self, offset: usize, len: usize) -> Result<()> {
@@ -201,10 +172,7 @@ impl MemRegion {
         }
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
-            _ => Err(Error::invalid(format!(
-                "range {offset}+{len} is outside a region of {} bytes",
-                self.len
-            ))),
+            _ => Err(Error::invalid(format!("range {offset}+{len} is outside a region of {} bytes", self.len))),
         }
     }
 
@@ -212,10 +180,7 @@ impl MemRegion {
         if self.mem_type == MemoryType::Host {
             Ok(())
         } else {
-            Err(Error::invalid(format!(
-                "{:?} memory cannot be read or written from the CPU",
-                self.mem_type
-            )))
+            Err(Error::invalid(format!("{:?} memory cannot be read or written from the CPU", self.mem_type)))
         }
     }
 
@@ -327,20 +292,13 @@ impl RemoteRegion {
 
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         if b.len() <= 16 {
-            return Err(Error::invalid(format!(
-                "remote region descriptor of {} bytes is too short",
-                b.len()
-            )));
+            return Err(Error::invalid(format!("remote region descriptor of {} bytes is too short", b.len())));
         }
         let (base, rest) = b.split_at(8);
         let (len, rkey) = rest.split_at(8);
         let base = u64::from_le_bytes(base.try_into().map_err(|_| Error::invalid("bad base"))?);
         let len = u64::from_le_bytes(len.try_into().map_err(|_| Error::invalid("bad length"))?);
-        Ok(RemoteRegion {
-            base,
-            len,
-            rkey: rkey.to_vec(),
-        })
+        Ok(RemoteRegion { base, len, rkey: rkey.to_vec() })
     }
 
     /// Checks that `[addr, addr+len)` is a non-empty range inside this region.

@@ -48,18 +48,8 @@ impl Header {
         if b.len() != Self::SIZE {
             return None;
         }
-        let word = |i: usize| {
-            b.get(1 + 8 * i..9 + 8 * i)
-                .and_then(|s| s.try_into().ok())
-                .map(u64::from_le_bytes)
-        };
-        Some(Header {
-            op: b[0],
-            tag: word(0)?,
-            offset: word(1)?,
-            len: word(2)?,
-            value: word(3)?,
-        })
+        let word = |i: usize| b.get(1 + 8 * i..9 + 8 * i).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes);
+        Some(Header { op: b[0], tag: word(0)?, offset: word(1)?, len: word(2)?, value: word(3)? })
     }
 }
 
@@ -71,9 +61,7 @@ pub fn hash(data: &[u8]) -> u64 {
     for c in &mut chunks {
         let mut w = [0u8; 8];
         w.copy_from_slice(c);
-        h = (h ^ u64::from_le_bytes(w))
-            .wrapping_mul(0x0000_0100_0000_01b3)
-            .rotate_left(23);
+        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(23);
     }
     for &b in chunks.remainder() {
         h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
@@ -125,15 +113,7 @@ impl PeerProcess {
         use std::io::{BufRead, BufReader};
         use std::process::{Command, Stdio};
         let mut child = Command::new(exe)
-            .args([
-                "serve",
-                "--tls",
-                tls,
-                "--net-devices",
-                "lo",
-                "--region",
-                &region.to_string(),
-            ])
+            .args(["serve", "--tls", tls, "--net-devices", "lo", "--region", &region.to_string()])
             .args(["--error-mode", mode])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -152,9 +132,8 @@ impl PeerProcess {
         });
         let (mut address, mut remote) = (None, None);
         loop {
-            let line = rx
-                .recv_timeout(std::time::Duration::from_secs(20))
-                .map_err(|e| format!("peer start-up: {e}"))?;
+            let line =
+                rx.recv_timeout(std::time::Duration::from_secs(20)).map_err(|e| format!("peer start-up: {e}"))?;
             if let Some(a) = line.strip_prefix("ADDR ") {
                 address = Some(crate::hex::decode(a).map_err(|e| e.to_string())?);
             } else if let Some(r) = line.strip_prefix("REGION ") {
@@ -176,10 +155,7 @@ impl PeerProcess {
     /// Tells the peer the driver's worker address (the `PEER` line).
     pub fn send_address(&mut self, addr: &[u8]) -> std::io::Result<()> {
         use std::io::Write;
-        let stdin = self
-            .stdin
-            .as_mut()
-            .ok_or_else(|| std::io::Error::other("stdin closed"))?;
+        let stdin = self.stdin.as_mut().ok_or_else(|| std::io::Error::other("stdin closed"))?;
         writeln!(stdin, "PEER {}", crate::hex::encode(addr))?;
         stdin.flush()
     }

@@ -29,17 +29,13 @@ impl Status {
             return "unknown UCX status";
         }
         // SAFETY: non-null, NUL-terminated and static, as above.
-        unsafe { CStr::from_ptr(ptr) }
-            .to_str()
-            .unwrap_or("non-UTF-8 UCX status")
+        unsafe { CStr::from_ptr(ptr) }.to_str().unwrap_or("non-UTF-8 UCX status")
     }
 
     /// Peer failure codes: the endpoint is gone and must be re-created.
     pub fn is_peer_failure(self) -> bool {
-        matches!(
-            self,
-            Status::ERR_UNREACHABLE | Status::ERR_CONNECTION_RESET | Status::ERR_ENDPOINT_TIMEOUT
-        ) || self == Status(sys::ucs_status_t::UCS_ERR_REJECTED.0)
+        matches!(self, Status::ERR_UNREACHABLE | Status::ERR_CONNECTION_RESET | Status::ERR_ENDPOINT_TIMEOUT)
+            || self == Status(sys::ucs_status_t::UCS_ERR_REJECTED.0)
             || self == Status(sys::ucs_status_t::UCS_ERR_IO_ERROR.0)
     }
 }
@@ -103,21 +99,10 @@ pub fn ptr_status(ptr: sys::ucs_status_ptr_t) -> PtrStatus {
 /// # Safety
 /// `params` must be a valid, fully initialised `ucp_params_t` whose `field_mask` covers only
 /// initialised fields; `config` must be null or a live `ucp_config_t`.
-pub unsafe fn init(
-    params: &sys::ucp_params_t,
-    config: *const sys::ucp_config_t,
-) -> Result<sys::ucp_context_h, Status> {
+pub unsafe fn init(params: &sys::ucp_params_t, config: *const sys::ucp_config_t) -> Result<sys::ucp_context_h, Status> {
     let mut ctx: sys::ucp_context_h = std::ptr::null_mut();
     // SAFETY: per this function's contract; `ctx` is a valid out-pointer.
-    let status = unsafe {
-        sys::ucp_init_version(
-            sys::UCP_API_MAJOR,
-            sys::UCP_API_MINOR,
-            params,
-            config,
-            &mut ctx,
-        )
-    };
+    let status = unsafe { sys::ucp_init_version(sys::UCP_API_MAJOR, sys::UCP_API_MINOR, params, config, &mut ctx) };
     check(status).map(|()| ctx)
 }
 
@@ -129,9 +114,7 @@ pub fn version_string() -> String {
         return "unknown".into();
     }
     // SAFETY: non-null, static, NUL-terminated.
-    unsafe { CStr::from_ptr(ptr) }
-        .to_string_lossy()
-        .into_owned()
+    unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned()
 }
 
 #[cfg(test)]

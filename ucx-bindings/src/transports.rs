@@ -77,9 +77,7 @@ impl TransportList {
         for raw in body.split(',') {
             let name = raw.trim();
             if name.is_empty() {
-                return Err(Error::invalid(format!(
-                    "transport list {list:?} has an empty name"
-                )));
+                return Err(Error::invalid(format!("transport list {list:?} has an empty name")));
             }
             // UCX accepts `name:aux`-style suffixes only for `ib`; keep the check strict.
             if !KNOWN_TRANSPORTS.contains(&name) {
@@ -127,10 +125,7 @@ pub(crate) fn parse_context_info(text: &str) -> Vec<TransportDevice> {
         .filter(|l| l.contains("resource") && l.contains("flags"))
         .filter_map(|l| l.split_whitespace().last())
         .filter_map(|td| td.split_once('/'))
-        .map(|(t, d)| TransportDevice {
-            transport: t.to_owned(),
-            device: d.to_owned(),
-        })
+        .map(|(t, d)| TransportDevice { transport: t.to_owned(), device: d.to_owned() })
         .collect();
     out.sort();
     out.dedup();
@@ -144,13 +139,7 @@ mod tests {
     #[test]
     fn parses_lists_and_exclusions() {
         let l = TransportList::parse(" tcp, sm ,tcp").unwrap();
-        assert_eq!(
-            l,
-            TransportList {
-                exclude: false,
-                names: vec!["tcp".into(), "sm".into()]
-            }
-        );
+        assert_eq!(l, TransportList { exclude: false, names: vec!["tcp".into(), "sm".into()] });
         assert_eq!(l.to_ucx(), "tcp,sm");
         let l = TransportList::parse("^cuda_ipc").unwrap();
         assert!(l.exclude);
@@ -161,10 +150,7 @@ mod tests {
     fn rejects_unknown_and_empty() {
         for bad in ["", "   ", "^", "tcp,,sm", "cuda-ipc", "tcp,foo", "TCP"] {
             let err = TransportList::parse(bad).unwrap_err();
-            assert!(
-                matches!(err, Error::InvalidArgument(_)),
-                "{bad:?} gave {err:?}"
-            );
+            assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?} gave {err:?}");
         }
         let msg = TransportList::parse("tcp,foo").unwrap_err().to_string();
         assert!(msg.contains("\"foo\""), "{msg}");
@@ -178,9 +164,6 @@ mod tests {
             #      resource 2  :  md 2  dev 2  flags -- posix/memory\n";
         let got = parse_context_info(text);
         assert_eq!(got.len(), 3);
-        assert!(got.contains(&TransportDevice {
-            transport: "tcp".into(),
-            device: "lo".into()
-        }));
+        assert!(got.contains(&TransportDevice { transport: "tcp".into(), device: "lo".into() }));
     }
 }

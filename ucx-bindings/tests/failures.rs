@@ -15,53 +15,27 @@ async fn killed_peer_fails_within_deadline(tls: &str) {
     let size = 64 << 20;
     let dst = MemRegion::alloc_host(&pair.ctx, size).expect("alloc");
     let deadline = Duration::from_secs(5);
-    pair.ep
-        .get(&dst.full(), &pair.rkey, pair.rkey.base(), deadline)
-        .await
-        .expect("first get");
+    pair.ep.get(&dst.full(), &pair.rkey, pair.rkey.base(), deadline).await.expect("first get");
 
     let killed_at = Instant::now();
     pair.peer.kill();
     let err = loop {
-        match pair
-            .ep
-            .get(&dst.full(), &pair.rkey, pair.rkey.base(), deadline)
-            .await
-        {
-            Ok(()) => assert!(
-                killed_at.elapsed() < deadline * 2,
-                "{tls}: gets keep succeeding after the kill"
-            ),
+        match pair.ep.get(&dst.full(), &pair.rkey, pair.rkey.base(), deadline).await {
+            Ok(()) => assert!(killed_at.elapsed() < deadline * 2, "{tls}: gets keep succeeding after the kill"),
             Err(e) => break e,
         }
     };
     let took = killed_at.elapsed();
+    assert!(took < deadline + Duration::from_secs(2), "{tls}: error came after {took:?}");
     assert!(
-        took < deadline + Duration::from_secs(2),
-        "{tls}: error came after {took:?}"
-    );
-    assert!(
-        matches!(
-            err,
-            Error::EndpointClosed { .. } | Error::TimedOut { .. } | Error::Ucx { .. }
-        ),
+        matches!(err, Error::EndpointClosed { .. } | Error::TimedOut { .. } | Error::Ucx { .. }),
         "{tls}: unexpected error {err:?}"
     );
-    assert!(
-        err.is_retryable(),
-        "a dead peer is worth a retry on a new endpoint: {err:?}"
-    );
+    assert!(err.is_retryable(), "a dead peer is worth a retry on a new endpoint: {err:?}");
     // The endpoint stays failed: the next operation errors at once instead of hanging.
     let again = Instant::now();
-    assert!(pair
-        .ep
-        .get(&dst.full(), &pair.rkey, pair.rkey.base(), deadline)
-        .await
-        .is_err());
-    assert!(
-        again.elapsed() < deadline,
-        "a failed endpoint must fail fast"
-    );
+    assert!(pair.ep.get(&dst.full(), &pair.rkey, pair.rkey.base(), deadline).await.is_err());
+    assert!(again.elapsed() < deadline, "a failed endpoint must fail fast");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -83,62 +57,33 @@ async fn dropped_future_never_writes_outside_or_into_freed_memory() {
     let canary = 64 << 10;
     // Put known bytes at the peer.
     let (src, data) = random_region(&pair.ctx, size, 0xdead);
-    pair.ep
-        .put(&src.full(), &pair.rkey, pair.rkey.base(), OP_TIMEOUT)
-        .await
-        .expect("put");
+    pair.ep.put(&src.full(), &pair.rkey, pair.rkey.base(), OP_TIMEOUT).await.expect("put");
     pair.ep.flush(OP_TIMEOUT).await.expect("flush");
-    assert_eq!(
-        pair.peer_hash(0, size as u64).await,
-        ucx_bindings::peer_protocol::hash(&data)
-    );
+    assert_eq!(pair.peer_hash(0, size as u64).await, ucx_bindings::peer_protocol::hash(&data));
 
     let dst = MemRegion::alloc_host(&pair.ctx, size + 2 * canary).expect("alloc");
     dst.write(0, &vec![0xA5; canary]).expect("canary");
-    dst.write(canary + size, &vec![0x5A; canary])
-        .expect("canary");
+    dst.write(canary + size, &vec![0x5A; canary]).expect("canary");
     let target = dst.slice(canary, size).expect("slice");
     let weak = Arc::downgrade(&dst);
 
     // Poll the get once (the command is sent) and drop it.
-    let fut = pair
-        .ep
-        .get(&target, &pair.rkey, pair.rkey.base(), OP_TIMEOUT);
+    let fut = pair.ep.get(&target, &pair.rkey, pair.rkey.base(), OP_TIMEOUT);
     let _ = tokio::time::timeout(Duration::ZERO, fut).await;
     drop(target);
     let held_by_op = Arc::strong_count(&dst) > 1;
 
-    assert!(
-        pair.worker.wait_idle(OP_TIMEOUT).await.expect("idle"),
-        "the dropped get never completed"
-    );
-    assert_eq!(
-        Arc::strong_count(&dst),
-        1,
-        "the op released the region once UCX was done"
-    );
-    assert_eq!(
-        dst.to_vec(0, canary).expect("read"),
-        vec![0xA5; canary],
-        "canary before target intact"
-    );
-    assert_eq!(
-        dst.to_vec(canary + size, canary).expect("read"),
-        vec![0x5A; canary],
-        "canary after target intact"
-    );
-    assert!(
-        dst.to_vec(canary, size).expect("read") == data,
-        "the get completed into the target"
-    );
+    assert!(pair.worker.wait_idle(OP_TIMEOUT).await.expect("idle"), "the dropped get never completed");
+    assert_eq!(Arc::strong_count(&dst), 1, "the op released the region once UCX was done");
+    assert_eq!(dst.to_vec(0, canary).expect("read"), vec![0xA5; canary], "canary before target intact");
+    assert_eq!(dst.to_vec(canary + size, canary).expect("read"), vec![0x5A; canary], "canary after target intact");
+    assert!(dst.to_vec(canary, size).expect("read") == data, "the get completed into the target");
 
     // Dropping the caller's last handle mid-flight: the op keeps the region alive until done.
     let dst2 = MemRegion::alloc_host(&pair.ctx, size).expect("alloc");
     let weak2 = Arc::downgrade(&dst2);
     let whole = dst2.full();
-    let fut = pair
-        .ep
-        .get(&whole, &pair.rkey, pair.rkey.base(), OP_TIMEOUT);
+    let fut = pair.ep.get(&whole, &pair.rkey, pair.rkey.base(), OP_TIMEOUT);
     let _ = tokio::time::timeout(Duration::ZERO, fut).await;
     drop((whole, dst2));
     let alive_while_in_flight = weak2.upgrade().is_some();
@@ -147,10 +92,7 @@ async fn dropped_future_never_writes_outside_or_into_freed_memory() {
     drop(dst);
     assert!(weak.upgrade().is_none());
     // 64 MiB over loopback tcp takes milliseconds; the sends above return in microseconds.
-    assert!(
-        held_by_op || alive_while_in_flight,
-        "in-flight ops did not hold their regions"
-    );
+    assert!(held_by_op || alive_while_in_flight, "in-flight ops did not hold their regions");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -171,106 +113,43 @@ async fn bad_arguments_are_rejected() {
     invalid(region.slice(usize::MAX, 2).unwrap_err());
     invalid(MemRegion::alloc_host(&ctx, 0).unwrap_err());
     // SAFETY: a null pointer is rejected before anything dereferences it.
-    invalid(
-        unsafe { MemRegion::register(&ctx, std::ptr::null_mut(), 16, MemoryType::Host) }
-            .unwrap_err(),
-    );
+    invalid(unsafe { MemRegion::register(&ctx, std::ptr::null_mut(), 16, MemoryType::Host) }.unwrap_err());
     let mut buf = [0u8; 16];
     // SAFETY: zero length is rejected before registration.
-    invalid(
-        unsafe { MemRegion::register(&ctx, buf.as_mut_ptr(), 0, MemoryType::Host) }.unwrap_err(),
-    );
+    invalid(unsafe { MemRegion::register(&ctx, buf.as_mut_ptr(), 0, MemoryType::Host) }.unwrap_err());
     if !ctx.supports(MemoryType::Cuda) {
         // SAFETY: rejected because this context has no CUDA support; nothing is registered.
-        invalid(
-            unsafe { MemRegion::register(&ctx, buf.as_mut_ptr(), 16, MemoryType::Cuda) }
-                .unwrap_err(),
-        );
+        invalid(unsafe { MemRegion::register(&ctx, buf.as_mut_ptr(), 16, MemoryType::Cuda) }.unwrap_err());
     }
     invalid(region.write(4090, &[0; 10]).unwrap_err());
 
     // Remote ranges outside the peer's registered region (memory it never registered).
     let s = region.slice(0, 4096).expect("slice");
     let end = pair.rkey.base() + pair.rkey.len();
-    invalid(
-        pair.ep
-            .put(&s, &pair.rkey, end - 100, OP_TIMEOUT)
-            .await
-            .unwrap_err(),
-    );
-    invalid(
-        pair.ep
-            .get(&s, &pair.rkey, pair.rkey.base() - 1, OP_TIMEOUT)
-            .await
-            .unwrap_err(),
-    );
-    invalid(
-        pair.ep
-            .get(&s, &pair.rkey, u64::MAX - 10, OP_TIMEOUT)
-            .await
-            .unwrap_err(),
-    );
-    invalid(
-        pair.ep
-            .put(&s, &pair.rkey, pair.rkey.base(), Duration::ZERO)
-            .await
-            .unwrap_err(),
-    );
-    invalid(
-        pair.ep
-            .unpack_rkey(&RemoteRegion {
-                base: 1,
-                len: 0,
-                rkey: vec![1],
-            })
-            .await
-            .unwrap_err(),
-    );
+    invalid(pair.ep.put(&s, &pair.rkey, end - 100, OP_TIMEOUT).await.unwrap_err());
+    invalid(pair.ep.get(&s, &pair.rkey, pair.rkey.base() - 1, OP_TIMEOUT).await.unwrap_err());
+    invalid(pair.ep.get(&s, &pair.rkey, u64::MAX - 10, OP_TIMEOUT).await.unwrap_err());
+    invalid(pair.ep.put(&s, &pair.rkey, pair.rkey.base(), Duration::ZERO).await.unwrap_err());
+    invalid(pair.ep.unpack_rkey(&RemoteRegion { base: 1, len: 0, rkey: vec![1] }).await.unwrap_err());
     invalid(RemoteRegion::from_bytes(&[0; 10]).unwrap_err());
 
     // A region of another context cannot be used on this worker.
-    let other = ContextBuilder::new()
-        .transports("tcp")
-        .expect("tls")
-        .net_devices("lo")
-        .build()
-        .expect("ctx");
+    let other = ContextBuilder::new().transports("tcp").expect("tls").net_devices("lo").build().expect("ctx");
     let foreign = MemRegion::alloc_host(&other, 4096).expect("alloc");
-    invalid(
-        pair.ep
-            .put(&foreign.full(), &pair.rkey, pair.rkey.base(), OP_TIMEOUT)
-            .await
-            .unwrap_err(),
-    );
+    invalid(pair.ep.put(&foreign.full(), &pair.rkey, pair.rkey.base(), OP_TIMEOUT).await.unwrap_err());
 
     // Headers over the limit; a second listener on one id.
     let big = vec![0u8; pair.worker.max_am_header() + 1];
-    invalid(
-        pair.ep
-            .am_send(10, &big, AmData::None, OP_TIMEOUT)
-            .await
-            .unwrap_err(),
-    );
-    invalid(
-        pair.worker
-            .listen_am(ucx_bindings::peer_protocol::REPLY_AM)
-            .await
-            .unwrap_err(),
-    );
+    invalid(pair.ep.am_send(10, &big, AmData::None, OP_TIMEOUT).await.unwrap_err());
+    invalid(pair.worker.listen_am(ucx_bindings::peer_protocol::REPLY_AM).await.unwrap_err());
     // Implausible worker addresses.
     invalid(pair.worker.connect(&[]).await.unwrap_err());
 
     // After all that, the endpoint still works.
     let (src, data) = random_region(&ctx, 4096, 7);
-    pair.ep
-        .put(&src.full(), &pair.rkey, pair.rkey.base(), OP_TIMEOUT)
-        .await
-        .expect("put");
+    pair.ep.put(&src.full(), &pair.rkey, pair.rkey.base(), OP_TIMEOUT).await.expect("put");
     pair.ep.flush(OP_TIMEOUT).await.expect("flush");
-    assert_eq!(
-        pair.peer_hash(0, 4096).await,
-        ucx_bindings::peer_protocol::hash(&data)
-    );
+    assert_eq!(pair.peer_hash(0, 4096).await, ucx_bindings::peer_protocol::hash(&data));
 }
 
 #[test]

@@ -45,23 +45,12 @@ fn parse_args() -> BoxResult<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
-        };
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
         match flag.as_str() {
             "--tls" => a.transports = value()?.split(',').map(str::to_owned).collect(),
-            "--sizes" => {
-                a.sizes = value()?
-                    .split(',')
-                    .map(parse_size)
-                    .collect::<BoxResult<_>>()?
-            }
+            "--sizes" => a.sizes = value()?.split(',').map(parse_size).collect::<BoxResult<_>>()?,
             "--concurrency" => {
-                a.concurrency = value()?
-                    .split(',')
-                    .map(|c| c.parse::<usize>())
-                    .collect::<Result<_, _>>()?
+                a.concurrency = value()?.split(',').map(|c| c.parse::<usize>()).collect::<Result<_, _>>()?
             }
             "--bytes" => a.bytes = parse_size(&value()?)?,
             "--redis-server" => a.redis = value()?,
@@ -81,11 +70,7 @@ fn parse_args() -> BoxResult<Args> {
 }
 
 fn main() {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("prefixd-bench: {e}");
@@ -110,22 +95,8 @@ impl Drop for Proc {
 fn start_prefixd(tls: &str, pool: usize) -> BoxResult<(Proc, String)> {
     let exe = std::env::current_exe()?.with_file_name("prefixd");
     let mut child = Command::new(&exe)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--net-devices",
-            "lo",
-        ])
-        .args([
-            "--transports",
-            tls,
-            "--host-pool",
-            &format!("{}MiB", pool >> 20),
-            "--log",
-            "warn",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--net-devices", "lo"])
+        .args(["--transports", tls, "--host-pool", &format!("{}MiB", pool >> 20), "--log", "warn"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -142,32 +113,12 @@ fn start_prefixd(tls: &str, pool: usize) -> BoxResult<(Proc, String)> {
 
 fn start_redis(exe: &str, port: u16) -> BoxResult<Proc> {
     let child = Command::new(exe)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args([
-            "--protected-mode",
-            "no",
-            "--proto-max-bulk-len",
-            "1gb",
-            "--maxmemory",
-            "0",
-        ])
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--protected-mode", "no", "--proto-max-bulk-len", "1gb", "--maxmemory", "0"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| {
-            format!(
-                "cannot start {exe} (apt-get install redis-server, or --redis-server PATH): {e}"
-            )
-        })?;
+        .map_err(|e| format!("cannot start {exe} (apt-get install redis-server, or --redis-server PATH): {e}"))?;
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(Proc(child));
@@ -194,9 +145,7 @@ async fn run() -> BoxResult<()> {
     let max_c = *args.concurrency.iter().max().ok_or("no concurrency")?;
     // Room for every client's chunks at the largest point, plus slack.
     let per_client = (args.bytes / max_size).max(2) * max_size;
-    let pool = (per_client * max_c + (64 << 20))
-        .next_power_of_two()
-        .max(256 << 20);
+    let pool = (per_client * max_c + (64 << 20)).next_power_of_two().max(256 << 20);
     let redis_port = 16379 + (std::process::id() % 1000) as u16;
     let _redis = start_redis(&args.redis, redis_port)?;
     let mut rows = Vec::new();
@@ -207,21 +156,12 @@ async fn run() -> BoxResult<()> {
         for &size in &args.sizes {
             for &c in &args.concurrency {
                 let n = ((args.bytes / size / c).max(2)).div_ceil(args.batch) * args.batch;
-                eprintln!(
-                    "[prefixd] {tls} {} x{n} per client, {c} clients",
-                    human(size)
-                );
+                eprintln!("[prefixd] {tls} {} x{n} per client, {c} clients", human(size));
                 let ours = prefixd_point(&endpoint, tls, size, c, n, args.batch).await?;
-                eprintln!(
-                    "   put {:.2} GB/s, get {:.2} GB/s",
-                    ours.put_gbs, ours.get_gbs
-                );
+                eprintln!("   put {:.2} GB/s, get {:.2} GB/s", ours.put_gbs, ours.get_gbs);
                 eprintln!("[redis] {} x{n} per client, {c} clients", human(size));
                 let redis = redis_point(redis_port, size, c, n, args.batch).await?;
-                eprintln!(
-                    "   set {:.2} GB/s, get {:.2} GB/s",
-                    redis.put_gbs, redis.get_gbs
-                );
+                eprintln!("   set {:.2} GB/s, get {:.2} GB/s", redis.put_gbs, redis.get_gbs);
                 rows.push((tls.clone(), size, c, ours, redis, None::<f64>));
             }
             port += 1;
@@ -279,14 +219,7 @@ fn opts(tls: &str) -> ClientOptions {
 }
 
 /// `c` clients, each putting `n` distinct chunks of `size` then reading them back.
-async fn prefixd_point(
-    endpoint: &str,
-    tls: &str,
-    size: usize,
-    c: usize,
-    n: usize,
-    batch: usize,
-) -> BoxResult<Point> {
+async fn prefixd_point(endpoint: &str, tls: &str, size: usize, c: usize, n: usize, batch: usize) -> BoxResult<Point> {
     let mut clients = Vec::new();
     for _ in 0..c {
         clients.push(Arc::new(Client::connect_with(endpoint, opts(tls)).await?));
@@ -318,17 +251,13 @@ async fn prefixd_point(
                         prefixd_client::ChunkKey(k)
                     })
                     .collect();
-                let slices: Vec<_> = (0..n)
-                    .map(|i| buf.slice(i * size, size))
-                    .collect::<Result<_, _>>()?;
+                let slices: Vec<_> = (0..n).map(|i| buf.slice(i * size, size)).collect::<Result<_, _>>()?;
                 // `batch` chunks per call: one prompt's worth.
                 for (k, s) in keys.chunks(batch).zip(slices.chunks(batch)) {
                     if phase == "put" {
                         client.put_chunks("bench", k, None, s).await?;
                     } else if client.get_chunks("bench", k, s).await? != k.len() {
-                        return Err::<(), BoxErr>(
-                            "a chunk went missing during the benchmark".into(),
-                        );
+                        return Err::<(), BoxErr>("a chunk went missing during the benchmark".into());
                     }
                 }
                 Ok(())
@@ -354,11 +283,7 @@ async fn prefixd_point(
             cl.close().await.ok();
         }
     }
-    Ok(Point {
-        put_gbs: put,
-        get_gbs: total / secs / 1e9,
-        get_chunks_s: (n * c) as f64 / secs,
-    })
+    Ok(Point { put_gbs: put, get_gbs: total / secs / 1e9, get_chunks_s: (n * c) as f64 / secs })
 }
 
 type BoxErr = Box<dyn std::error::Error + Send + Sync>;
@@ -374,19 +299,14 @@ impl Redis {
         let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
         s.set_nodelay(true)?;
         let (r, w) = s.into_split();
-        Ok(Redis {
-            r: tokio::io::BufReader::with_capacity(1 << 20, r),
-            w,
-        })
+        Ok(Redis { r: tokio::io::BufReader::with_capacity(1 << 20, r), w })
     }
 
     async fn set(&mut self, key: &[u8], value: &[u8]) -> BoxResult<()> {
         let head = format!("*3\r\n$3\r\nSET\r\n${}\r\n", key.len());
         self.w.write_all(head.as_bytes()).await?;
         self.w.write_all(key).await?;
-        self.w
-            .write_all(format!("\r\n${}\r\n", value.len()).as_bytes())
-            .await?;
+        self.w.write_all(format!("\r\n${}\r\n", value.len()).as_bytes()).await?;
         self.w.write_all(value).await?;
         self.w.write_all(b"\r\n").await?;
         let mut line = String::new();
@@ -399,13 +319,9 @@ impl Redis {
 
     /// MSET of several keys to the same value.
     async fn mset(&mut self, keys: &[String], value: &[u8]) -> BoxResult<()> {
-        self.w
-            .write_all(format!("*{}\r\n$4\r\nMSET\r\n", 1 + 2 * keys.len()).as_bytes())
-            .await?;
+        self.w.write_all(format!("*{}\r\n$4\r\nMSET\r\n", 1 + 2 * keys.len()).as_bytes()).await?;
         for k in keys {
-            self.w
-                .write_all(format!("${}\r\n{k}\r\n${}\r\n", k.len(), value.len()).as_bytes())
-                .await?;
+            self.w.write_all(format!("${}\r\n{k}\r\n${}\r\n", k.len(), value.len()).as_bytes()).await?;
             self.w.write_all(value).await?;
             self.w.write_all(b"\r\n").await?;
         }
@@ -419,13 +335,9 @@ impl Redis {
 
     /// MGET of several keys, each value read into `out`.
     async fn mget(&mut self, keys: &[String], out: &mut [u8]) -> BoxResult<()> {
-        self.w
-            .write_all(format!("*{}\r\n$4\r\nMGET\r\n", 1 + keys.len()).as_bytes())
-            .await?;
+        self.w.write_all(format!("*{}\r\n$4\r\nMGET\r\n", 1 + keys.len()).as_bytes()).await?;
         for k in keys {
-            self.w
-                .write_all(format!("${}\r\n{k}\r\n", k.len()).as_bytes())
-                .await?;
+            self.w.write_all(format!("${}\r\n{k}\r\n", k.len()).as_bytes()).await?;
         }
         let mut line = String::new();
         self.r.read_line(&mut line).await?;
@@ -441,9 +353,7 @@ impl Redis {
                 .and_then(|l| l.parse().ok())
                 .ok_or_else(|| format!("redis MGET: {line:?}"))?;
             if len != out.len() {
-                return Err(
-                    format!("redis MGET returned {len} bytes, expected {}", out.len()).into(),
-                );
+                return Err(format!("redis MGET returned {len} bytes, expected {}", out.len()).into());
             }
             self.r.read_exact(out).await?;
             let mut crlf = [0u8; 2];
@@ -453,18 +363,13 @@ impl Redis {
     }
 
     async fn get(&mut self, key: &[u8], out: &mut [u8]) -> BoxResult<()> {
-        self.w
-            .write_all(format!("*2\r\n$3\r\nGET\r\n${}\r\n", key.len()).as_bytes())
-            .await?;
+        self.w.write_all(format!("*2\r\n$3\r\nGET\r\n${}\r\n", key.len()).as_bytes()).await?;
         self.w.write_all(key).await?;
         self.w.write_all(b"\r\n").await?;
         let mut line = String::new();
         self.r.read_line(&mut line).await?;
-        let len: usize = line
-            .trim()
-            .strip_prefix('$')
-            .and_then(|l| l.parse().ok())
-            .ok_or_else(|| format!("redis GET: {line:?}"))?;
+        let len: usize =
+            line.trim().strip_prefix('$').and_then(|l| l.parse().ok()).ok_or_else(|| format!("redis GET: {line:?}"))?;
         if len != out.len() {
             return Err(format!("redis GET returned {len} bytes, expected {}", out.len()).into());
         }
@@ -515,25 +420,14 @@ async fn redis_point(port: u16, size: usize, c: usize, n: usize, batch: usize) -
     r.w.write_all(b"*1\r\n$8\r\nFLUSHALL\r\n").await?;
     let mut line = String::new();
     r.r.read_line(&mut line).await?;
-    Ok(Point {
-        put_gbs: put,
-        get_gbs: total / secs / 1e9,
-        get_chunks_s: (n * c) as f64 / secs,
-    })
+    Ok(Point { put_gbs: put, get_gbs: total / secs / 1e9, get_chunks_s: (n * c) as f64 / secs })
 }
 
 /// `c` clients each looking up a cached 64-chunk prefix `calls` times; (p50, p99) in µs.
-async fn lookup_latency(
-    endpoint: &str,
-    tls: &str,
-    c: usize,
-    calls: usize,
-) -> BoxResult<(f64, f64)> {
+async fn lookup_latency(endpoint: &str, tls: &str, c: usize, calls: usize) -> BoxResult<(f64, f64)> {
     let seeder = Client::connect_with(endpoint, opts(tls)).await?;
     let tokens: Vec<u32> = (0..64 * 256).map(|i| 7 + i as u32).collect();
-    seeder
-        .put("lookup-bench", &tokens, &vec![1u8; 64 * 4096])
-        .await?;
+    seeder.put("lookup-bench", &tokens, &vec![1u8; 64 * 4096]).await?;
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..c {
         let (endpoint, tokens, o) = (endpoint.to_owned(), tokens.clone(), opts(tls));

@@ -31,10 +31,7 @@ struct Args {
 fn parse_args() -> BoxResult<Args> {
     let mut a = Args {
         transports: vec!["tcp".into(), "sm".into()],
-        sizes: ["64K", "256K", "1M", "4M", "16M", "64M"]
-            .iter()
-            .map(|s| parse_size(s))
-            .collect::<BoxResult<_>>()?,
+        sizes: ["64K", "256K", "1M", "4M", "16M", "64M"].iter().map(|s| parse_size(s)).collect::<BoxResult<_>>()?,
         window: 8,
         bytes: 512 << 20,
         reps: 3,
@@ -42,18 +39,10 @@ fn parse_args() -> BoxResult<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
-        };
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
         match flag.as_str() {
             "--tls" => a.transports = value()?.split(',').map(str::to_owned).collect(),
-            "--sizes" => {
-                a.sizes = value()?
-                    .split(',')
-                    .map(parse_size)
-                    .collect::<BoxResult<_>>()?
-            }
+            "--sizes" => a.sizes = value()?.split(',').map(parse_size).collect::<BoxResult<_>>()?,
             "--window" => a.window = value()?.parse()?,
             "--reps" => a.reps = value()?.parse()?,
             "--bytes" => a.bytes = parse_size(&value()?)?,
@@ -96,9 +85,7 @@ fn run() -> BoxResult<()> {
         None => find_perftest()?,
     };
     let peer_exe = std::env::current_exe()?.with_file_name("ucx-peer");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut rows = Vec::new();
     let mut port = 13400u16 + (std::process::id() % 500) as u16;
     for tls in &args.transports {
@@ -134,14 +121,7 @@ fn run() -> BoxResult<()> {
             let ours_peer = median(reps.iter().map(|r| r[i].1).collect());
             let pf: Vec<f64> = reps.iter().filter_map(|r| r[i].2).collect();
             let perftest = (!pf.is_empty()).then(|| median(pf));
-            rows.push(Row {
-                tls: tls.clone(),
-                op,
-                size,
-                ours_same,
-                ours_peer,
-                perftest,
-            });
+            rows.push(Row { tls: tls.clone(), op, size, ours_same, ours_peer, perftest });
         }
     }
     println!();
@@ -149,11 +129,9 @@ fn run() -> BoxResult<()> {
     println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let (pf, ratio, ratio_peer) = match r.perftest {
-            Some(p) if p > 0.0 => (
-                format!("{p:.2}"),
-                format!("{:.2}", r.ours_same / p),
-                format!("{:.2}", r.ours_peer / p),
-            ),
+            Some(p) if p > 0.0 => {
+                (format!("{p:.2}"), format!("{:.2}", r.ours_same / p), format!("{:.2}", r.ours_peer / p))
+            }
             _ => ("n/a".into(), "n/a".into(), "n/a".into()),
         };
         println!(
@@ -182,11 +160,7 @@ async fn bench_ours(
     mode: ErrorMode,
 ) -> BoxResult<Vec<(&'static str, usize, f64)>> {
     let max = *args.sizes.iter().max().ok_or("no sizes")?;
-    let ctx = ContextBuilder::new()
-        .transports(tls)?
-        .net_devices("lo")
-        .name("ucx-bench")
-        .build()?;
+    let ctx = ContextBuilder::new().transports(tls)?.net_devices("lo").name("ucx-bench").build()?;
     let worker = Worker::new(&ctx, "bench")?;
     let mut replies = worker.listen_am(pp::REPLY_AM).await?;
     let mut peer = PeerProcess::spawn_with(peer_exe, tls, max, mode)?;
@@ -202,10 +176,7 @@ async fn bench_ours(
         let iters = iterations(args.bytes, size);
         let local = src.slice(0, size)?;
         for op in ["put", "get", "am"] {
-            eprintln!(
-                "[ours, err mode {mode:?}] {tls} {op} {} x{iters}",
-                human(size)
-            );
+            eprintln!("[ours, err mode {mode:?}] {tls} {op} {} x{iters}", human(size));
             // Warm-up: a few operations to wire up lanes and rendezvous paths.
             windowed(&ep, &rkey, &local, op, args.window.min(4), args.window).await?;
             barrier(&ep, &mut replies, op).await?;
@@ -229,14 +200,7 @@ async fn windowed(
     window: usize,
 ) -> BoxResult<()> {
     let mut set = tokio::task::JoinSet::new();
-    let header = Header {
-        op: pp::OP_SINK,
-        tag: 0,
-        offset: 0,
-        len: local.len() as u64,
-        value: 0,
-    }
-    .encode();
+    let header = Header { op: pp::OP_SINK, tag: 0, offset: 0, len: local.len() as u64, value: 0 }.encode();
     for _ in 0..iters {
         if set.len() >= window {
             if let Some(r) = set.join_next().await {
@@ -248,10 +212,7 @@ async fn windowed(
             match op {
                 "put" => ep.put(&local, &rkey, rkey.base(), OP_TIMEOUT).await,
                 "get" => ep.get(&local, &rkey, rkey.base(), OP_TIMEOUT).await,
-                _ => {
-                    ep.am_send(pp::REQUEST_AM, &header, AmData::Region(local), OP_TIMEOUT)
-                        .await
-                }
+                _ => ep.am_send(pp::REQUEST_AM, &header, AmData::Region(local), OP_TIMEOUT).await,
             }
         });
     }
@@ -267,15 +228,8 @@ async fn barrier(ep: &Endpoint, replies: &mut ucx_bindings::AmReceiver, op: &str
     match op {
         "put" => ep.flush(OP_TIMEOUT).await?,
         "am" => {
-            let h = Header {
-                op: pp::OP_HASH,
-                tag: 1,
-                offset: 0,
-                len: 1,
-                value: 0,
-            };
-            ep.am_send(pp::REQUEST_AM, &h.encode(), AmData::None, OP_TIMEOUT)
-                .await?;
+            let h = Header { op: pp::OP_HASH, tag: 1, offset: 0, len: 1, value: 0 };
+            ep.am_send(pp::REQUEST_AM, &h.encode(), AmData::None, OP_TIMEOUT).await?;
             tokio::time::timeout(OP_TIMEOUT, replies.recv())
                 .await
                 .map_err(|_| "no barrier reply from the peer")?

@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const ABOUT: &str =
-    "Talk to a prefixd server: store and fetch the KV bytes of token prompts, look \
+const ABOUT: &str = "Talk to a prefixd server: store and fetch the KV bytes of token prompts, look \
 up cached prefixes, print chunk keys, read stats and health.
 
 A tokens file holds integer token ids separated by whitespace or commas, or a JSON array of them.
@@ -20,21 +19,11 @@ Keys follow vLLM's block hashing (sha256_cbor); producers and consumers must agr
 #[command(name = "prefixctl", version, about = "Talk to a prefixd server", long_about = ABOUT)]
 struct Cli {
     /// prefixd's gRPC endpoint.
-    #[arg(
-        long,
-        global = true,
-        env = "PREFIXD_ENDPOINT",
-        default_value = "http://127.0.0.1:50051"
-    )]
+    #[arg(long, global = true, env = "PREFIXD_ENDPOINT", default_value = "http://127.0.0.1:50051")]
     endpoint: String,
 
     /// UCX transports for the data path, as UCX_TLS.
-    #[arg(
-        long,
-        global = true,
-        env = "PREFIXCTL_TRANSPORTS",
-        default_value = "sm,tcp"
-    )]
+    #[arg(long, global = true, env = "PREFIXCTL_TRANSPORTS", default_value = "sm,tcp")]
     transports: String,
 
     /// UCX network devices, as UCX_NET_DEVICES (e.g. "lo").
@@ -121,9 +110,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     } else {
         (t, 1.0)
     };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s or 500ms"))?;
+    let v: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s or 500ms"))?;
     if !(v > 0.0 && v.is_finite()) {
         return Err(format!("{s:?} must be positive"));
     }
@@ -131,8 +118,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn read_tokens(path: &Path) -> anyhow::Result<Vec<u32>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     prefixd_client::parse_tokens(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
@@ -162,6 +148,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         force_remote: cli.force_remote,
         keys: keys.clone(),
         timeout: cli.timeout,
+        worker_init: None,
     };
     match &cli.cmd {
         Cmd::Keys { tokens } => {
@@ -187,15 +174,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "entries: {}  sessions: {}  leases: {}  reservations: {}",
                 s.entries, s.sessions, s.active_leases, s.active_reservations
             );
-            println!(
-                "hit chunks: {}  miss chunks: {}  evictions: {}",
-                s.hit_chunks, s.miss_chunks, s.evictions
-            );
+            println!("hit chunks: {}  miss chunks: {}  evictions: {}", s.hit_chunks, s.miss_chunks, s.evictions);
             for t in &s.tiers {
-                println!(
-                    "pool {}: {} / {} bytes used, {} entries",
-                    t.tier, t.used_bytes, t.capacity_bytes, t.entries
-                );
+                println!("pool {}: {} / {} bytes used, {} entries", t.tier, t.used_bytes, t.capacity_bytes, t.entries);
             }
             println!("transports: {}", s.transports.join(","));
             let mut paths: Vec<_> = s.bytes_by_path.iter().collect();
@@ -204,21 +185,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("bytes {path}: {bytes}");
             }
         }
-        Cmd::Put {
-            namespace,
-            tokens,
-            data,
-        } => {
+        Cmd::Put { namespace, tokens, data } => {
             let tokens = read_tokens(tokens)?;
-            let bytes =
-                std::fs::read(data).with_context(|| format!("cannot read {}", data.display()))?;
+            let bytes = std::fs::read(data).with_context(|| format!("cannot read {}", data.display()))?;
             let n = keys.chunk_keys(&tokens).len();
             if n == 0 {
-                bail!(
-                    "{} tokens make no full chunk of {} tokens: nothing to store",
-                    tokens.len(),
-                    keys.chunk_tokens
-                );
+                bail!("{} tokens make no full chunk of {} tokens: nothing to store", tokens.len(), keys.chunk_tokens);
             }
             let client = Client::connect_with(&cli.endpoint, opts).await?;
             let out = client.put(namespace, &tokens, &bytes).await?;
@@ -232,22 +204,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             client.close().await.ok();
         }
-        Cmd::Get {
-            namespace,
-            tokens,
-            out,
-        } => {
+        Cmd::Get { namespace, tokens, out } => {
             let tokens = read_tokens(tokens)?;
             let client = Client::connect_with(&cli.endpoint, opts).await?;
             let (hit, bytes) = client.get(namespace, &tokens).await?;
-            std::fs::write(out, &bytes)
-                .with_context(|| format!("cannot write {}", out.display()))?;
-            println!(
-                "hit {hit} of {} tokens; wrote {} bytes to {}",
-                tokens.len(),
-                bytes.len(),
-                out.display()
-            );
+            std::fs::write(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
+            println!("hit {hit} of {} tokens; wrote {} bytes to {}", tokens.len(), bytes.len(), out.display());
             client.close().await.ok();
         }
         Cmd::Lookup { namespace, tokens } => {

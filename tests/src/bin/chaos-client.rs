@@ -24,26 +24,15 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (mode, endpoint, ns) = match args.as_slice() {
         [_, m, e, n, ..] => (m.as_str(), e.clone(), n.clone()),
-        _ => anyhow::bail!(
-            "usage: chaos-client hold-put|hold-lease|slow-put ENDPOINT NS [TOKENS_FILE]"
-        ),
+        _ => anyhow::bail!("usage: chaos-client hold-put|hold-lease|slow-put ENDPOINT NS [TOKENS_FILE]"),
     };
-    let opts = ClientOptions {
-        name: "chaos".into(),
-        net_devices: Some("lo".into()),
-        ..ClientOptions::default()
-    };
+    let opts = ClientOptions { name: "chaos".into(), net_devices: Some("lo".into()), ..ClientOptions::default() };
     match mode {
         "hold-put" | "hold-lease" => {
             // Raw protocol: a session whose process will die without a word.
-            let ctx = ucx_bindings::ContextBuilder::new()
-                .transports("sm,tcp")?
-                .net_devices("lo")
-                .build()?;
+            let ctx = ucx_bindings::ContextBuilder::new().transports("sm,tcp")?.net_devices("lo").build()?;
             let worker = ucx_bindings::Worker::new(&ctx, "chaos")?;
-            let channel = tonic::transport::Channel::from_shared(endpoint)?
-                .connect()
-                .await?;
+            let channel = tonic::transport::Channel::from_shared(endpoint)?.connect().await?;
             let mut grpc = PrefixdClient::new(channel);
             let s = grpc
                 .connect(ConnectRequest {
@@ -67,11 +56,9 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
                 say("RESERVED");
             } else {
-                let path = args
-                    .get(4)
-                    .ok_or_else(|| anyhow::anyhow!("hold-lease needs TOKENS_FILE"))?;
-                let tokens = prefixd_client::parse_tokens(&std::fs::read_to_string(path)?)
-                    .map_err(anyhow::Error::msg)?;
+                let path = args.get(4).ok_or_else(|| anyhow::anyhow!("hold-lease needs TOKENS_FILE"))?;
+                let tokens =
+                    prefixd_client::parse_tokens(&std::fs::read_to_string(path)?).map_err(anyhow::Error::msg)?;
                 let keys = opts.keys.chunk_keys(&tokens);
                 let r = grpc
                     .lookup(LookupRequest {
@@ -90,26 +77,17 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         "slow-put" => {
-            let path = args
-                .get(4)
-                .ok_or_else(|| anyhow::anyhow!("slow-put needs TOKENS_FILE"))?;
-            let tokens = prefixd_client::parse_tokens(&std::fs::read_to_string(path)?)
-                .map_err(anyhow::Error::msg)?;
+            let path = args.get(4).ok_or_else(|| anyhow::anyhow!("slow-put needs TOKENS_FILE"))?;
+            let tokens = prefixd_client::parse_tokens(&std::fs::read_to_string(path)?).map_err(anyhow::Error::msg)?;
             let client = Client::connect_with(&endpoint, opts).await?;
             let keys = client.keys(&tokens);
             let size = 1 << 20;
             let buf = client.alloc(size * keys.len())?;
-            let data: Vec<_> = (0..keys.len())
-                .map(|i| buf.slice(i * size, size))
-                .collect::<Result<_, _>>()?;
-            let put = client
-                .begin_put(&ns, &keys, &vec![size as u64; keys.len()], None)
-                .await?;
+            let data: Vec<_> = (0..keys.len()).map(|i| buf.slice(i * size, size)).collect::<Result<_, _>>()?;
+            let put = client.begin_put(&ns, &keys, &vec![size as u64; keys.len()], None).await?;
             say("BEGUN");
             let mut line = String::new();
-            tokio::io::BufReader::new(tokio::io::stdin())
-                .read_line(&mut line)
-                .await?;
+            tokio::io::BufReader::new(tokio::io::stdin()).read_line(&mut line).await?;
             let r = async {
                 put.write(&data).await?;
                 put.commit().await

@@ -27,18 +27,9 @@ struct Args {
 fn parse_args() -> BoxResult<Args> {
     let mut it = std::env::args().skip(1);
     let cmd = it.next().ok_or(USAGE)?;
-    let mut a = Args {
-        cmd,
-        tls: None,
-        net_devices: None,
-        region: 64 << 20,
-        peer_errors: true,
-    };
+    let mut a = Args { cmd, tls: None, net_devices: None, region: 64 << 20, peer_errors: true };
     while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
-        };
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
         match flag.as_str() {
             "--tls" => a.tls = Some(value()?),
             "--net-devices" => a.net_devices = Some(value()?),
@@ -46,9 +37,7 @@ fn parse_args() -> BoxResult<Args> {
                 a.peer_errors = match value()?.as_str() {
                     "peer" => true,
                     "none" => false,
-                    other => {
-                        return Err(format!("--error-mode: {other:?} is not peer or none").into())
-                    }
+                    other => return Err(format!("--error-mode: {other:?} is not peer or none").into()),
                 }
             }
             "--region" => a.region = value()?.parse().map_err(|e| format!("--region: {e}"))?,
@@ -95,9 +84,7 @@ fn run() -> BoxResult<()> {
             Ok(())
         }
         "serve" => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             // A LocalSet lets sinks run as local tasks on this one thread.
             tokio::task::LocalSet::new().block_on(&rt, serve(ctx, args.region, args.peer_errors))
         }
@@ -130,11 +117,7 @@ async fn serve(ctx: ucx_bindings::Context, region_len: usize, peer_errors: bool)
     });
     let line = peer_rx.await.map_err(|_| "stdin closed before PEER line")?;
     let addr = line.strip_prefix("PEER ").ok_or("expected `PEER <hex>`")?;
-    let mode = if peer_errors {
-        ErrorMode::Peer
-    } else {
-        ErrorMode::None
-    };
+    let mode = if peer_errors { ErrorMode::Peer } else { ErrorMode::None };
     let ep = worker.connect_with(&hex::decode(addr)?, mode).await?;
 
     // Sinks land concurrently; a hash request waits for all of them first.
@@ -152,13 +135,8 @@ async fn serve(ctx: ucx_bindings::Context, region_len: usize, peer_errors: bool)
             pp::OP_ECHO => {
                 let dest = region.slice(h.offset as usize, msg.len())?;
                 msg.recv_into(&dest, OP_TIMEOUT).await?;
-                let reply = Header {
-                    op: pp::OP_ECHO,
-                    ..h
-                }
-                .encode();
-                ep.am_send(pp::REPLY_AM, &reply, AmData::Region(dest), OP_TIMEOUT)
-                    .await?;
+                let reply = Header { op: pp::OP_ECHO, ..h }.encode();
+                ep.am_send(pp::REPLY_AM, &reply, AmData::Region(dest), OP_TIMEOUT).await?;
             }
             pp::OP_SINK => {
                 let dest = region.slice(h.offset as usize, msg.len())?;
@@ -169,14 +147,8 @@ async fn serve(ctx: ucx_bindings::Context, region_len: usize, peer_errors: bool)
                     r??;
                 }
                 let bytes = region.to_vec(h.offset as usize, h.len as usize)?;
-                let reply = Header {
-                    op: pp::OP_HASH,
-                    value: pp::hash(&bytes),
-                    ..h
-                }
-                .encode();
-                ep.am_send(pp::REPLY_AM, &reply, AmData::None, OP_TIMEOUT)
-                    .await?;
+                let reply = Header { op: pp::OP_HASH, value: pp::hash(&bytes), ..h }.encode();
+                ep.am_send(pp::REPLY_AM, &reply, AmData::None, OP_TIMEOUT).await?;
             }
             op => eprintln!("ucx-peer: ignoring unknown op {op}"),
         }

@@ -138,9 +138,7 @@ pub(crate) struct Signal {
 
 impl Signal {
     pub(crate) fn new(worker: sys::ucp_worker_h) -> Self {
-        Signal {
-            worker: Mutex::new(Some(WorkerPtr(worker))),
-        }
+        Signal { worker: Mutex::new(Some(WorkerPtr(worker))) }
     }
 
     pub(crate) fn wake(&self) {

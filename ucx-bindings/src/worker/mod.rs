@@ -46,15 +46,19 @@ pub struct Worker {
 
 impl fmt::Debug for Worker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Worker")
-            .field("address_len", &self.shared.address.len())
-            .finish()
+        f.debug_struct("Worker").field("address_len", &self.shared.address.len()).finish()
     }
 }
 
 impl Worker {
     /// Creates a worker (single-threaded mode) on a new thread named `name`.
     pub fn new(ctx: &Context, name: &str) -> Result<Worker> {
+        Self::with_thread_init(ctx, name, || {})
+    }
+
+    /// As [`Worker::new`], running `init` first on the progress thread: for example to make a
+    /// CUDA context current there, which UCX's cuda transports expect.
+    pub fn with_thread_init(ctx: &Context, name: &str, init: impl FnOnce() + Send + 'static) -> Result<Worker> {
         let (tx, rx) = mpsc::channel::<Command>();
         let (created_tx, created_rx) = mpsc::channel();
         let ctx_for_thread = ctx.inner.clone();
@@ -63,6 +67,7 @@ impl Worker {
             .spawn(move || {
                 // The Arc keeps the context alive for as long as this thread uses its worker.
                 let ctx = ctx_for_thread;
+                init();
                 match progress::Progress::create(ctx.handle, rx) {
                     Ok((p, created)) => {
                         let _ = created_tx.send(Ok(created));
@@ -121,52 +126,28 @@ impl Worker {
     pub async fn connect_with(&self, peer_address: &[u8], mode: ErrorMode) -> Result<Endpoint> {
         let address = peer_address.to_vec();
         let peer_errors = mode == ErrorMode::Peer;
-        let id = self
-            .shared
-            .cmd
-            .call(|reply| Command::Connect {
-                address,
-                peer_errors,
-                reply,
-            })
-            .await?;
-        Ok(Endpoint {
-            inner: Arc::new(EpHandle {
-                id,
-                worker: self.clone(),
-            }),
-        })
+        let id = self.shared.cmd.call(|reply| Command::Connect { address, peer_errors, reply }).await?;
+        Ok(Endpoint { inner: Arc::new(EpHandle { id, worker: self.clone() }) })
     }
 
     /// Starts receiving active messages with this id. One listener per id.
     pub async fn listen_am(&self, id: u16) -> Result<AmReceiver> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.shared
-            .cmd
-            .call(|reply| Command::AmListen { id, tx, reply })
-            .await?;
-        Ok(AmReceiver {
-            rx,
-            cmd: self.shared.cmd.clone(),
-        })
+        self.shared.cmd.call(|reply| Command::AmListen { id, tx, reply }).await?;
+        Ok(AmReceiver { rx, cmd: self.shared.cmd.clone() })
     }
 
     /// Waits until no operation is in flight (true) or `timeout` passes (false). Every
     /// operation started before the call counts.
     pub async fn wait_idle(&self, timeout: Duration) -> Result<bool> {
-        self.shared
-            .cmd
-            .call(|reply| Command::Idle { timeout, reply })
-            .await
+        self.shared.cmd.call(|reply| Command::Idle { timeout, reply }).await
     }
 
     fn check_region(&self, s: &RegionSlice) -> Result<()> {
         if s.region.same_context(&self.shared.ctx.inner) {
             Ok(())
         } else {
-            Err(Error::invalid(
-                "the region was registered with another UCX context",
-            ))
+            Err(Error::invalid("the region was registered with another UCX context"))
         }
     }
 }
@@ -194,11 +175,7 @@ struct EpHandle {
 
 impl Drop for EpHandle {
     fn drop(&mut self) {
-        let _ = self
-            .worker
-            .shared
-            .cmd
-            .send(Command::ReleaseEp { ep: self.id });
+        let _ = self.worker.shared.cmd.send(Command::ReleaseEp { ep: self.id });
     }
 }
 
@@ -211,9 +188,7 @@ pub struct Endpoint {
 
 impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Endpoint")
-            .field("id", &self.inner.id)
-            .finish()
+        f.debug_struct("Endpoint").field("id", &self.inner.id).finish()
     }
 }
 
@@ -240,16 +215,8 @@ impl Endpoint {
         }
         let packed = remote.rkey.clone();
         let ep = self.inner.id;
-        let id = self
-            .cmd()
-            .call(|reply| Command::UnpackRkey { ep, packed, reply })
-            .await?;
-        Ok(RemoteKey {
-            id,
-            base: remote.base,
-            len: remote.len,
-            ep: self.inner.clone(),
-        })
+        let id = self.cmd().call(|reply| Command::UnpackRkey { ep, packed, reply }).await?;
+        Ok(RemoteKey { id, base: remote.base, len: remote.len, ep: self.inner.clone() })
     }
 
     async fn rma(
@@ -263,68 +230,34 @@ impl Endpoint {
         check_timeout(timeout)?;
         self.inner.worker.check_region(local)?;
         if !Arc::ptr_eq(&rkey.ep, &self.inner) {
-            return Err(Error::invalid(
-                "the remote key was unpacked on another endpoint",
-            ));
+            return Err(Error::invalid("the remote key was unpacked on another endpoint"));
         }
         rkey.check_range(remote_addr, local.len())?;
         let (ep, rk, local) = (self.inner.id, rkey.id, local.clone());
-        self.cmd()
-            .call(|reply| Command::Rma {
-                kind,
-                ep,
-                rkey: rk,
-                local,
-                remote_addr,
-                timeout,
-                reply,
-            })
-            .await
+        self.cmd().call(|reply| Command::Rma { kind, ep, rkey: rk, local, remote_addr, timeout, reply }).await
     }
 
     /// Writes `local` to the peer at `remote_addr`. Completes locally: `flush` before telling
     /// anyone the bytes are there.
-    pub async fn put(
-        &self,
-        local: &RegionSlice,
-        rkey: &RemoteKey,
-        remote_addr: u64,
-        timeout: Duration,
-    ) -> Result<()> {
-        self.rma(RmaKind::Put, local, rkey, remote_addr, timeout)
-            .await
+    pub async fn put(&self, local: &RegionSlice, rkey: &RemoteKey, remote_addr: u64, timeout: Duration) -> Result<()> {
+        self.rma(RmaKind::Put, local, rkey, remote_addr, timeout).await
     }
 
     /// Reads `local.len()` bytes from the peer at `remote_addr` into `local`.
-    pub async fn get(
-        &self,
-        local: &RegionSlice,
-        rkey: &RemoteKey,
-        remote_addr: u64,
-        timeout: Duration,
-    ) -> Result<()> {
-        self.rma(RmaKind::Get, local, rkey, remote_addr, timeout)
-            .await
+    pub async fn get(&self, local: &RegionSlice, rkey: &RemoteKey, remote_addr: u64, timeout: Duration) -> Result<()> {
+        self.rma(RmaKind::Get, local, rkey, remote_addr, timeout).await
     }
 
     /// Completes when every put issued on this endpoint before it is complete at the peer.
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
         check_timeout(timeout)?;
         let ep = self.inner.id;
-        self.cmd()
-            .call(|reply| Command::Flush { ep, timeout, reply })
-            .await
+        self.cmd().call(|reply| Command::Flush { ep, timeout, reply }).await
     }
 
     /// Sends an active message: `header` (at most `Worker::max_am_header` bytes) and `data`.
     /// Large region data goes by rendezvous into a buffer the receiver chooses.
-    pub async fn am_send(
-        &self,
-        id: u16,
-        header: &[u8],
-        data: AmData,
-        timeout: Duration,
-    ) -> Result<()> {
+    pub async fn am_send(&self, id: u16, header: &[u8], data: AmData, timeout: Duration) -> Result<()> {
         check_timeout(timeout)?;
         if header.len() > self.inner.worker.max_am_header() {
             return Err(Error::invalid(format!(
@@ -337,25 +270,14 @@ impl Endpoint {
             self.inner.worker.check_region(s)?;
         }
         let (ep, header) = (self.inner.id, header.to_vec());
-        self.cmd()
-            .call(|reply| Command::AmSend {
-                ep,
-                id,
-                header,
-                data,
-                timeout,
-                reply,
-            })
-            .await
+        self.cmd().call(|reply| Command::AmSend { ep, id, header, data, timeout, reply }).await
     }
 
     /// The transports and devices this endpoint's lanes use (e.g. `tcp/lo`, `cuda_ipc/cuda`),
     /// so a silent fallback shows.
     pub async fn transports(&self) -> Result<Vec<TransportDevice>> {
         let ep = self.inner.id;
-        self.cmd()
-            .call(|reply| Command::EpTransports { ep, reply })
-            .await
+        self.cmd().call(|reply| Command::EpTransports { ep, reply }).await
     }
 }
 
@@ -370,10 +292,7 @@ pub struct RemoteKey {
 
 impl fmt::Debug for RemoteKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RemoteKey")
-            .field("base", &self.base)
-            .field("len", &self.len)
-            .finish()
+        f.debug_struct("RemoteKey").field("base", &self.base).field("len", &self.len).finish()
     }
 }
 
@@ -391,23 +310,13 @@ impl RemoteKey {
     }
 
     fn check_range(&self, addr: u64, len: usize) -> Result<()> {
-        RemoteRegion {
-            base: self.base,
-            len: self.len,
-            rkey: Vec::new(),
-        }
-        .check_range(addr, len)
+        RemoteRegion { base: self.base, len: self.len, rkey: Vec::new() }.check_range(addr, len)
     }
 }
 
 impl Drop for RemoteKey {
     fn drop(&mut self) {
-        let _ = self
-            .ep
-            .worker
-            .shared
-            .cmd
-            .send(Command::ReleaseRkey { rkey: self.id });
+        let _ = self.ep.worker.shared.cmd.send(Command::ReleaseRkey { rkey: self.id });
     }
 }
 
@@ -427,12 +336,7 @@ impl AmReceiver {
     /// The next message; `None` once the worker has stopped.
     pub async fn recv(&mut self) -> Option<IncomingAm> {
         let a = self.rx.recv().await?;
-        Some(IncomingAm {
-            header: a.header,
-            length: a.length,
-            data: Some(a.data),
-            cmd: self.cmd.clone(),
-        })
+        Some(IncomingAm { header: a.header, length: a.length, data: Some(a.data), cmd: self.cmd.clone() })
     }
 }
 
@@ -489,14 +393,7 @@ impl IncomingAm {
             Some(ArrivedData::Eager(bytes)) => dest.region().write(dest.offset(), &bytes),
             Some(ArrivedData::Rndv { desc }) => {
                 let dest = dest.clone();
-                self.cmd
-                    .call(|reply| Command::AmRecv {
-                        desc,
-                        dest,
-                        timeout,
-                        reply,
-                    })
-                    .await
+                self.cmd.call(|reply| Command::AmRecv { desc, dest, timeout, reply }).await
             }
             None => Err(Error::invalid("message data was already taken")),
         }
@@ -509,9 +406,7 @@ impl IncomingAm {
             Some(ArrivedData::Eager(bytes)) => Ok(bytes),
             other => {
                 self.data = other;
-                Err(Error::invalid(
-                    "rendezvous data must be received into a registered region",
-                ))
+                Err(Error::invalid("rendezvous data must be received into a registered region"))
             }
         }
     }

@@ -57,18 +57,10 @@ fn record<T>(queue: &'static std::thread::LocalKey<RefCell<Vec<T>>>, item: T) {
 }
 
 fn take<T>(queue: &'static std::thread::LocalKey<RefCell<Vec<T>>>) -> Vec<T> {
-    queue.with(|q| {
-        q.try_borrow_mut()
-            .map(|mut q| std::mem::take(&mut *q))
-            .unwrap_or_default()
-    })
+    queue.with(|q| q.try_borrow_mut().map(|mut q| std::mem::take(&mut *q)).unwrap_or_default())
 }
 
-unsafe extern "C" fn send_cb(
-    _request: *mut c_void,
-    status: sys::ucs_status_t,
-    user_data: *mut c_void,
-) {
+unsafe extern "C" fn send_cb(_request: *mut c_void, status: sys::ucs_status_t, user_data: *mut c_void) {
     record(&COMPLETIONS, (user_data as u64, status));
 }
 
@@ -108,19 +100,7 @@ unsafe extern "C" fn am_cb(
     };
     if attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 {
         // Keep the descriptor: the user chooses the buffer, then ucp_am_recv_data_nbx.
-        record(
-            &ARRIVALS,
-            (
-                id,
-                Arrival {
-                    header,
-                    length,
-                    data: ArrivedData::Rndv {
-                        desc: data as usize,
-                    },
-                },
-            ),
-        );
+        record(&ARRIVALS, (id, Arrival { header, length, data: ArrivedData::Rndv { desc: data as usize } }));
         return sys::ucs_status_t::UCS_INPROGRESS;
     }
     let bytes = if data.is_null() || length == 0 {
@@ -129,17 +109,7 @@ unsafe extern "C" fn am_cb(
         // SAFETY: eager data: `length` readable bytes at `data`, valid during the callback.
         unsafe { std::slice::from_raw_parts(data.cast::<u8>(), length) }.to_vec()
     };
-    record(
-        &ARRIVALS,
-        (
-            id,
-            Arrival {
-                header,
-                length,
-                data: ArrivedData::Eager(bytes),
-            },
-        ),
-    );
+    record(&ARRIVALS, (id, Arrival { header, length, data: ArrivedData::Eager(bytes) }));
     sys::ucs_status_t::UCS_OK
 }
 
@@ -209,10 +179,7 @@ pub(crate) struct Created {
 
 impl Progress {
     /// Creates the worker on the calling thread (which must be the progress thread).
-    pub(crate) fn create(
-        ctx: sys::ucp_context_h,
-        rx: mpsc::Receiver<Command>,
-    ) -> Result<(Progress, Created)> {
+    pub(crate) fn create(ctx: sys::ucp_context_h, rx: mpsc::Receiver<Command>) -> Result<(Progress, Created)> {
         // SAFETY: plain C struct; zeroes are valid.
         let mut params: sys::ucp_worker_params_t = unsafe { std::mem::zeroed() };
         params.field_mask = sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64;
@@ -236,8 +203,7 @@ impl Progress {
         }
         // SAFETY: plain C struct; zeroes are valid.
         let mut attr: sys::ucp_worker_attr_t = unsafe { std::mem::zeroed() };
-        attr.field_mask =
-            (sys::UCP_WORKER_ATTR_FIELD_ADDRESS | sys::UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER) as u64;
+        attr.field_mask = (sys::UCP_WORKER_ATTR_FIELD_ADDRESS | sys::UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER) as u64;
         // SAFETY: live worker, out-struct with field_mask set.
         let status = unsafe { sys::ucp_worker_query(worker, &mut attr) };
         if let Err(s) = result::check(status) {
@@ -245,9 +211,7 @@ impl Progress {
             return Err(Error::ucx("ucp_worker_query", s));
         }
         // SAFETY: UCX filled `address_length` bytes at `address`.
-        let address =
-            unsafe { std::slice::from_raw_parts(attr.address.cast::<u8>(), attr.address_length) }
-                .to_vec();
+        let address = unsafe { std::slice::from_raw_parts(attr.address.cast::<u8>(), attr.address_length) }.to_vec();
         // SAFETY: the address came from ucp_worker_query on this worker; released once.
         unsafe { sys::ucp_worker_release_address(worker, attr.address) };
 
@@ -266,14 +230,7 @@ impl Progress {
             idle_waiters: Vec::new(),
             shutting_down: false,
         };
-        Ok((
-            progress,
-            Created {
-                address,
-                max_am_header: attr.max_am_header,
-                signal,
-            },
-        ))
+        Ok((progress, Created { address, max_am_header: attr.max_am_header, signal }))
     }
 
     fn next_id(&mut self) -> u64 {
@@ -364,11 +321,7 @@ impl Progress {
         if let Some(w) = self.idle_waiters.iter().map(|w| w.deadline).min() {
             wait = wait.min(w.saturating_duration_since(now));
         }
-        let mut pfd = libc::pollfd {
-            fd: self.efd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: self.efd, events: libc::POLLIN, revents: 0 };
         // Round up so a deadline 0.4 ms away does not become a zero-timeout spin.
         let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
         // SAFETY: one valid pollfd; the efd belongs to the live worker.
@@ -377,11 +330,7 @@ impl Progress {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Connect {
-                address,
-                peer_errors,
-                reply,
-            } => {
+            Command::Connect { address, peer_errors, reply } => {
                 let r = self.connect(&address, peer_errors);
                 let _ = reply.send(r);
             }
@@ -401,34 +350,18 @@ impl Progress {
                 }
                 self.maybe_destroy_rkey(rkey);
             }
-            Command::Rma {
-                kind,
-                ep,
-                rkey,
-                local,
-                remote_addr,
-                timeout,
-                reply,
-            } => self.start_rma(kind, ep, rkey, local, remote_addr, timeout, reply),
+            Command::Rma { kind, ep, rkey, local, remote_addr, timeout, reply } => {
+                self.start_rma(kind, ep, rkey, local, remote_addr, timeout, reply)
+            }
             Command::Flush { ep, timeout, reply } => self.start_flush(ep, timeout, reply),
-            Command::AmSend {
-                ep,
-                id,
-                header,
-                data,
-                timeout,
-                reply,
-            } => self.start_am_send(ep, id, header, data, timeout, reply),
+            Command::AmSend { ep, id, header, data, timeout, reply } => {
+                self.start_am_send(ep, id, header, data, timeout, reply)
+            }
             Command::AmListen { id, tx, reply } => {
                 let r = self.listen(id, tx);
                 let _ = reply.send(r);
             }
-            Command::AmRecv {
-                desc,
-                dest,
-                timeout,
-                reply,
-            } => self.start_am_recv(desc, dest, timeout, reply),
+            Command::AmRecv { desc, dest, timeout, reply } => self.start_am_recv(desc, dest, timeout, reply),
             Command::AmRelease { desc } => {
                 // SAFETY: desc is a rendezvous descriptor UCX handed to am_cb on this worker
                 // and that was neither received nor released yet (IncomingAm sends this at most
@@ -439,20 +372,16 @@ impl Progress {
                 let r = self.ep_transports(ep);
                 let _ = reply.send(r);
             }
-            Command::Idle { timeout, reply } => self.idle_waiters.push(IdleWaiter {
-                deadline: Instant::now() + timeout,
-                reply,
-            }),
+            Command::Idle { timeout, reply } => {
+                self.idle_waiters.push(IdleWaiter { deadline: Instant::now() + timeout, reply })
+            }
             Command::Shutdown => self.shutting_down = true,
         }
     }
 
     fn connect(&mut self, address: &[u8], peer_errors: bool) -> Result<u64> {
         if address.is_empty() || address.len() > 64 * 1024 {
-            return Err(Error::invalid(format!(
-                "worker address of {} bytes is not plausible",
-                address.len()
-            )));
+            return Err(Error::invalid(format!("worker address of {} bytes is not plausible", address.len())));
         }
         let id = self.next_id();
         // SAFETY: plain C struct; zeroes are valid.
@@ -461,11 +390,7 @@ impl Progress {
             | sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
             | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
         params.address = address.as_ptr().cast();
-        params.err_mode = if peer_errors {
-            sys::UCP_ERR_HANDLING_MODE_PEER
-        } else {
-            sys::UCP_ERR_HANDLING_MODE_NONE
-        };
+        params.err_mode = if peer_errors { sys::UCP_ERR_HANDLING_MODE_PEER } else { sys::UCP_ERR_HANDLING_MODE_NONE };
         params.err_handler.cb = Some(ep_error_cb);
         params.err_handler.arg = id as usize as *mut c_void;
         let mut ep: sys::ucp_ep_h = std::ptr::null_mut();
@@ -473,30 +398,16 @@ impl Progress {
         // bytes outlive the call (UCX copies what it needs).
         let status = unsafe { sys::ucp_ep_create(self.worker, &params, &mut ep) };
         result::check(status).map_err(|s| Error::ucx("ucp_ep_create", s))?;
-        self.eps.insert(
-            id,
-            EpState {
-                handle: ep,
-                pending: 0,
-                released: false,
-                closed: None,
-            },
-        );
+        self.eps.insert(id, EpState { handle: ep, pending: 0, released: false, closed: None });
         Ok(id)
     }
 
     /// The endpoint, if it can take a new operation.
     fn usable_ep(&self, ep: u64, op: &'static str) -> Result<sys::ucp_ep_h> {
         match self.eps.get(&ep) {
-            None => Err(Error::EndpointClosed {
-                op,
-                reason: "unknown endpoint".into(),
-            }),
+            None => Err(Error::EndpointClosed { op, reason: "unknown endpoint".into() }),
             Some(st) => match &st.closed {
-                Some(reason) => Err(Error::EndpointClosed {
-                    op,
-                    reason: reason.clone(),
-                }),
+                Some(reason) => Err(Error::EndpointClosed { op, reason: reason.clone() }),
                 None => Ok(st.handle),
             },
         }
@@ -512,14 +423,7 @@ impl Progress {
         let status = unsafe { sys::ucp_ep_rkey_unpack(handle, packed.as_ptr().cast(), &mut rkey) };
         result::check(status).map_err(|s| Error::ucx("ucp_ep_rkey_unpack", s))?;
         let id = self.next_id();
-        self.rkeys.insert(
-            id,
-            RkeyState {
-                handle: rkey,
-                pending: 0,
-                released: false,
-            },
-        );
+        self.rkeys.insert(id, RkeyState { handle: rkey, pending: 0, released: false });
         Ok(id)
     }
 
@@ -625,16 +529,7 @@ impl Progress {
                 RmaKind::Get => sys::ucp_get_nbx(handle, buf, local.len, remote_addr, rk, &p),
             }
         };
-        self.track(
-            id,
-            name,
-            ptr,
-            Some(ep),
-            Some(rkey),
-            timeout,
-            Some(reply),
-            Owned::Slice(local),
-        );
+        self.track(id, name, ptr, Some(ep), Some(rkey), timeout, Some(reply), Owned::Slice(local));
     }
 
     fn start_flush(&mut self, ep: u64, timeout: Duration, reply: Reply<()>) {
@@ -649,16 +544,7 @@ impl Progress {
         let p = self.request_param(id);
         // SAFETY: live endpoint of this worker; p initialised for its mask.
         let ptr = unsafe { sys::ucp_ep_flush_nbx(handle, &p) };
-        self.track(
-            id,
-            "flush",
-            ptr,
-            Some(ep),
-            None,
-            timeout,
-            Some(reply),
-            Owned::Nothing,
-        );
+        self.track(id, "flush", ptr, Some(ep), None, timeout, Some(reply), Owned::Nothing);
     }
 
     fn start_am_send(
@@ -688,33 +574,17 @@ impl Progress {
                 (s.ptr().cast_const().cast(), s.len)
             }
         };
-        let hdr = if header.is_empty() {
-            std::ptr::null()
-        } else {
-            header.as_ptr().cast::<c_void>()
-        };
+        let hdr = if header.is_empty() { std::ptr::null() } else { header.as_ptr().cast::<c_void>() };
         // SAFETY: live endpoint of this worker; header and data buffers are moved into the op
         // (a Vec's heap buffer does not move when the Vec does), so they stay valid until UCX
         // completes the request; a region's memh is passed with its data.
-        let ptr =
-            unsafe { sys::ucp_am_send_nbx(handle, am_id as u32, hdr, header.len(), buf, len, &p) };
-        self.track(
-            id,
-            "am_send",
-            ptr,
-            Some(ep),
-            None,
-            timeout,
-            Some(reply),
-            Owned::Send { header, data },
-        );
+        let ptr = unsafe { sys::ucp_am_send_nbx(handle, am_id as u32, hdr, header.len(), buf, len, &p) };
+        self.track(id, "am_send", ptr, Some(ep), None, timeout, Some(reply), Owned::Send { header, data });
     }
 
     fn listen(&mut self, id: u16, tx: tokio::sync::mpsc::UnboundedSender<Arrival>) -> Result<()> {
         if self.listeners.get(&id).is_some_and(|l| !l.is_closed()) {
-            return Err(Error::invalid(format!(
-                "active-message id {id} already has a listener"
-            )));
+            return Err(Error::invalid(format!("active-message id {id} already has a listener")));
         }
         // SAFETY: plain C struct; zeroes are valid.
         let mut p: sys::ucp_am_handler_param_t = unsafe { std::mem::zeroed() };
@@ -737,24 +607,14 @@ impl Progress {
             Some(tx) => tx.send(arrival).err().map(|e| e.0),
             None => Some(arrival),
         };
-        if let Some(Arrival {
-            data: ArrivedData::Rndv { desc },
-            ..
-        }) = undelivered
-        {
+        if let Some(Arrival { data: ArrivedData::Rndv { desc }, .. }) = undelivered {
             // Nobody listens any more: give UCX its descriptor back.
             // SAFETY: desc came from am_cb on this worker and was not used.
             unsafe { sys::ucp_am_data_release(self.worker, desc as *mut c_void) };
         }
     }
 
-    fn start_am_recv(
-        &mut self,
-        desc: usize,
-        dest: RegionSlice,
-        timeout: Duration,
-        reply: Reply<()>,
-    ) {
+    fn start_am_recv(&mut self, desc: usize, dest: RegionSlice, timeout: Duration, reply: Reply<()>) {
         let id = self.next_id();
         let mut p = self.request_param(id);
         p.cb.recv_am = Some(am_recv_data_cb);
@@ -763,25 +623,9 @@ impl Progress {
         // SAFETY: desc is an unconsumed rendezvous descriptor from am_cb on this worker (the
         // IncomingAm that held it gave it up by sending this command); dest lies in a region
         // registered as memh and is moved into the op until completion.
-        let ptr = unsafe {
-            sys::ucp_am_recv_data_nbx(
-                self.worker,
-                desc as *mut c_void,
-                dest.ptr().cast(),
-                dest.len,
-                &p,
-            )
-        };
-        self.track(
-            id,
-            "am_recv",
-            ptr,
-            None,
-            None,
-            timeout,
-            Some(reply),
-            Owned::Slice(dest),
-        );
+        let ptr =
+            unsafe { sys::ucp_am_recv_data_nbx(self.worker, desc as *mut c_void, dest.ptr().cast(), dest.len, &p) };
+        self.track(id, "am_recv", ptr, None, None, timeout, Some(reply), Owned::Slice(dest));
     }
 
     fn ep_transports(&mut self, ep: u64) -> Result<Vec<TransportDevice>> {
@@ -809,10 +653,7 @@ impl Progress {
         };
         let mut out: Vec<TransportDevice> = entries[..n]
             .iter()
-            .map(|e| TransportDevice {
-                transport: name(e.transport_name),
-                device: name(e.device_name),
-            })
+            .map(|e| TransportDevice { transport: name(e.transport_name), device: name(e.device_name) })
             .collect();
         out.sort();
         out.dedup();
@@ -820,17 +661,11 @@ impl Progress {
     }
 
     fn error_for(&self, op: &'static str, ep: Option<u64>, status: Status) -> Error {
-        if let Some(reason) = ep
-            .and_then(|e| self.eps.get(&e))
-            .and_then(|e| e.closed.clone())
-        {
+        if let Some(reason) = ep.and_then(|e| self.eps.get(&e)).and_then(|e| e.closed.clone()) {
             return Error::EndpointClosed { op, reason };
         }
         if status.is_peer_failure() {
-            return Error::EndpointClosed {
-                op,
-                reason: status.to_string(),
-            };
+            return Error::EndpointClosed { op, reason: status.to_string() };
         }
         Error::ucx(op, status)
     }
@@ -850,11 +685,7 @@ impl Progress {
                 }
             }
         }
-        let result = if status == Status::OK {
-            Ok(())
-        } else {
-            Err(self.error_for(op.name, op.ep, status))
-        };
+        let result = if status == Status::OK { Ok(()) } else { Err(self.error_for(op.name, op.ep, status)) };
         if let Some(r) = op.reply {
             let _ = r.send(result);
         } else if let Err(e) = result {
@@ -944,11 +775,7 @@ impl Progress {
                 self.deadlines.insert((deadline, id));
             }
             PtrStatus::Done | PtrStatus::Failed(_) => {
-                if self
-                    .eps
-                    .get(&ep)
-                    .is_some_and(|s| s.released && s.pending == 0)
-                {
+                if self.eps.get(&ep).is_some_and(|s| s.released && s.pending == 0) {
                     self.eps.remove(&ep);
                 }
             }
@@ -1032,10 +859,7 @@ impl Progress {
             self.maybe_destroy_rkey(k);
         }
         if !self.ops.is_empty() {
-            tracing::warn!(
-                count = self.ops.len(),
-                "UCX operations still in flight at shutdown; leaking their buffers"
-            );
+            tracing::warn!(count = self.ops.len(), "UCX operations still in flight at shutdown; leaking their buffers");
             for (_, op) in self.ops.drain() {
                 // Never free memory UCX might still touch.
                 std::mem::forget(op);

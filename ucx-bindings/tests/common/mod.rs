@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 use ucx_bindings::peer_protocol::{self as pp, Header, PeerProcess};
-use ucx_bindings::{
-    AmData, AmReceiver, Context, ContextBuilder, Endpoint, MemRegion, RemoteKey, Worker,
-};
+use ucx_bindings::{AmData, AmReceiver, Context, ContextBuilder, Endpoint, MemRegion, RemoteKey, Worker};
 
 pub const OP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const SIZES: [usize; 4] = [1, 4 << 10, 1 << 20, 64 << 20];
@@ -13,12 +11,7 @@ pub const SIZES: [usize; 4] = [1, 4 << 10, 1 << 20, 64 << 20];
 pub const PEER_REGION: usize = (64 << 20) + (1 << 20);
 
 pub fn context(tls: &str) -> Context {
-    ContextBuilder::new()
-        .transports(tls)
-        .expect("transport list")
-        .net_devices("lo")
-        .build()
-        .expect("UCX context")
+    ContextBuilder::new().transports(tls).expect("transport list").net_devices("lo").build().expect("UCX context")
 }
 
 /// A driver process side connected to a fresh peer.
@@ -41,30 +34,14 @@ impl Pair {
         peer.send_address(worker.address()).expect("send address");
         let ep = worker.connect(&peer.address).await.expect("connect");
         let rkey = ep.unpack_rkey(&peer.region).await.expect("unpack rkey");
-        Pair {
-            ctx,
-            worker,
-            ep,
-            rkey,
-            replies,
-            peer,
-        }
+        Pair { ctx, worker, ep, rkey, replies, peer }
     }
 
     /// Asks the peer for the hash of its region's bytes at `[offset, offset+len)`.
     pub async fn peer_hash(&mut self, offset: u64, len: u64) -> u64 {
         let tag = offset ^ (len << 1) ^ 0x5a5a;
-        let h = Header {
-            op: pp::OP_HASH,
-            tag,
-            offset,
-            len,
-            value: 0,
-        };
-        self.ep
-            .am_send(pp::REQUEST_AM, &h.encode(), AmData::None, OP_TIMEOUT)
-            .await
-            .expect("hash request");
+        let h = Header { op: pp::OP_HASH, tag, offset, len, value: 0 };
+        self.ep.am_send(pp::REQUEST_AM, &h.encode(), AmData::None, OP_TIMEOUT).await.expect("hash request");
         let reply = self.replies.recv().await.expect("hash reply");
         let r = Header::decode(reply.header()).expect("reply header");
         assert_eq!((r.op, r.tag), (pp::OP_HASH, tag), "reply matches request");
