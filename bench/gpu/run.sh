@@ -6,7 +6,8 @@
 #   A. GPU pool on GPU 0; producer on GPU 0, consumer on GPU 1   (cuda_ipc both ways)
 #   B. GPU pool on GPU 1 = the consumer's GPU; producer on GPU 0
 #   C. host tier only; producer on GPU 0, consumer on GPU 1     (cuda_copy + shared memory)
-#   D. GPU pressure: 4 x 36 MiB into a 64 MiB GPU pool -> demotion to host, all still verified
+#   D. GPU pressure: 4 single-chunk puts of 36 MiB into a 64 MiB GPU pool -> >= 3 demotions to host,
+#      every chunk still verified
 # Benchmark: gpu-demo bench (pool GPU 0, client GPU 1) for 4, 36, 256 MiB chunks; baselines in
 # the same run: ucx_perftest cuda_ipc put/get, torch peer copy, NCCL send/recv.
 set -uo pipefail
@@ -48,7 +49,13 @@ scenario() { # NAME SERVER_GPU POOL PRODUCER_GPU CONSUMER_GPU SIZE CHUNKS
 scenario "A: pool GPU0, producer GPU0, consumer GPU1" 0 8GiB 0 1 36M 8
 scenario "B: pool on the consumer's GPU1" 1 8GiB 0 1 36M 8
 scenario "C: host tier only" none - 0 1 36M 8
-scenario "D: demotion, 64 MiB GPU pool, 4x36 MiB" 0 64MiB 0 1 36M 4
+log "scenario D: demotion: four single-chunk puts of 36 MiB into a 64 MiB GPU pool"
+start_server 0 64MiB
+for seed in 21 22 23 24; do demo 0 put --size 36M --chunks 1 --seed $seed || FAIL=1; done
+for seed in 21 22 23 24; do demo 1 get --size 36M --chunks 1 --seed $seed || FAIL=1; done
+DEMOTED=$(curl -s "$(sed -n 's/.*metrics=\([^ ]*\).*/\1/p' "$OUT/srv.line")/metrics" | sed -n 's/^prefixd_demotions_total //p')
+log "demotions: ${DEMOTED:-none}"; [[ ${DEMOTED:-0} -ge 3 ]] || FAIL=1
+stop_server
 log "scenario result: $([[ $FAIL == 0 ]] && echo PASS || echo FAIL)"
 
 log "benchmark: pool on GPU0, client on GPU1"

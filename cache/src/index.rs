@@ -381,6 +381,14 @@ impl Index {
         }
     }
 
+    /// A slot for a new chunk: the fastest tier that can make room (demoting its least-recent
+    /// leaves), else the next one. Reserved and leased chunks never move, so a tier full of them
+    /// sends the chunk down a tier instead of failing the put.
+    fn alloc_in_tiers(&mut self, len: u64) -> Option<(Tier, u64)> {
+        let tiers: Vec<Tier> = self.pools.iter().filter(|(_, a)| a.could_fit(len)).map(|(t, _)| *t).collect();
+        tiers.into_iter().find_map(|t| self.alloc_demoting(t, len).map(|off| (t, off)))
+    }
+
     /// Demotions recorded since the last call. The caller copies each chunk's bytes from `from`
     /// to `to` while it still holds the index (nobody can lease the chunk's new location before
     /// the bytes are there, and the old slot is not written before the copy, since the index
@@ -446,17 +454,9 @@ impl Index {
             }
         }
         let total: u64 = sizes.iter().map(|&s| Allocator::footprint(s)).sum();
-        // New chunks go to the fastest tier that can hold the whole put.
-        let (tier, capacity) = self
-            .pools
-            .iter()
-            .find(|(_, a)| a.capacity() >= total)
-            .or(self.pools.last())
-            .map_or((Tier::Host, 0), |(t, a)| (*t, a.capacity()));
+        let capacity: u64 = self.pools.iter().map(|(_, a)| a.capacity()).sum();
         if total > capacity {
-            return Err(IndexError::exhausted(format!(
-                "put of {total} bytes exceeds the {tier} pool of {capacity} bytes"
-            )));
+            return Err(IndexError::exhausted(format!("put of {total} bytes exceeds the pools' {capacity} bytes")));
         }
         let nsid = self.ns_intern(ns)?;
         let put_id = self.next_id();
@@ -470,13 +470,13 @@ impl Index {
                 prev = Some(key);
                 continue;
             }
-            let Some(offset) = self.alloc_demoting(tier, size) else {
+            let Some((tier, offset)) = self.alloc_in_tiers(size) else {
                 // Roll back: nothing of this put stays.
                 for (_, rk) in reserved {
                     self.remove_entry((nsid, rk));
                 }
                 return Err(IndexError::exhausted(format!(
-                    "no room for chunk {i} ({size} bytes) in the {tier} pool: everything left is reserved or leased"
+                    "no room for chunk {i} ({size} bytes): everything left is reserved or leased"
                 )));
             };
             let tick = self.next_tick();

@@ -372,3 +372,24 @@ fn gpu_pressure_demotes_to_host_instead_of_dropping() {
     assert_eq!(idx.lease_chunk(lease, 1, 0, now).unwrap(), before, "leased chunk moved");
     idx.check_invariants().unwrap();
 }
+
+#[test]
+fn a_put_larger_than_the_gpu_tier_spills_to_host() {
+    let mut idx = Index::new(IndexConfig {
+        tiers: vec![(Tier::Gpu, 4 * 1024), (Tier::Host, 16 * 1024)],
+        high_watermark: 1.0,
+        low_watermark: 1.0,
+        grace: Duration::ZERO,
+        ..IndexConfig::default()
+    });
+    let now = Instant::now();
+    let keys: Vec<ChunkKey> = (0..6).map(|c| key(9, c)).collect();
+    let b = idx.begin_put(1, "ns", &keys, &[1024; 6], None, false, now, Duration::from_secs(5)).unwrap();
+    let tiers: Vec<Tier> =
+        b.slots.iter().map(|s| if let Slot::Reserved(l) = s { l.tier } else { Tier::Host }).collect();
+    assert_eq!(tiers, vec![Tier::Gpu, Tier::Gpu, Tier::Gpu, Tier::Gpu, Tier::Host, Tier::Host]);
+    assert!(idx.take_moves().is_empty(), "reserved chunks never move");
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    assert_eq!(idx.lookup("ns", &keys, None, now).unwrap().hits, 6);
+    idx.check_invariants().unwrap();
+}
