@@ -347,19 +347,7 @@ impl Client {
 
     /// How many leading chunks of `keys` are cached.
     pub async fn lookup_keys(&self, namespace: &str, keys: &[ChunkKey]) -> Result<usize> {
-        let r = self
-            .grpc
-            .clone()
-            .lookup(LookupRequest {
-                session_id: self.session_id,
-                namespace: namespace.to_owned(),
-                keys: keys.iter().map(|k| k.0.to_vec()).collect(),
-                lease: false,
-                lease_ttl_ms: 0,
-                chunk_tokens: self.opts.keys.chunk_tokens as u32,
-            })
-            .await?
-            .into_inner();
+        let r = self.grpc.clone().lookup(self.lookup_request(namespace, keys, false)).await?.into_inner();
         Ok(r.hit_chunks as usize)
     }
 
@@ -478,20 +466,19 @@ impl Client {
 
     async fn lease(&self, namespace: &str, keys: &[ChunkKey]) -> Result<(LookupResponse, Instant)> {
         let started = Instant::now();
-        let r = self
-            .grpc
-            .clone()
-            .lookup(LookupRequest {
-                session_id: self.session_id,
-                namespace: namespace.to_owned(),
-                keys: keys.iter().map(|k| k.0.to_vec()).collect(),
-                lease: true,
-                lease_ttl_ms: 0,
-                chunk_tokens: self.opts.keys.chunk_tokens as u32,
-            })
-            .await?
-            .into_inner();
+        let r = self.grpc.clone().lookup(self.lookup_request(namespace, keys, true)).await?.into_inner();
         Ok((r, started))
+    }
+
+    fn lookup_request(&self, namespace: &str, keys: &[ChunkKey], lease: bool) -> LookupRequest {
+        LookupRequest {
+            session_id: self.session_id,
+            namespace: namespace.to_owned(),
+            keys: keys.iter().map(|k| k.0.to_vec()).collect(),
+            lease,
+            lease_ttl_ms: 0,
+            chunk_tokens: self.opts.keys.chunk_tokens as u32,
+        }
     }
 
     /// Releases a lease without waiting for the answer: the bytes are already here, and a lost

@@ -620,11 +620,11 @@ impl Progress {
         p.cb.recv_am = Some(am_recv_data_cb);
         p.op_attr_mask |= sys::UCP_OP_ATTR_FIELD_MEMH;
         p.memh = dest.region.memh;
+        let (buf, desc) = (dest.ptr().cast::<c_void>(), desc as *mut c_void);
         // SAFETY: desc is an unconsumed rendezvous descriptor from am_cb on this worker (the
         // IncomingAm that held it gave it up by sending this command); dest lies in a region
         // registered as memh and is moved into the op until completion.
-        let ptr =
-            unsafe { sys::ucp_am_recv_data_nbx(self.worker, desc as *mut c_void, dest.ptr().cast(), dest.len, &p) };
+        let ptr = unsafe { sys::ucp_am_recv_data_nbx(self.worker, desc, buf, dest.len, &p) };
         self.track(id, "am_recv", ptr, None, None, timeout, Some(reply), Owned::Slice(dest));
     }
 
