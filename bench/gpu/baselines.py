@@ -24,6 +24,23 @@ def peer_copy(size, reps=20):
     return size * reps / (time.perf_counter() - t) / 1e9
 
 
+def pinned_copy(size, reps=20):
+    """Pinned host <-> GPU 1 copies (the ceiling of the host tier): (h2d GB/s, d2h GB/s)."""
+    h = torch.empty(size, dtype=torch.uint8).pin_memory()
+    d = torch.empty(size, dtype=torch.uint8, device="cuda:1")
+    out = []
+    for src, dst in ((h, d), (d, h)):
+        for _ in range(3):
+            dst.copy_(src)
+        torch.cuda.synchronize(1)
+        t = time.perf_counter()
+        for _ in range(reps):
+            dst.copy_(src)
+        torch.cuda.synchronize(1)
+        out.append(size * reps / (time.perf_counter() - t) / 1e9)
+    return out
+
+
 def nccl_worker(rank, size, reps, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     dist.init_process_group("nccl", rank=rank, world_size=2)
@@ -55,4 +72,6 @@ def nccl(size, reps=20):
 
 if __name__ == "__main__":
     for s in map(int, sys.argv[1:]):
-        print(f"baseline size={s} torch_peer_copy_gbs={peer_copy(s):.1f} nccl_sendrecv_gbs={nccl(s):.1f}", flush=True)
+        h2d, d2h = pinned_copy(s)
+        print(f"baseline size={s} torch_peer_copy_gbs={peer_copy(s):.1f} nccl_sendrecv_gbs={nccl(s):.1f} "
+              f"pinned_h2d_gbs={h2d:.1f} pinned_d2h_gbs={d2h:.1f}", flush=True)

@@ -65,6 +65,13 @@ for spec in "4M 32" "36M 16" "256M 4"; do
   demo 1 bench --size "$1" --chunks "$2" --reps 5 || FAIL=1
 done
 stop_server
+log "benchmark: host tier only (direct copies through the mapped pool), client on GPU1"
+start_server none -
+for spec in "4M 32" "36M 16" "256M 4"; do
+  set -- $spec
+  demo 1 bench --size "$1" --chunks "$2" --reps 5 || FAIL=1
+done
+stop_server
 log "baselines"
 pt() { # TEST SIZE PORT
   CUDA_VISIBLE_DEVICES=0 timeout 120 "$D/ucx/bin/ucx_perftest" -p "$3" >/dev/null 2>&1 &

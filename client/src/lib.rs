@@ -12,6 +12,8 @@
 //! Keys follow [`prefixd_proto::keys`]: vLLM's block-hash chain; producers and consumers must use
 //! the same [`KeyConfig`]. Only full chunks are cached.
 
+mod direct;
+
 use prefixd_proto::dataplane::{FetchHeader, PutHeader, AM_FETCH, AM_PUT};
 pub use prefixd_proto::keys::{parse_tokens, ChunkKey, KeyConfig};
 use prefixd_proto::v1::prefixd_client::PrefixdClient;
@@ -142,6 +144,8 @@ pub struct Client {
     path: DataPath,
     /// RMA sessions: the server's pools (GPU and host), found by address.
     pools: Vec<RemoteKey>,
+    /// Same host: the server's host pool mapped here, for direct copies.
+    shared: Option<direct::SharedHostPool>,
     routes: FetchRoutes,
     next_tag: AtomicU64,
     opts: ClientOptions,
@@ -216,6 +220,13 @@ impl Client {
             }
         }
         let path = if pools.is_empty() { DataPath::ActiveMessage } else { DataPath::Rma };
+        // Map the host pool where the server offers it; without it, RMA still works.
+        let shared = match (path, resp.pools.iter().find(|p| p.tier == "host")) {
+            (DataPath::Rma, Some(host)) if !resp.host_pool_socket.is_empty() => {
+                direct::SharedHostPool::open(&resp.host_pool_socket, host.base, host.length).ok()
+            }
+            _ => None,
+        };
         let routes: FetchRoutes = Arc::default();
         let router = tokio::spawn(route_fetches(fetch_rx, routes.clone()));
         Ok(Client {
@@ -226,12 +237,24 @@ impl Client {
             ep,
             path,
             pools,
+            shared,
             routes,
             next_tag: AtomicU64::new(1),
             opts,
             transports: resp.transports,
             router,
         })
+    }
+
+    /// A direct copy to (`to_pool`) or from the mapped host pool.
+    fn direct(&self, addr: u64, local: &RegionSlice, to_pool: bool) -> ucx_bindings::Result<()> {
+        let pool = self.shared.as_ref().ok_or(ucx_bindings::Error::WorkerStopped)?;
+        pool.copy(addr, local, to_pool).map_err(ucx_bindings::Error::InvalidArgument)
+    }
+
+    /// Whether host-tier chunks move by direct copies through the mapped pool (same host).
+    pub fn direct_host_pool(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// The server pool holding `addr` (RMA sessions).
@@ -416,6 +439,10 @@ impl Client {
         for batch in jobs.chunks(WINDOW) {
             let sends = batch.iter().map(|&(i, slot, d)| async move {
                 match self.path {
+                    // Same host, host tier: copy into the mapped pool.
+                    DataPath::Rma if self.shared.as_ref().is_some_and(|p| p.contains(slot.address, d.len())) => {
+                        self.direct(slot.address, d, true)
+                    }
                     // RMA: write straight into the reserved slot.
                     DataPath::Rma => self.ep.put(d, self.pool_at(slot.address)?, slot.address, t).await,
                     // Active message: the server picks the buffer and pulls the data.
@@ -505,6 +532,9 @@ impl Client {
                     let end = (done + WINDOW).min(dest.len());
                     let batch = (done..end).map(|i| async move {
                         let addr = lease.chunks[i].address;
+                        if self.shared.as_ref().is_some_and(|p| p.contains(addr, dest[i].len())) {
+                            return self.direct(addr, &dest[i], false);
+                        }
                         self.ep.get(&dest[i], self.pool_at(addr)?, addr, t).await
                     });
                     for r in join_all(batch).await {

@@ -130,6 +130,7 @@ impl Service {
             data_path: path as i32,
             pools,
             server_host_id: st.host_id.clone(),
+            host_pool_socket: if path == DataPath::Rma { st.host_pool_socket.clone() } else { String::new() },
         })
     }
 

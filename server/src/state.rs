@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+use ucx_bindings::shm::SharedMemory;
 use ucx_bindings::{Context, Endpoint, MemRegion, MemoryType, Worker};
 
 /// One connected client.
@@ -93,6 +94,10 @@ pub struct State {
     _pinned: Option<Pinned>,
     pub gpu_pool: Option<GpuPool>,
     pub host_pool: Arc<MemRegion>,
+    /// The memfd behind the host pool (same-host RMA allowed): unmapped after `host_pool`.
+    _host_shm: Option<SharedMemory>,
+    /// Abstract socket that hands the host pool to same-host clients ("" when not offered).
+    pub host_pool_socket: String,
     pub cuda: Option<Arc<Cuda>>,
     pub sessions: dashmap::DashMap<u64, Arc<Session>>,
     pub metrics: Metrics,
@@ -144,8 +149,29 @@ impl State {
         metrics: Metrics,
         cuda: Option<Arc<Cuda>>,
     ) -> anyhow::Result<Arc<State>> {
-        let host_pool = MemRegion::alloc_host(&ctx, cfg.host_pool.0 as usize)
-            .map_err(|e| anyhow::anyhow!("cannot allocate and register the {} host pool: {e}", cfg.host_pool))?;
+        let len = cfg.host_pool.0 as usize;
+        let (host_pool, host_shm, host_pool_socket) = if cfg.rma == RmaPolicy::SameHost {
+            // Shareable memory: same-host clients may map it and copy directly (see ucx_bindings::shm).
+            let shm = SharedMemory::create("prefixd-host-pool", len)
+                .map_err(|e| anyhow::anyhow!("cannot allocate the {} host pool: {e}", cfg.host_pool))?;
+            // SAFETY: the mapping lives in `_host_shm`, which is dropped after `host_pool`.
+            let region = unsafe { MemRegion::register(&ctx, shm.as_ptr(), len, MemoryType::Host) }
+                .map_err(|e| anyhow::anyhow!("cannot register the {} host pool: {e}", cfg.host_pool))?;
+            let name = format!("prefixd-pool-{}-{:016x}", std::process::id(), mix(random_seed()));
+            // The serving thread keeps the raw fd; `_host_shm` keeps it open for the process's life.
+            let socket = match ucx_bindings::shm::serve_fd(&name, shm.fd(), len as u64) {
+                Ok(()) => format!("@{name}"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "host pool not shared; same-host clients use RMA only");
+                    String::new()
+                }
+            };
+            (region, Some(shm), socket)
+        } else {
+            let region = MemRegion::alloc_host(&ctx, len)
+                .map_err(|e| anyhow::anyhow!("cannot allocate and register the {} host pool: {e}", cfg.host_pool))?;
+            (region, None, String::new())
+        };
         let pinned = cuda.as_ref().and_then(|c| {
             // SAFETY: the host pool stays mapped until after `pinned` is dropped (field order).
             match unsafe { c.host_register(host_pool.as_ptr(), host_pool.len()) } {
@@ -200,6 +226,8 @@ impl State {
             _pinned: pinned,
             gpu_pool,
             host_pool,
+            _host_shm: host_shm,
+            host_pool_socket,
             cuda,
             sessions: dashmap::DashMap::new(),
             metrics,

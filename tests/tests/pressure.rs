@@ -13,6 +13,8 @@ async fn ten_times_capacity_keeps_serving_with_bounded_memory() {
     for force_remote in [false, true] {
         let opts = ClientOptions { net_devices: Some("lo".into()), force_remote, ..ClientOptions::default() };
         let client = Client::connect_with(&server.grpc, opts).await.expect("connect");
+        // Same host and allowed: host-tier chunks move by direct copies through the mapped pool.
+        assert_eq!(client.direct_host_pool(), !force_remote);
         let chunk = 1 << 20;
         // 80 prompts of 2 chunks of 1 MiB: 160 MiB, ten times the pool.
         let mut last = Vec::new();

@@ -32,6 +32,7 @@
 pub mod hex;
 pub mod peer_protocol;
 pub mod result;
+pub mod shm;
 pub mod sys;
 
 mod context;

@@ -264,6 +264,11 @@ impl RegionSlice {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// The slice's first byte (a device address for CUDA memory).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr()
+    }
+
     pub(crate) fn ptr(&self) -> *mut u8 {
         // SAFETY: offset + len <= region.len was checked when the slice was made, so the
         // result stays inside the mapping.

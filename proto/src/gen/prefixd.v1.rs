@@ -65,6 +65,11 @@ pub struct ConnectResponse {
     /// The server's host identity (for diagnostics).
     #[prost(string, tag = "9")]
     pub server_host_id: ::prost::alloc::string::String,
+    /// RMA sessions: an abstract Unix socket ("@name") that hands out the host pool's memory (a
+    /// memfd, over SCM_RIGHTS) so the client can copy to and from host-tier slots directly, e.g.
+    /// with cuMemcpy at DMA speed from GPU memory. Empty when not offered. Same trust as `pools`.
+    #[prost(string, tag = "10")]
+    pub host_pool_socket: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
