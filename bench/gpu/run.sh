@@ -8,7 +8,8 @@
 #   C. host tier only; producer on GPU 0, consumer on GPU 1     (cuda_copy + shared memory)
 #   D. GPU pressure: 4 single-chunk puts of 36 MiB into a 64 MiB GPU pool -> >= 3 demotions to host,
 #      every chunk still verified
-# Benchmark: gpu-demo bench (pool GPU 0, client GPU 1) for 4, 36, 256 MiB chunks; baselines in
+# Benchmark: gpu-demo bench (pool GPU 0, client GPU 1) for 4, 36, 256 MiB chunks, and 36 MiB
+# chunks as 1152 x 32 KiB fragments (gpu-demo paged); host tier alone; baselines in
 # the same run: ucx_perftest cuda_ipc put/get, torch peer copy, NCCL send/recv.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -64,6 +65,9 @@ for spec in "4M 32" "36M 16" "256M 4"; do
   set -- $spec
   demo 1 bench --size "$1" --chunks "$2" --reps 5 || FAIL=1
 done
+log "paged chunks: 36 MiB as 1152 x 32 KiB fragments (pool GPU0, client GPU1), vs contiguous above"
+demo 1 paged --size 36M --chunks 16 --fragments 1152 --reps 5 || FAIL=1
+demo 1 paged --size 36M --chunks 1 --fragments 1152 --reps 5 || FAIL=1
 stop_server
 log "benchmark: host tier only (direct copies through the mapped pool), client on GPU1"
 start_server none -
@@ -71,6 +75,7 @@ for spec in "4M 32" "36M 16" "256M 4"; do
   set -- $spec
   demo 1 bench --size "$1" --chunks "$2" --reps 5 || FAIL=1
 done
+demo 1 paged --size 36M --chunks 16 --fragments 1152 --reps 5 || FAIL=1
 stop_server
 log "baselines"
 pt() { # TEST SIZE PORT

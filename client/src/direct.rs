@@ -28,7 +28,7 @@ fn cuda_ok(what: &str, r: cu::CUresult) -> Result<(), String> {
 }
 
 /// Makes current the CUDA context that owns device pointer `ptr` (tokio threads have none).
-fn bind_context_of(ptr: u64) -> Result<(), String> {
+pub(crate) fn bind_context_of(ptr: u64) -> Result<(), String> {
     // SAFETY: only ever reached for regions registered as CUDA memory, so a driver is loaded.
     if !unsafe { cu::is_culib_present() } {
         return Err("CUDA memory but no CUDA driver".into());
@@ -64,6 +64,15 @@ impl SharedHostPool {
         addr >= self.base
             && addr - self.base <= self.mem.len() as u64
             && self.mem.len() as u64 - (addr - self.base) >= len as u64
+    }
+
+    /// The local address of `[addr, addr+len)` of the pool, page-locked for CUDA copies.
+    pub(crate) fn local_for_cuda(&self, addr: u64, len: usize) -> Option<u64> {
+        if !self.contains(addr, len) {
+            return None;
+        }
+        self.pin_for_cuda();
+        Some(self.mem.as_ptr() as u64 + (addr - self.base))
     }
 
     fn pin_for_cuda(&self) {

@@ -13,6 +13,9 @@
 //! the same [`KeyConfig`]. Only full chunks are cached.
 
 mod direct;
+mod paged;
+
+pub use paged::Fragment;
 
 use prefixd_proto::dataplane::{FetchHeader, PutHeader, AM_FETCH, AM_PUT};
 pub use prefixd_proto::keys::{parse_tokens, ChunkKey, KeyConfig};
@@ -146,6 +149,9 @@ pub struct Client {
     pools: Vec<RemoteKey>,
     /// Same host: the server's host pool mapped here, for direct copies.
     shared: Option<direct::SharedHostPool>,
+    /// Same host with a GPU pool: its IPC handle, base and length, opened on first paged use.
+    gpu_ipc: Option<(Vec<u8>, u64, u64)>,
+    gpu_map: std::sync::OnceLock<Result<paged::GpuPoolMapping, String>>,
     routes: FetchRoutes,
     next_tag: AtomicU64,
     opts: ClientOptions,
@@ -227,6 +233,12 @@ impl Client {
             }
             _ => None,
         };
+        let gpu_ipc = match (path, resp.pools.iter().find(|p| p.tier == "gpu")) {
+            (DataPath::Rma, Some(g)) if resp.gpu_pool_ipc_handle.len() == 64 => {
+                Some((resp.gpu_pool_ipc_handle.clone(), g.base, g.length))
+            }
+            _ => None,
+        };
         let routes: FetchRoutes = Arc::default();
         let router = tokio::spawn(route_fetches(fetch_rx, routes.clone()));
         Ok(Client {
@@ -238,6 +250,8 @@ impl Client {
             path,
             pools,
             shared,
+            gpu_ipc,
+            gpu_map: std::sync::OnceLock::new(),
             routes,
             next_tag: AtomicU64::new(1),
             opts,
@@ -250,6 +264,115 @@ impl Client {
     fn direct(&self, addr: u64, local: &RegionSlice, to_pool: bool) -> ucx_bindings::Result<()> {
         let pool = self.shared.as_ref().ok_or(ucx_bindings::Error::WorkerStopped)?;
         pool.copy(addr, local, to_pool).map_err(ucx_bindings::Error::InvalidArgument)
+    }
+
+    /// The local address of a server pool range, for batched copies: the GPU pool through its
+    /// IPC mapping (opened on first use, in the context of `ctx_ptr`), the host pool through its
+    /// memfd mapping.
+    fn local_address(&self, addr: u64, len: u64, ctx_ptr: u64) -> Result<u64> {
+        if let Some(sh) = &self.shared {
+            if let Some(local) = sh.local_for_cuda(addr, len as usize) {
+                return Ok(local);
+            }
+        }
+        if let Some((handle, base, plen)) = &self.gpu_ipc {
+            let map = self.gpu_map.get_or_init(|| paged::GpuPoolMapping::open(handle, *base, *plen, ctx_ptr));
+            match map {
+                Ok(m) => {
+                    if let Some(local) = m.translate(addr, len) {
+                        return Ok(local);
+                    }
+                }
+                Err(e) => return Err(Error::InvalidArgument(format!("cannot map the server's GPU pool: {e}"))),
+            }
+        }
+        Err(Error::InvalidArgument(format!("{addr:#x} is in no pool this client can map")))
+    }
+
+    fn check_paged(&self, keys: &[ChunkKey], chunks: &[Vec<Fragment>]) -> Result<u64> {
+        if self.path != DataPath::Rma {
+            return Err(Error::InvalidArgument("paged chunks need a same-host (RMA) session".into()));
+        }
+        if keys.len() != chunks.len() {
+            return Err(Error::InvalidArgument(format!("{} keys but {} fragment lists", keys.len(), chunks.len())));
+        }
+        chunks.iter().flatten().next().map(|f| f.ptr).ok_or_else(|| Error::InvalidArgument("no fragments".into()))
+    }
+
+    /// Stores chunks given as fragment lists (a chunk's bytes are its fragments in order): every
+    /// needed chunk's fragments are gathered into its slot with one batched copy. Same-host
+    /// sessions only; fragments in CUDA or page-locked host memory.
+    pub async fn put_paged(
+        &self,
+        namespace: &str,
+        keys: &[ChunkKey],
+        parent: Option<ChunkKey>,
+        chunks: &[Vec<Fragment>],
+    ) -> Result<PutOutcome> {
+        let ctx_ptr = self.check_paged(keys, chunks)?;
+        let sizes: Vec<u64> = chunks.iter().map(|c| c.iter().map(|f| f.len as u64).sum()).collect();
+        let put = self.begin_put(namespace, keys, &sizes, parent).await?;
+        let copy = || -> Result<()> {
+            let (mut dsts, mut srcs, mut lens) = (Vec::new(), Vec::new(), Vec::new());
+            for ((slot, frags), size) in put.begin.slots.iter().zip(chunks).zip(&sizes) {
+                if slot.present {
+                    continue;
+                }
+                let mut dst = self.local_address(slot.address, *size, ctx_ptr)?;
+                for f in frags {
+                    dsts.push(dst);
+                    srcs.push(f.ptr);
+                    lens.push(f.len);
+                    dst += f.len as u64;
+                }
+            }
+            paged::batch_copy(ctx_ptr, dsts, srcs, lens).map_err(Error::InvalidArgument)?;
+            if Instant::now() > put.deadline {
+                return Err(Error::Expired("reservation"));
+            }
+            Ok(())
+        };
+        match copy() {
+            Ok(()) => put.commit().await,
+            Err(e) => {
+                put.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the longest cached prefix of `keys` into fragment lists (scatter, one batched
+    /// copy); returns the number of chunks read. Each chunk's fragments must add up to its size.
+    pub async fn get_paged(&self, namespace: &str, keys: &[ChunkKey], chunks: &[Vec<Fragment>]) -> Result<usize> {
+        let ctx_ptr = self.check_paged(keys, chunks)?;
+        let (lease, started) = self.lease(namespace, keys).await?;
+        let deadline = started + Duration::from_millis(lease.lease_expires_in_ms);
+        let result = (|| -> Result<usize> {
+            let (mut dsts, mut srcs, mut lens) = (Vec::new(), Vec::new(), Vec::new());
+            for (i, (c, frags)) in lease.chunks.iter().zip(chunks).enumerate() {
+                let total: u64 = frags.iter().map(|f| f.len as u64).sum();
+                if total != c.length {
+                    return Err(Error::InvalidArgument(format!(
+                        "chunk {i}: fragments add up to {total} bytes; the chunk is {} bytes",
+                        c.length
+                    )));
+                }
+                let mut src = self.local_address(c.address, c.length, ctx_ptr)?;
+                for f in frags {
+                    dsts.push(f.ptr);
+                    srcs.push(src);
+                    lens.push(f.len);
+                    src += f.len as u64;
+                }
+            }
+            paged::batch_copy(ctx_ptr, dsts, srcs, lens).map_err(Error::InvalidArgument)?;
+            if Instant::now() > deadline {
+                return Err(Error::Expired("lease"));
+            }
+            Ok(lease.hit_chunks as usize)
+        })();
+        self.release(lease.lease_id).await;
+        result
     }
 
     /// Whether host-tier chunks move by direct copies through the mapped pool (same host).

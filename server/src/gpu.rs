@@ -107,6 +107,15 @@ impl Cuda {
         Ok(ptr)
     }
 
+    /// The CUDA IPC handle of an allocation, for same-host processes to map it.
+    pub fn ipc_handle(&self, ptr: u64) -> Result<Vec<u8>, CudaError> {
+        self.make_current()?;
+        let mut h = cu::CUipcMemHandle { reserved: [0; 64] };
+        // SAFETY: ptr is a live cuMemAlloc allocation; valid out-pointer.
+        check("cuIpcGetMemHandle", unsafe { cu::cuIpcGetMemHandle(&mut h, ptr) })?;
+        Ok(h.reserved.iter().map(|b| *b as u8).collect())
+    }
+
     pub fn free(&self, ptr: u64) {
         let _ = self.make_current();
         // SAFETY: ptr came from alloc and is freed once by its owner.

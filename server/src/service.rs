@@ -131,6 +131,7 @@ impl Service {
             pools,
             server_host_id: st.host_id.clone(),
             host_pool_socket: if path == DataPath::Rma { st.host_pool_socket.clone() } else { String::new() },
+            gpu_pool_ipc_handle: if path == DataPath::Rma { st.gpu_ipc_handle.clone() } else { Vec::new() },
         })
     }
 

@@ -98,6 +98,8 @@ pub struct State {
     _host_shm: Option<SharedMemory>,
     /// Abstract socket that hands the host pool to same-host clients ("" when not offered).
     pub host_pool_socket: String,
+    /// CUDA IPC handle of the GPU pool for same-host clients (empty without a GPU pool).
+    pub gpu_ipc_handle: Vec<u8>,
     pub cuda: Option<Arc<Cuda>>,
     pub sessions: dashmap::DashMap<u64, Arc<Session>>,
     pub metrics: Metrics,
@@ -203,6 +205,13 @@ impl State {
                 Some(pool)
             }
         };
+        let gpu_ipc_handle = match (&gpu_pool, cfg.rma) {
+            (Some(g), RmaPolicy::SameHost) => g.cuda.ipc_handle(g.ptr).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "GPU pool not exported; paged chunks unavailable");
+                Vec::new()
+            }),
+            _ => Vec::new(),
+        };
         let mut tiers = Vec::new();
         if let Some(g) = &gpu_pool {
             tiers.push((Tier::Gpu, g.len as u64));
@@ -228,6 +237,7 @@ impl State {
             host_pool,
             _host_shm: host_shm,
             host_pool_socket,
+            gpu_ipc_handle,
             cuda,
             sessions: dashmap::DashMap::new(),
             metrics,

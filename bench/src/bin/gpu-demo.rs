@@ -8,6 +8,9 @@
 //!   fetches them into a poisoned device buffer and checks every byte against the seed.
 //! `gpu-demo bench --endpoint E --size BYTES --chunks N [--reps R]`
 //!   puts and gets N chunks R times from and into device memory; prints GB/s and latencies.
+//! `gpu-demo paged --endpoint E --size BYTES --chunks N --fragments F [--reps R]`
+//!   chunks of F fragments each, scattered over a device "KV cache" as vLLM pages them; puts
+//!   (gather) and gets (scatter into another, poisoned cache) R times; checks every fragment.
 //! Every line of output starts with the mode, for the scenario script to grep.
 
 use cudarc::driver::sys as cu;
@@ -87,6 +90,7 @@ struct Args {
     ns: String,
     reps: usize,
     transports: String,
+    fragments: usize,
 }
 
 fn parse() -> BoxResult<Args> {
@@ -101,6 +105,7 @@ fn parse() -> BoxResult<Args> {
         ns: "gpu-demo".into(),
         reps: 5,
         transports: "cuda_ipc,cuda_copy,sm,tcp".into(),
+        fragments: 1152,
     };
     while let Some(f) = it.next() {
         let v = it.next().ok_or_else(|| format!("{f} needs a value"))?;
@@ -112,6 +117,7 @@ fn parse() -> BoxResult<Args> {
             "--ns" => a.ns = v,
             "--reps" => a.reps = v.parse()?,
             "--transports" => a.transports = v,
+            "--fragments" => a.fragments = v.parse()?,
             other => return Err(format!("unknown flag {other}").into()),
         }
     }
@@ -223,8 +229,79 @@ async fn run() -> BoxResult<()> {
                 med(l2d)
             );
         }
+        "paged" => paged(&client, &gpu, &a).await?,
         other => return Err(format!("unknown mode {other}").into()),
     }
     client.close().await.ok();
+    Ok(())
+}
+
+/// Fisher-Yates with xorshift: the same seed, the same page placement.
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).collect();
+    let mut x = seed | 1;
+    for i in (1..n).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    v
+}
+
+async fn paged(client: &Client, gpu: &Gpu, a: &Args) -> BoxResult<()> {
+    use prefixd_client::Fragment;
+    let (f, n) = (a.fragments.max(1), a.chunks);
+    let flen = a.size / f;
+    let blocks = 2 * f * n; // a cache twice the size of what we move, pages scattered over it
+    let cache_len = blocks * flen;
+    let src = gpu.alloc(cache_len)?;
+    let dst = gpu.alloc(cache_len)?;
+    let mut host = vec![0u8; cache_len];
+    ucx_bindings::peer_protocol::fill_random(&mut host, a.seed);
+    gpu.htod(src, &host)?;
+    let (src_pages, dst_pages) = (shuffled(blocks, a.seed), shuffled(blocks, a.seed ^ 0xfeed));
+    let frags = |base: u64, pages: &[usize], c: usize| -> Vec<Fragment> {
+        (0..f).map(|j| Fragment { ptr: base + (pages[c * f + j] * flen) as u64, len: flen }).collect()
+    };
+    let src_frags: Vec<Vec<Fragment>> = (0..n).map(|c| frags(src, &src_pages, c)).collect();
+    let dst_frags: Vec<Vec<Fragment>> = (0..n).map(|c| frags(dst, &dst_pages, c)).collect();
+    let total = (flen * f * n) as f64;
+    let (mut put, mut get) = (Vec::new(), Vec::new());
+    for rep in 0..a.reps.max(1) {
+        gpu.htod(dst, &vec![0xEE; cache_len])?; // poison
+        let ks = keys(a.seed ^ 0x9a9e ^ ((rep as u64 + 1) << 40), n, a.size);
+        let t0 = Instant::now();
+        client.put_paged(&a.ns, &ks, None, &src_frags).await?;
+        put.push(total / t0.elapsed().as_secs_f64() / 1e9);
+        let t0 = Instant::now();
+        let hits = client.get_paged(&a.ns, &ks, &dst_frags).await?;
+        get.push(total / t0.elapsed().as_secs_f64() / 1e9);
+        if hits != n {
+            return Err(format!("paged: {hits} of {n} chunks hit").into());
+        }
+    }
+    // Every fragment landed where the scatter put it, with the bytes the gather took.
+    let mut got = vec![0u8; cache_len];
+    gpu.dtoh(&mut got, dst)?;
+    let mut bad = 0usize;
+    for c in 0..n {
+        for j in 0..f {
+            let (s, d) = (src_pages[c * f + j] * flen, dst_pages[c * f + j] * flen);
+            if got[d..d + flen] != host[s..s + flen] {
+                bad += 1;
+            }
+        }
+    }
+    if bad > 0 {
+        return Err(format!("paged MISMATCH: {bad} of {} fragments differ", n * f).into());
+    }
+    println!(
+        "paged size={} fragments={f}x{flen} chunks={n} put_gbs={:.1} get_gbs={:.1} VERIFIED {} fragments",
+        flen * f,
+        prefixd_bench::median(put),
+        prefixd_bench::median(get),
+        n * f
+    );
     Ok(())
 }

@@ -70,6 +70,10 @@ pub struct ConnectResponse {
     /// with cuMemcpy at DMA speed from GPU memory. Empty when not offered. Same trust as `pools`.
     #[prost(string, tag = "10")]
     pub host_pool_socket: ::prost::alloc::string::String,
+    /// RMA sessions with a GPU pool: its CUDA IPC handle (cuIpcGetMemHandle, 64 bytes), so the
+    /// client can map the pool and gather/scatter paged chunks with one batched copy. Empty otherwise.
+    #[prost(bytes = "vec", tag = "11")]
+    pub gpu_pool_ipc_handle: ::prost::alloc::vec::Vec<u8>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
