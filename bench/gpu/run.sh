@@ -39,6 +39,14 @@ demo() { # GPU MODE ARGS...
   return "${PIPESTATUS[0]}"
 }
 FAIL=0
+if [[ ${PAGED_ONLY:-0} == 1 ]]; then # a quick run of the paged path alone
+  start_server 0 12GiB
+  demo 1 bench --size 36M --chunks 16 --reps 5 || FAIL=1
+  demo 1 paged --size 36M --chunks 16 --fragments 1152 --reps 5 || FAIL=1
+  demo 1 paged --size 36M --chunks 1 --fragments 1152 --reps 5 || FAIL=1
+  stop_server
+  exit $FAIL
+fi
 scenario() { # NAME SERVER_GPU POOL PRODUCER_GPU CONSUMER_GPU SIZE CHUNKS
   log "scenario $1"
   start_server "$2" "$3"

@@ -62,8 +62,13 @@ impl GpuPoolMapping {
     }
 }
 
-/// Copies `sizes[i]` bytes from `srcs[i]` to `dsts[i]` for every i, as one batch on a fresh
-/// stream, and waits. `ctx_ptr` is any device pointer of the caller's, to find its context.
+/// Copy engines a batch is spread over: one stream feeds one engine at a time, and an H100 has
+/// several, so the batch is cut into this many parts on as many streams.
+const STREAMS: usize = 8;
+
+/// Copies `sizes[i]` bytes from `srcs[i]` to `dsts[i]` for every i, as batches on fresh
+/// streams, and waits. `ctx_ptr` is any device pointer of the caller's, to find its context.
+/// The caller must have finished writing the sources (e.g. synchronised its own stream).
 pub(crate) fn batch_copy(
     ctx_ptr: u64,
     mut dsts: Vec<u64>,
@@ -77,31 +82,51 @@ pub(crate) fn batch_copy(
         return Err("batch copy: mismatched lists".into());
     }
     crate::direct::bind_context_of(ctx_ptr)?;
-    let mut stream: cu::CUstream = std::ptr::null_mut();
-    // SAFETY: a context is current; valid out-pointer; CU_STREAM_NON_BLOCKING (1).
-    ok("cuStreamCreate", unsafe { cu::cuStreamCreate(&mut stream, 1) })?;
-    // SAFETY: plain C struct; zeroed location hints mean "no hint".
-    let mut attr: cu::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
-    attr.srcAccessOrder = cu::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
-    let mut attr_idx = [0usize];
-    // SAFETY: three arrays of `count` entries; every range is a fragment or a pool slot the caller
-    // vouches for (reserved or leased); one attribute applying from index 0; a live stream.
-    let r = unsafe {
-        cu::cuMemcpyBatchAsync_v2(
-            dsts.as_mut_ptr(),
-            srcs.as_mut_ptr(),
-            sizes.as_mut_ptr(),
-            dsts.len(),
-            &mut attr,
-            attr_idx.as_mut_ptr(),
-            1,
-            stream,
-        )
-    };
-    // SAFETY: the stream is live; synchronising also covers a failed launch.
-    let sync = unsafe { cu::cuStreamSynchronize(stream) };
-    // SAFETY: destroyed once, after its work is done.
-    unsafe { cu::cuStreamDestroy_v2(stream) };
-    ok("cuMemcpyBatchAsync", r)?;
-    ok("cuStreamSynchronize", sync)
+    let per = dsts.len().div_ceil(STREAMS);
+    let mut streams = Vec::new();
+    let mut first_err = None;
+    for start in (0..dsts.len()).step_by(per) {
+        let end = (start + per).min(dsts.len());
+        let mut stream: cu::CUstream = std::ptr::null_mut();
+        // SAFETY: a context is current; valid out-pointer; CU_STREAM_NON_BLOCKING (1).
+        if let Err(e) = ok("cuStreamCreate", unsafe { cu::cuStreamCreate(&mut stream, 1) }) {
+            first_err.get_or_insert(e);
+            break;
+        }
+        streams.push(stream);
+        // SAFETY: plain C struct; zeroed location hints mean "no hint".
+        let mut attr: cu::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
+        // Sources are complete before the call (the caller's duty): any order may read them.
+        attr.srcAccessOrder = cu::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_ANY;
+        let mut attr_idx = [0usize];
+        // SAFETY: three arrays with `end - start` entries from `start`; every range is a fragment
+        // or a pool slot the caller vouches for (reserved or leased); one attribute from index 0;
+        // a live stream.
+        let r = unsafe {
+            cu::cuMemcpyBatchAsync_v2(
+                dsts.as_mut_ptr().add(start),
+                srcs.as_mut_ptr().add(start),
+                sizes.as_mut_ptr().add(start),
+                end - start,
+                &mut attr,
+                attr_idx.as_mut_ptr(),
+                1,
+                stream,
+            )
+        };
+        if let Err(e) = ok("cuMemcpyBatchAsync", r) {
+            first_err.get_or_insert(e);
+            break;
+        }
+    }
+    for stream in streams {
+        // SAFETY: a live stream; synchronising also covers a failed launch; destroyed once.
+        let sync = unsafe { cu::cuStreamSynchronize(stream) };
+        // SAFETY: as above.
+        unsafe { cu::cuStreamDestroy_v2(stream) };
+        if let Err(e) = ok("cuStreamSynchronize", sync) {
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
 }

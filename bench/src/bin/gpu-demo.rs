@@ -270,7 +270,7 @@ async fn paged(client: &Client, gpu: &Gpu, a: &Args) -> BoxResult<()> {
     let (mut put, mut get) = (Vec::new(), Vec::new());
     for rep in 0..a.reps.max(1) {
         gpu.htod(dst, &vec![0xEE; cache_len])?; // poison
-        let ks = keys(a.seed ^ 0x9a9e ^ ((rep as u64 + 1) << 40), n, a.size);
+        let ks = keys(a.seed ^ 0x9a9e ^ ((rep as u64 + 1) << 40) ^ ((n as u64) << 48), n, a.size);
         let t0 = Instant::now();
         client.put_paged(&a.ns, &ks, None, &src_frags).await?;
         put.push(total / t0.elapsed().as_secs_f64() / 1e9);
