@@ -45,6 +45,9 @@ if [[ ${PAGED_ONLY:-0} == 1 ]]; then # a quick run of the paged path alone
   demo 1 paged --size 36M --chunks 16 --fragments 1152 --reps 5 || FAIL=1
   demo 1 paged --size 36M --chunks 1 --fragments 1152 --reps 5 || FAIL=1
   stop_server
+  start_server none -
+  demo 1 paged --size 36M --chunks 16 --fragments 1152 --reps 5 || FAIL=1
+  stop_server
   exit $FAIL
 fi
 scenario() { # NAME SERVER_GPU POOL PRODUCER_GPU CONSUMER_GPU SIZE CHUNKS
