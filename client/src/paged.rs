@@ -75,7 +75,7 @@ const GATHER_PTX: &str = r#"
 {
     .reg .pred %p<3>;
     .reg .b32 %r<5>;
-    .reg .b64 %rd<24>;
+    .reg .b64 %rd<32>;
     ld.param.u64 %rd1, [p_dst];
     ld.param.u64 %rd2, [p_src];
     ld.param.u64 %rd3, [p_len];
@@ -103,6 +103,35 @@ FRAG:
     shr.u64 %rd13, %rd12, 4;
     cvt.u64.u32 %rd14, %r3;
 WORD:
+    // Four 16-byte words in flight per thread while they all fit, then one at a time.
+    cvt.u64.u32 %rd20, %r4;
+    shl.b64 %rd22, %rd20, 1;
+    add.u64 %rd22, %rd22, %rd20;
+    add.u64 %rd23, %rd14, %rd22;
+    setp.lt.u64 %p2, %rd23, %rd13;
+    @!%p2 bra ONE;
+    shl.b64 %rd15, %rd14, 4;
+    shl.b64 %rd21, %rd20, 4;
+    add.u64 %rd16, %rd10, %rd15;
+    add.u64 %rd17, %rd8, %rd15;
+    ld.global.v2.u64 {%rd18, %rd19}, [%rd16];
+    add.u64 %rd16, %rd16, %rd21;
+    ld.global.v2.u64 {%rd24, %rd25}, [%rd16];
+    add.u64 %rd16, %rd16, %rd21;
+    ld.global.v2.u64 {%rd26, %rd27}, [%rd16];
+    add.u64 %rd16, %rd16, %rd21;
+    ld.global.v2.u64 {%rd28, %rd29}, [%rd16];
+    st.global.v2.u64 [%rd17], {%rd18, %rd19};
+    add.u64 %rd17, %rd17, %rd21;
+    st.global.v2.u64 [%rd17], {%rd24, %rd25};
+    add.u64 %rd17, %rd17, %rd21;
+    st.global.v2.u64 [%rd17], {%rd26, %rd27};
+    add.u64 %rd17, %rd17, %rd21;
+    st.global.v2.u64 [%rd17], {%rd28, %rd29};
+    shl.b64 %rd22, %rd20, 2;
+    add.u64 %rd14, %rd14, %rd22;
+    bra WORD;
+ONE:
     setp.ge.u64 %p2, %rd14, %rd13;
     @%p2 bra NEXT;
     shl.b64 %rd15, %rd14, 4;
@@ -110,9 +139,8 @@ WORD:
     add.u64 %rd17, %rd8, %rd15;
     ld.global.v2.u64 {%rd18, %rd19}, [%rd16];
     st.global.v2.u64 [%rd17], {%rd18, %rd19};
-    cvt.u64.u32 %rd20, %r4;
     add.u64 %rd14, %rd14, %rd20;
-    bra WORD;
+    bra ONE;
 NEXT:
     cvt.u64.u32 %rd21, %r2;
     add.u64 %rd5, %rd5, %rd21;
