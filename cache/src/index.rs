@@ -96,6 +96,26 @@ pub struct Move {
     pub to: Location,
 }
 
+/// Bytes by tier (for metrics that say which path the bytes took).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierBytes {
+    pub gpu: u64,
+    pub host: u64,
+}
+
+impl TierBytes {
+    pub fn add(&mut self, tier: Tier, len: u64) {
+        match tier {
+            Tier::Gpu => self.gpu += len,
+            Tier::Host => self.host += len,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.gpu + self.host
+    }
+}
+
 /// One slot of a [`BeginPut`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
@@ -559,9 +579,9 @@ impl Index {
         Ok(p.received.as_ref().map_or(0, |r| r.iter().filter(|x| **x != Arrival::Received).count()))
     }
 
-    /// Makes a put's chunks visible; returns how many chunks and bytes. Fails (changing nothing) if the put is unknown, belongs to
+    /// Makes a put's chunks visible; returns how many chunks, and their bytes by tier. Fails (changing nothing) if the put is unknown, belongs to
     /// another session, expired, or still misses active-message data.
-    pub fn commit_put(&mut self, put_id: PutId, session: SessionId, now: Instant) -> Result<(u32, u64)> {
+    pub fn commit_put(&mut self, put_id: PutId, session: SessionId, now: Instant) -> Result<(u32, TierBytes)> {
         let p = self.own_put(put_id, session)?;
         if now > p.expires {
             return Err(IndexError::expired(format!("put {put_id} expired before its commit")));
@@ -573,13 +593,13 @@ impl Index {
             }
         }
         let p = self.puts.remove(&put_id).ok_or_else(|| IndexError::not_found("put vanished"))?;
-        let (mut n, mut bytes) = (0, 0);
+        let (mut n, mut bytes) = (0, TierBytes::default());
         for (_, key) in &p.reserved {
             let k = (p.ns, *key);
             if let Some(e) = self.entries.get_mut(&k) {
                 e.state = State::Ready;
                 n += 1;
-                bytes += e.len;
+                bytes.add(e.tier, e.len);
             }
             self.touch(k);
             self.refile(k);

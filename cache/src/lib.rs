@@ -25,6 +25,6 @@ pub use alloc::{Allocator, ALIGN};
 pub use error::{ErrorKind, IndexError, Result};
 pub use index::{
     BeginPut, Counters, Expired, Index, IndexConfig, LeaseId, Location, LookupResult, Move, PutId, SessionId, Slot,
-    TierUsage,
+    TierBytes, TierUsage,
 };
 pub use tier::Tier;

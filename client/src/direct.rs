@@ -77,6 +77,10 @@ impl SharedHostPool {
 
     fn pin_for_cuda(&self) {
         self.pinned.get_or_init(|| {
+            // SAFETY: only probes for the driver library (cudarc panics on calls without it).
+            if !unsafe { cu::is_culib_present() } {
+                return false;
+            }
             // SAFETY: the mapping lives as long as self; PORTABLE (1) so every context sees it.
             let r = unsafe { cu::cuMemHostRegister_v2(self.mem.as_ptr().cast(), self.mem.len(), 1) };
             r == cu::CUresult::CUDA_SUCCESS

@@ -36,7 +36,7 @@ pub const CATALOG: &[(&str, &str, &str, &str)] = &[
         TRANSFER_BYTES_TOTAL,
         "counter",
         "direction, path, transport",
-        "chunk bytes in (puts) and out (gets) by data path (rma, am) and UCX transport; RMA bytes count at commit and at lease",
+        "chunk bytes in (puts) and out (gets) by data path (rma, am) and transport (cuda_ipc: GPU pool; shm: mapped host pool; else the endpoint's UCX lane, e.g. tcp, posix); RMA bytes count at commit and at lease",
     ),
     (POOL_USED_BYTES, "gauge", "tier", "pool bytes allocated (entries and reservations)"),
     (POOL_CAPACITY_BYTES, "gauge", "tier", "pool size"),

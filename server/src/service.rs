@@ -175,10 +175,7 @@ impl Service {
             let result = st.index().commit_put(r.put_id, session.id, Instant::now());
             match result {
                 Ok((chunks, bytes)) => {
-                    st.metrics
-                        .transfer_bytes
-                        .with_label_values(&["in", session.path_label(), &session.transport])
-                        .inc_by(bytes);
+                    st.count_bytes("in", &session, bytes);
                     return Ok(CommitPutResponse { committed: chunks });
                 }
                 Err(e) if e.kind == prefixd_cache::ErrorKind::FailedPrecondition && Instant::now() < give_up => {
@@ -227,8 +224,11 @@ impl Service {
             })
             .collect();
         if let (Some(s), true) = (&session, rma) {
-            let bytes: u64 = chunks.iter().map(|c| c.length).sum();
-            st.metrics.transfer_bytes.with_label_values(&["out", "rma", &s.transport]).inc_by(bytes);
+            let mut bytes = prefixd_cache::TierBytes::default();
+            for l in &res.locations {
+                bytes.add(l.tier, l.len);
+            }
+            st.count_bytes("out", s, bytes);
         }
         let (lease_id, expires_in) = match res.lease {
             Some((id, expires)) => (id, ms(expires.saturating_duration_since(now))),
@@ -368,7 +368,8 @@ impl Prefixd for Service {
             let mut bytes_by_path = std::collections::HashMap::new();
             for dir in ["in", "out"] {
                 for path in ["rma", "am"] {
-                    for t in st.transports.iter().chain(std::iter::once(&"unknown".to_owned())) {
+                    let extra = ["cuda_ipc", "shm", "unknown"].map(str::to_owned);
+                    for t in st.transports.iter().chain(extra.iter()) {
                         if let Ok(m) = st.metrics.transfer_bytes.get_metric_with_label_values(&[dir, path, t]) {
                             if m.get() > 0 {
                                 bytes_by_path.insert(format!("{dir} {path}:{t}"), m.get());

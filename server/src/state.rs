@@ -34,6 +34,17 @@ impl Session {
         self.last_seen.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
     }
 
+    /// The transport label for bytes of `tier` on this session: RMA clients reach the GPU pool
+    /// by cuda_ipc and the host pool through its shared mapping when it was offered (else by the
+    /// endpoint's lane); active-message sessions use their endpoint's lane.
+    pub fn transport_for(&self, tier: prefixd_cache::Tier, host_pool_shared: bool) -> &str {
+        match (self.path, tier) {
+            (DataPath::Rma, prefixd_cache::Tier::Gpu) => "cuda_ipc",
+            (DataPath::Rma, prefixd_cache::Tier::Host) if host_pool_shared => "shm",
+            _ => &self.transport,
+        }
+    }
+
     pub fn path_label(&self) -> &'static str {
         match self.path {
             DataPath::Rma => "rma",
@@ -310,6 +321,18 @@ impl State {
         match tier {
             Tier::Host => Some(&self.host_pool),
             Tier::Gpu => self.gpu_pool.as_ref().and_then(|g| g.region.as_ref()),
+        }
+    }
+
+    /// Counts chunk bytes of a session by direction, data path and (per tier) transport. RMA
+    /// clients move bytes themselves: they count at commit (in) and at lease (out).
+    pub fn count_bytes(&self, direction: &str, session: &Session, bytes: prefixd_cache::TierBytes) {
+        let shared = !self.host_pool_socket.is_empty();
+        for (tier, n) in [(Tier::Gpu, bytes.gpu), (Tier::Host, bytes.host)] {
+            if n > 0 {
+                let transport = session.transport_for(tier, shared);
+                self.metrics.transfer_bytes.with_label_values(&[direction, session.path_label(), transport]).inc_by(n);
+            }
         }
     }
 

@@ -36,6 +36,11 @@ async fn ten_times_capacity_keeps_serving_with_bounded_memory() {
         let s = client.stats().await.unwrap();
         assert!(s.evictions > 0);
         assert!(s.tiers[0].used_bytes <= s.tiers[0].capacity_bytes);
+        // Paged chunks need a same-host session and CUDA: a clear error here, never a panic.
+        let frag = vec![vec![::prefixd_client::Fragment { ptr: 0x1000, len: 4096 }]];
+        let k = client.keys(&(0..256).collect::<Vec<u32>>());
+        let e = client.put_paged("pressure", &k, None, &frag).await.unwrap_err();
+        assert!(matches!(e, ::prefixd_client::Error::InvalidArgument(_)), "{e:?}");
         client.close().await.ok();
     }
     let rss = server.rss_bytes();
