@@ -102,20 +102,30 @@ impl Drop for SharedMemory {
     }
 }
 
-/// Sends `len` (8 bytes, little-endian) and `fd` (as SCM_RIGHTS) on a connected stream.
-fn send_fd(stream: &UnixStream, fd: RawFd, len: u64) -> io::Result<()> {
-    let payload = len.to_le_bytes();
-    let mut iov = libc::iovec { iov_base: payload.as_ptr() as *mut libc::c_void, iov_len: payload.len() };
+/// Room for one control message carrying one file descriptor.
+fn fd_control_buffer() -> Vec<u8> {
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: zeroed msghdr, then every field set to buffers that outlive sendmsg.
+    vec![0u8; unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize]
+}
+
+/// A message of one data buffer and room for one fd; both buffers must outlive its use.
+fn one_fd_message(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: plain C struct; zeroes are valid, and every pointer field is set below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
+    msg.msg_iov = iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: msg_control points to `space` bytes, enough for one header with one fd.
+    msg.msg_controllen = control.len();
+    msg
+}
+
+/// Sends `len` (8 bytes, little-endian) and `fd` (as SCM_RIGHTS) on a connected stream.
+fn send_fd(stream: &UnixStream, fd: RawFd, len: u64) -> io::Result<()> {
+    let mut payload = len.to_le_bytes();
+    let mut iov = libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() };
+    let mut control = fd_control_buffer();
+    let msg = one_fd_message(&mut iov, &mut control);
+    // SAFETY: msg_control points to a buffer sized for one header with one fd.
     unsafe {
         let c = libc::CMSG_FIRSTHDR(&msg);
         (*c).cmsg_level = libc::SOL_SOCKET;
@@ -153,15 +163,8 @@ pub fn receive_fd(name: &str) -> io::Result<(OwnedFd, u64)> {
     stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
     let mut payload = [0u8; 8];
     let mut iov = libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() };
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: zeroed msghdr, then every field set to buffers that outlive recvmsg.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space;
+    let mut control = fd_control_buffer();
+    let mut msg = one_fd_message(&mut iov, &mut control);
     // SAFETY: a connected socket; buffers as declared in msg.
     let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n != payload.len() as isize {
