@@ -2,7 +2,8 @@
 # prefixd developer entry point. Installs what a fresh machine lacks (UCX from the PyPI wheel
 # libucx-cu13 when no UCX_HOME or pkg-config UCX is found), then:
 #   scripts/dev.sh run [ARGS...]   build and run prefixd (release) on the embedded defaults
-#   scripts/dev.sh test            formatting, clippy -D warnings, and every test (CI runs this)
+#   scripts/dev.sh test            formatting, clippy -D warnings, every Rust test, then the Python
+#                                  package installed by pip and its tests (CI runs this)
 #   scripts/dev.sh bench-ucx [..]  ucx-bindings throughput against ucx_perftest (BENCHMARKS.md)
 #   scripts/dev.sh bench [..]      prefixd against redis-server and ucx_perftest (BENCHMARKS.md)
 set -euo pipefail
@@ -50,6 +51,9 @@ case $cmd in
     cargo clippy --workspace --all-targets --quiet -- -D warnings
     say "cargo test"
     cargo test --workspace
+    say "python package: pip install ./python[test], then pytest python/tests"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "./python[test]"
+    python3 -m pytest -q python/tests
     ;;
   bench-ucx)
     ensure_cargo; ensure_ucx
@@ -63,7 +67,7 @@ case $cmd in
     exec target/release/prefixd-bench "$@"
     ;;
   *)
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
     [[ $cmd == help || $cmd == -h || $cmd == --help ]] || exit 2
     ;;
 esac

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use ucx_bindings::{AmData, Endpoint, ErrorMode, IncomingAm, MemRegion, RegionSlice, RemoteKey, RemoteRegion, Worker};
 
+pub use prefixd_proto::v1::DataPath;
 pub use prefixd_proto::v1::StatsResponse as Stats;
 pub use ucx_bindings;
 
@@ -365,6 +366,9 @@ impl Client {
                     src += f.len as u64;
                 }
             }
+            if lease.chunks.is_empty() {
+                return Ok(0); // a miss: nothing to copy, no lease to outrun
+            }
             paged::batch_copy(ctx_ptr, dsts, srcs, lens).map_err(Error::InvalidArgument)?;
             if Instant::now() > deadline {
                 return Err(Error::Expired("lease"));
@@ -645,6 +649,9 @@ impl Client {
 
     /// Moves the leased chunks into `dest` and checks the lease was still valid at the end.
     async fn read_leased(&self, lease: &LookupResponse, started: Instant, dest: &[RegionSlice]) -> Result<()> {
+        if dest.is_empty() {
+            return Ok(()); // a miss: no lease to outrun
+        }
         let deadline = started + Duration::from_millis(lease.lease_expires_in_ms);
         let t = self.opts.timeout;
         match self.path {
@@ -728,6 +735,12 @@ impl Client {
 
     /// Ends the session now (otherwise the server ends it after it has been idle a while).
     pub async fn close(self) -> Result<()> {
+        self.disconnect().await
+    }
+
+    /// Ends the session without consuming the client (for owners that share it, such as the
+    /// Python bindings); later calls fail with the server's "unknown session" error.
+    pub async fn disconnect(&self) -> Result<()> {
         self.grpc.clone().disconnect(DisconnectRequest { session_id: self.session_id }).await?;
         Ok(())
     }

@@ -150,16 +150,23 @@ DONE:
 }
 "#;
 
-/// The loaded kernel, per process (one context per client process is assumed).
+/// The loaded kernel of one CUDA context (a module belongs to the context it was loaded in).
+#[derive(Clone, Copy)]
 struct Kernel(cu::CUfunction);
 // SAFETY: a CUfunction handle may be launched from any thread with its context current.
 unsafe impl Send for Kernel {}
-// SAFETY: as above.
-unsafe impl Sync for Kernel {}
 
+/// The kernel for the current context, loaded on first use there (one per GPU a process uses).
 fn kernel() -> Result<cu::CUfunction, String> {
-    static K: std::sync::OnceLock<Result<Kernel, String>> = std::sync::OnceLock::new();
-    let k = K.get_or_init(|| {
+    static LOADED: std::sync::Mutex<Vec<(usize, Result<Kernel, String>)>> = std::sync::Mutex::new(Vec::new());
+    let mut ctx: cu::CUcontext = std::ptr::null_mut();
+    // SAFETY: valid out-pointer; the caller made a context current.
+    ok("cuCtxGetCurrent", unsafe { cu::cuCtxGetCurrent(&mut ctx) })?;
+    let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, k)) = loaded.iter().find(|(c, _)| *c == ctx as usize) {
+        return k.as_ref().map(|k| k.0).map_err(|e| e.clone());
+    }
+    let load = || -> Result<Kernel, String> {
         let ptx = std::ffi::CString::new(GATHER_PTX).map_err(|e| e.to_string())?;
         let mut module: cu::CUmodule = std::ptr::null_mut();
         // SAFETY: NUL-terminated PTX text; valid out-pointer; the module is never unloaded.
@@ -168,8 +175,10 @@ fn kernel() -> Result<cu::CUfunction, String> {
         // SAFETY: a loaded module and a NUL-terminated name present in it.
         ok("cuModuleGetFunction", unsafe { cu::cuModuleGetFunction(&mut f, module, c"gather".as_ptr()) })?;
         Ok(Kernel(f))
-    });
-    k.as_ref().map(|k| k.0).map_err(Clone::clone)
+    };
+    let k = load();
+    loaded.push((ctx as usize, k.clone()));
+    k.map(|k| k.0)
 }
 
 /// Gathers/scatters with the kernel: every address and length must be 16-byte aligned.

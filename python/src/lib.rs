@@ -1,0 +1,350 @@
+//! `prefixd._native`: the Rust client behind the Python package `prefixd`.
+//!
+//! The Python layer (`python/prefixd/`) turns tensors into address ranges and calls these
+//! functions; this layer checks every range again before any byte moves, runs the async client
+//! on one shared tokio runtime, and releases the GIL for the length of each call so that other
+//! Python threads (an engine's scheduler, say) keep running while a transfer is in flight.
+//!
+//! Memory is named by `(address, length, device)` triples: `device` is a CUDA ordinal, or -1 for
+//! host memory. The Python caller keeps the objects behind the addresses alive for the call.
+
+mod buffers;
+mod errors;
+
+use buffers::{Bounds, Buffer};
+use errors::to_py;
+use prefixd_client::{ChunkKey, Client, ClientOptions, Fragment, KeyConfig, PutOutcome, WorkerInit};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+/// The runtime every client shares: two threads are plenty for gRPC calls and completions (the
+/// bytes move on UCX's and CUDA's own threads and engines).
+fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
+    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("prefixd-py")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| errors::PrefixdError::new_err(format!("cannot start the client runtime: {e}")))
+}
+
+fn key_config(seed: String, block_tokens: usize, chunk_tokens: usize) -> PyResult<KeyConfig> {
+    let k = KeyConfig { seed, block_tokens, chunk_tokens };
+    k.validate().map_err(PyValueError::new_err)?;
+    Ok(k)
+}
+
+fn parse_keys(keys: Vec<Vec<u8>>) -> PyResult<Vec<ChunkKey>> {
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| {
+            ChunkKey::from_slice(k)
+                .ok_or_else(|| PyValueError::new_err(format!("key {i} is {} bytes; keys are 32 bytes", k.len())))
+        })
+        .collect()
+}
+
+fn outcome(o: PutOutcome) -> (usize, usize, usize) {
+    (o.chunks, o.stored, o.skipped)
+}
+
+/// Chunk keys of `tokens` (full chunks only): vLLM's sha256_cbor block-hash chain, as the Rust
+/// client and server compute it.
+#[pyfunction]
+#[pyo3(signature = (tokens, seed = "0".to_owned(), block_tokens = 16, chunk_tokens = 256))]
+fn chunk_keys(tokens: Vec<u32>, seed: String, block_tokens: usize, chunk_tokens: usize) -> PyResult<Vec<Vec<u8>>> {
+    Ok(key_config(seed, block_tokens, chunk_tokens)?.chunk_keys(&tokens).into_iter().map(|k| k.0.to_vec()).collect())
+}
+
+/// Makes the primary CUDA context of `device` current on the calling thread (the one PyTorch
+/// uses), so that UCX's CUDA transports on the client's progress thread see the engine's memory.
+fn bind_primary_context(device: i32) -> Result<(), String> {
+    use cudarc::driver::sys as cu;
+    // SAFETY: probing for the driver library has no preconditions.
+    if !unsafe { cu::is_culib_present() } {
+        return Err("no CUDA driver on this machine".into());
+    }
+    let check = |what: &str, r: cu::CUresult| {
+        if r == cu::CUresult::CUDA_SUCCESS {
+            Ok(())
+        } else {
+            Err(format!("{what}: {r:?}"))
+        }
+    };
+    let mut dev: cu::CUdevice = 0;
+    let mut ctx: cu::CUcontext = std::ptr::null_mut();
+    // SAFETY: cuInit may be called repeatedly; valid out-pointers; the retained primary context
+    // is never released, so it outlives the thread that made it current.
+    unsafe {
+        check("cuInit", cu::cuInit(0))?;
+        check("cuDeviceGet", cu::cuDeviceGet(&mut dev, device))?;
+        check("cuDevicePrimaryCtxRetain", cu::cuDevicePrimaryCtxRetain(&mut ctx, dev))?;
+        check("cuCtxSetCurrent", cu::cuCtxSetCurrent(ctx))
+    }
+}
+
+/// One session with a prefixd server. See `prefixd.Client` for the documented interface.
+#[pyclass(frozen, module = "prefixd._native")]
+struct NativeClient {
+    client: RwLock<Option<Arc<Client>>>,
+    endpoint: String,
+}
+
+impl NativeClient {
+    fn get(&self) -> PyResult<Arc<Client>> {
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| errors::PrefixdError::new_err(format!("client of {} is closed", self.endpoint)))
+    }
+
+    /// Runs `f(client)` on the runtime with the GIL released.
+    fn call<T: Send, F>(&self, py: Python<'_>, f: impl FnOnce(Arc<Client>) -> F + Send) -> PyResult<T>
+    where
+        F: std::future::Future<Output = prefixd_client::Result<T>> + Send,
+    {
+        let client = self.get()?;
+        let rt = runtime()?;
+        py.detach(|| rt.block_on(f(client))).map_err(to_py)
+    }
+}
+
+#[pymethods]
+impl NativeClient {
+    #[new]
+    #[pyo3(signature = (endpoint, name, transports, net_devices, force_remote, timeout_s, seed, block_tokens, chunk_tokens, device))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        endpoint: String,
+        name: String,
+        transports: String,
+        net_devices: Option<String>,
+        force_remote: bool,
+        timeout_s: f64,
+        seed: String,
+        block_tokens: usize,
+        chunk_tokens: usize,
+        device: Option<i32>,
+    ) -> PyResult<Self> {
+        if !(timeout_s.is_finite() && timeout_s > 0.0 && timeout_s <= 86_400.0) {
+            return Err(PyValueError::new_err(format!("timeout must be in (0, 86400] seconds, not {timeout_s}")));
+        }
+        let worker_init = match device {
+            Some(d) if d < 0 => return Err(PyValueError::new_err(format!("device must be >= 0, not {d}"))),
+            // Fail here, in the caller's thread, rather than later on UCX's.
+            Some(d) => {
+                bind_primary_context(d).map_err(|e| errors::PrefixdError::new_err(format!("CUDA device {d}: {e}")))?;
+                Some(WorkerInit(Arc::new(move || {
+                    // Already checked above; a failure here only leaves CUDA transports unusable,
+                    // which the first CUDA transfer then reports.
+                    let _ = bind_primary_context(d);
+                })))
+            }
+            None => None,
+        };
+        let opts = ClientOptions {
+            name,
+            transports,
+            net_devices,
+            force_remote,
+            keys: key_config(seed, block_tokens, chunk_tokens)?,
+            timeout: Duration::from_secs_f64(timeout_s),
+            worker_init,
+        };
+        let rt = runtime()?;
+        let ep = endpoint.clone();
+        let client = py.detach(|| rt.block_on(Client::connect_with(&ep, opts))).map_err(to_py)?;
+        Ok(NativeClient { client: RwLock::new(Some(Arc::new(client))), endpoint })
+    }
+
+    /// "rma" (same host: direct reads and writes of the server's pools) or "active_message".
+    #[getter]
+    fn data_path(&self) -> PyResult<&'static str> {
+        Ok(match self.get()?.data_path() {
+            prefixd_client::DataPath::Rma => "rma",
+            _ => "active_message",
+        })
+    }
+
+    /// Transports both sides can use, as the server reported them.
+    #[getter]
+    fn transports(&self) -> PyResult<Vec<String>> {
+        Ok(self.get()?.transports().to_vec())
+    }
+
+    /// The endpoint's UCX lanes, e.g. ["posix/memory", "cuda_ipc/cuda"].
+    fn endpoint_transports(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        self.call(py, |c| async move { c.endpoint_transports().await })
+    }
+
+    fn keys(&self, tokens: Vec<u32>) -> PyResult<Vec<Vec<u8>>> {
+        Ok(self.get()?.keys(&tokens).into_iter().map(|k| k.0.to_vec()).collect())
+    }
+
+    /// Leading chunks of `keys` that are cached.
+    fn lookup(&self, py: Python<'_>, namespace: String, keys: Vec<Vec<u8>>) -> PyResult<usize> {
+        let keys = parse_keys(keys)?;
+        self.call(py, |c| async move { c.lookup_keys(&namespace, &keys).await })
+    }
+
+    /// Stores one buffer per key: (chunks, stored, skipped).
+    #[pyo3(signature = (namespace, keys, buffers, parent = None))]
+    fn put_buffers(
+        &self,
+        py: Python<'_>,
+        namespace: String,
+        keys: Vec<Vec<u8>>,
+        buffers: Vec<(u64, usize, i32)>,
+        parent: Option<Vec<u8>>,
+    ) -> PyResult<(usize, usize, usize)> {
+        let keys = parse_keys(keys)?;
+        let parent = parse_keys(parent.into_iter().collect())?.pop();
+        let buffers = Buffer::parse_all(&buffers)?;
+        self.call(py, move |c| async move {
+            let slices = buffers::register(&c, &buffers)?;
+            c.put_chunks(&namespace, &keys, parent, &slices).await.map(outcome)
+        })
+    }
+
+    /// Reads the longest cached prefix of `keys` into one buffer per key; returns the chunks read.
+    fn get_buffers(
+        &self,
+        py: Python<'_>,
+        namespace: String,
+        keys: Vec<Vec<u8>>,
+        buffers: Vec<(u64, usize, i32)>,
+    ) -> PyResult<usize> {
+        let keys = parse_keys(keys)?;
+        let buffers = Buffer::parse_all(&buffers)?;
+        self.call(py, move |c| async move {
+            let slices = buffers::register(&c, &buffers)?;
+            c.get_chunks(&namespace, &keys, &slices).await
+        })
+    }
+
+    /// Stores chunks made of fragments: `addrs` holds len(keys) x F little-endian u64
+    /// addresses, each the start of `fragment_bytes` bytes inside one of `bounds`.
+    #[pyo3(signature = (namespace, keys, addrs, fragment_bytes, bounds, parent = None))]
+    #[allow(clippy::too_many_arguments)] // the Python signature, one argument per part of the call
+    fn put_paged(
+        &self,
+        py: Python<'_>,
+        namespace: String,
+        keys: Vec<Vec<u8>>,
+        addrs: Vec<u8>,
+        fragment_bytes: usize,
+        bounds: Vec<(u64, usize, i32)>,
+        parent: Option<Vec<u8>>,
+    ) -> PyResult<(usize, usize, usize)> {
+        let keys = parse_keys(keys)?;
+        let parent = parse_keys(parent.into_iter().collect())?.pop();
+        let bounds = Bounds::new(&bounds)?;
+        let chunks = bounds.fragments(&addrs, keys.len(), fragment_bytes)?;
+        if bounds.on_device() {
+            self.call(py, move |c| async move { c.put_paged(&namespace, &keys, parent, &chunks).await.map(outcome) })
+        } else {
+            self.call(
+                py,
+                move |c| async move { buffers::put_host_fragments(&c, &namespace, &keys, parent, &chunks).await },
+            )
+        }
+    }
+
+    /// Reads the longest cached prefix of `keys` into fragments (see `put_paged`); returns the
+    /// chunks read. Fragments of chunks past the hit are left untouched.
+    fn get_paged(
+        &self,
+        py: Python<'_>,
+        namespace: String,
+        keys: Vec<Vec<u8>>,
+        addrs: Vec<u8>,
+        fragment_bytes: usize,
+        bounds: Vec<(u64, usize, i32)>,
+    ) -> PyResult<usize> {
+        let keys = parse_keys(keys)?;
+        let bounds = Bounds::new(&bounds)?;
+        let chunks: Vec<Vec<Fragment>> = bounds.fragments(&addrs, keys.len(), fragment_bytes)?;
+        if bounds.on_device() {
+            self.call(py, move |c| async move { c.get_paged(&namespace, &keys, &chunks).await })
+        } else {
+            self.call(py, move |c| async move { buffers::get_host_fragments(&c, &namespace, &keys, &chunks).await })
+        }
+    }
+
+    /// The server's counters and pools, as a dict.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.call(py, |c| async move { c.stats().await })?;
+        let d = PyDict::new(py);
+        d.set_item("version", &s.version)?;
+        d.set_item("entries", s.entries)?;
+        d.set_item("sessions", s.sessions)?;
+        d.set_item("active_leases", s.active_leases)?;
+        d.set_item("active_reservations", s.active_reservations)?;
+        d.set_item("hit_chunks", s.hit_chunks)?;
+        d.set_item("miss_chunks", s.miss_chunks)?;
+        d.set_item("evictions", s.evictions)?;
+        d.set_item("transports", s.transports.clone())?;
+        d.set_item("bytes_by_path", s.bytes_by_path.clone())?;
+        let tiers = s
+            .tiers
+            .iter()
+            .map(|t| {
+                let td = PyDict::new(py);
+                td.set_item("tier", &t.tier)?;
+                td.set_item("capacity_bytes", t.capacity_bytes)?;
+                td.set_item("used_bytes", t.used_bytes)?;
+                td.set_item("entries", t.entries)?;
+                Ok(td)
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        d.set_item("tiers", tiers)?;
+        Ok(d)
+    }
+
+    /// True when the server answers its gRPC health check with SERVING.
+    fn health(&self, py: Python<'_>) -> PyResult<bool> {
+        self.call(py, |c| async move { c.health().await })
+    }
+
+    /// Ends the session; later calls raise. Closing twice is fine.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let taken = self.client.write().unwrap_or_else(|p| p.into_inner()).take();
+        match taken {
+            Some(c) => {
+                let rt = runtime()?;
+                py.detach(|| rt.block_on(c.disconnect())).map_err(to_py)
+            }
+            None => Ok(()),
+        }
+    }
+
+    #[getter]
+    fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.client.read().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeClient>()?;
+    m.add_function(wrap_pyfunction!(chunk_keys, m)?)?;
+    m.add("PrefixdError", m.py().get_type::<errors::PrefixdError>())?;
+    m.add("RetryableError", m.py().get_type::<errors::RetryableError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

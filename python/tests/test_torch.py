@@ -1,0 +1,98 @@
+"""torch tensors: CPU always (where torch is installed), CUDA where a GPU is present.
+
+CUDA cases start their own server with a GPU pool on device 0; with two GPUs the producer
+writes from GPU 0 and the consumer reads into GPU 1 (cuda_ipc over NVLink/PCIe).
+"""
+
+import pytest
+
+import prefixd
+
+torch = pytest.importorskip("torch")
+
+from conftest import Server  # noqa: E402
+
+CHUNK = 256
+
+
+def tokens(prompt, n):
+    return [prompt * 1_000_000 + i for i in range(n)]
+
+
+def test_cpu_bf16_put_get(server):
+    with prefixd.Client(server.endpoint, device=None) as c:
+        t = tokens(20, 2 * CHUNK)
+        g = torch.Generator().manual_seed(20)
+        kv = torch.randn(2, 4, 1024, generator=g).to(torch.bfloat16)
+        assert c.put(torch.tensor(t), kv).stored == 2
+        out = torch.zeros_like(kv)
+        assert c.get(t, out) == 2 * CHUNK
+        assert torch.equal(out.view(torch.int16), kv.view(torch.int16))
+
+
+def test_cpu_paged_hf_layout(server):
+    """HuggingFace keeps K and V per layer as [batch, kv_heads, tokens, head_dim]."""
+    with prefixd.Client(server.endpoint, device=None) as c:
+        n, layers = 2 * CHUNK + 5, 2
+        g = torch.Generator().manual_seed(21)
+        src = [torch.randn(1, 2, n, 16, generator=g).to(torch.bfloat16) for _ in range(2 * layers)]
+        t = tokens(21, n)
+        assert c.put_paged(t, prefixd.Fragments.token_runs(src, token_dim=2, first_token=0, chunks=2)).stored == 2
+        dst = [torch.zeros_like(x) for x in src]
+        assert c.get_paged(t, prefixd.Fragments.token_runs(dst, token_dim=2, first_token=0, chunks=2)) == 2 * CHUNK
+        for a, b in zip(src, dst):
+            assert torch.equal(a[:, :, : 2 * CHUNK], b[:, :, : 2 * CHUNK])
+
+
+def test_non_contiguous_tensor_is_refused(server):
+    with prefixd.Client(server.endpoint, device=None) as c:
+        with pytest.raises(ValueError, match="contiguous"):
+            c.put(tokens(22, CHUNK), torch.zeros(64, 64).t())
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def gpu_server():
+    s = Server("--host-pool", "256MiB", "--gpu-pool", "1GiB", "--gpu", "0")
+    yield s
+    s.stop()
+
+
+def _devices():
+    return (0, 1) if torch.cuda.device_count() > 1 else (0, 0)
+
+
+@cuda
+def test_cuda_contiguous_across_gpus(gpu_server):
+    dp, dc = _devices()
+    prod = prefixd.Client(gpu_server.endpoint, device=dp)
+    cons = prefixd.Client(gpu_server.endpoint, device=dc)
+    t = tokens(30, 4 * CHUNK)
+    kv = torch.randn(4, 1 << 20, device=f"cuda:{dp}", dtype=torch.bfloat16)
+    assert prod.put(t, kv).stored == 4
+    out = torch.zeros_like(kv, device=f"cuda:{dc}")
+    assert cons.get(t, out) == 4 * CHUNK
+    assert torch.equal(out.cpu().view(torch.int16), kv.cpu().view(torch.int16))
+    prod.close()
+    cons.close()
+
+
+@cuda
+def test_cuda_paged_across_gpus(gpu_server):
+    dp, dc = _devices()
+    prod = prefixd.Client(gpu_server.endpoint, device=dp)
+    cons = prefixd.Client(gpu_server.endpoint, device=dc)
+    n, layers = 3 * CHUNK + 10, 4
+    src = [torch.randn(1, 8, n, 128, device=f"cuda:{dp}", dtype=torch.bfloat16) for _ in range(2 * layers)]
+    t = tokens(31, n)
+    f = prefixd.Fragments.token_runs(src, token_dim=2, first_token=0, chunks=3)
+    assert prod.put_paged(t, f).stored == 3
+    dst = [torch.zeros(1, 8, n, 128, device=f"cuda:{dc}", dtype=torch.bfloat16) for _ in range(2 * layers)]
+    assert cons.get_paged(t, prefixd.Fragments.token_runs(dst, token_dim=2, first_token=0, chunks=3)) == 3 * CHUNK
+    for a, b in zip(src, dst):
+        assert torch.equal(a[:, :, : 3 * CHUNK].cpu().view(torch.int16), b[:, :, : 3 * CHUNK].cpu().view(torch.int16))
+        assert not b[:, :, 3 * CHUNK:].any()
+    prod.close()
+    cons.close()
