@@ -17,7 +17,10 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import torch
+# Deterministic cuBLAS (read when CUDA starts): the check compares processes bit for bit.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import torch  # noqa: E402
 
 # The package from this checkout when it is not installed (e.g. a wheel unpacked beside it).
 try:
@@ -55,6 +58,10 @@ def build_model(preset, device, seed=0):
     (the same generator, sequence and kernels); `fingerprint` checks that."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    # cuDNN's attention builds an execution plan for every new sequence length (tens of ms each,
+    # at every prompt and every decode step); FlashAttention needs none and is deterministic.
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     cfg = Qwen3Config(**PRESETS[preset])
     torch.manual_seed(seed)
     old = torch.get_default_dtype()

@@ -150,7 +150,13 @@ def correctness(a, vocab, cl):
         rows.append({"prompt": i, "tokens": len(toks), "pulled": d["hit_tokens"], "tokens_equal": tok_ok,
                      "kv_bit_equal": kv_ok, "agree_with_generate": agree})
         if not (tok_ok and kv_ok):
-            print(f"  MISMATCH prompt {i}: tokens {tok_ok}, kv {kv_ok}, hit {d['hit_tokens']} (expected {expect_hit})")
+            first_diff = next((j for j, (x, y) in enumerate(zip(d["tokens"], rf["schedule_tokens"])) if x != y), None)
+            # Is the decode worker itself repeatable? (the KV is still cached)
+            again = common.post("http://127.0.0.1:8200/decode", {"tokens": toks, "max_new_tokens": a.new_tokens})
+            rows[-1].update(decode_tokens=d["tokens"], reference_tokens=rf["schedule_tokens"], first_diff=first_diff,
+                            decode_repeatable=again["tokens"] == d["tokens"])
+            print(f"  MISMATCH prompt {i}: tokens {tok_ok} (first difference at {first_diff}; decode repeats itself: "
+                  f"{again['tokens'] == d['tokens']}), kv {kv_ok}, hit {d['hit_tokens']} (expected {expect_hit})")
     summary = {"prompts": len(prompts), "tokens_equal": same_tokens, "kv_bit_equal": kv_equal,
                "new_tokens": a.new_tokens, "weights_fingerprint": sorted(fps),
                "generate_agreement_mean": statistics.mean(gen_agree),
@@ -265,7 +271,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--ttft-sizes", default="1024,4096,8192,16384")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--concurrency", default="4")
+    ap.add_argument("--concurrency", default="4,8")
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--min-len", type=int, default=1024)
     ap.add_argument("--max-len", type=int, default=8192)
@@ -281,6 +287,7 @@ def main():
         if not found:
             sys.exit("no prefixd binary: build it (cargo build --release -p prefixd-server) or pass --prefixd-bin")
         a.prefixd_bin = str(found[0])
+    a.prefixd_bin = str(pathlib.Path(a.prefixd_bin).resolve())
     steps = set(a.steps.split(","))
     vocab = common.PRESETS[a.model]["vocab_size"]
     res = {"model": a.model, "prefill_device": a.prefill_device, "decode_device": a.decode_device}
