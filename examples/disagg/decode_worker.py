@@ -1,6 +1,6 @@
 """Decode worker: pulls the longest cached prefix of a prompt's KV from prefixd straight into
-its own per-layer K/V tensors (paged fragments), computes only the rest of the prompt, then
-generates greedily. With "mode": "recompute" it ignores prefixd and computes the whole prompt
+its engine's static K/V tensors (paged fragments, engine.py), computes only the rest of the
+prompt, then generates greedily (CUDA graphs). With "mode": "recompute" it ignores prefixd and computes the whole prompt
 (the baseline of the TTFT benchmark).
 
 POST /decode {"tokens": [...], "max_new_tokens": N, "mode": "pull"|"recompute", "verify": bool} ->
@@ -14,6 +14,7 @@ import time
 import torch
 
 import common
+from engine import StaticEngine
 
 prefixd = common.prefixd
 
@@ -25,6 +26,8 @@ def main():
     ap.add_argument("--prefixd", default="http://127.0.0.1:50051", help="prefixd gRPC endpoint")
     ap.add_argument("--port", type=int, default=8200)
     ap.add_argument("--seed", type=int, default=0, help="weight seed (same in every worker)")
+    ap.add_argument("--max-tokens", type=int, default=16384 + 512, help="longest prompt + new tokens")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="run the engine's forwards eagerly")
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -32,6 +35,10 @@ def main():
         torch.cuda.set_device(device)
     model = common.build_model(a.model, device, a.seed)
     fp = common.fingerprint(model)
+    t = time.perf_counter()
+    engine = StaticEngine(model, a.max_tokens, graphs=not a.no_cuda_graphs)
+    print(f"decode: engine for {a.max_tokens} tokens, {len(engine.graphs)} CUDA graphs in "
+          f"{time.perf_counter() - t:.1f} s", flush=True)
     bpt = common.kv_bytes_per_token(model)
     client = prefixd.Client(a.prefixd, namespace=a.model, device=device.index if device.type == "cuda" else None,
                             name="decode-worker")
@@ -43,20 +50,24 @@ def main():
         mode = req.get("mode", "pull")
         if mode not in ("pull", "recompute"):
             raise ValueError(f"mode must be pull or recompute, not {mode!r}")
+        if len(toks) + n_new > engine.max_tokens:
+            raise ValueError(f"{len(toks)} + {n_new} tokens exceed --max-tokens {engine.max_tokens}")
         t0 = time.perf_counter()
-        hit, kv, cache = 0, None, None
-        usable = common.usable_chunks(len(toks)) if mode == "pull" else 0
-        if usable:
-            kv = common.empty_kv(model, usable * common.CHUNK, device)
-            frags = prefixd.Fragments.token_runs(kv, token_dim=2, first_token=0, chunks=usable)
-            hit = client.get_paged(toks, frags)
-            if hit:
-                cache = common.cache_from(kv, hit)
-        t1 = time.perf_counter()
-        first, cache = common.forward(model, toks[hit:], cache)
-        common.sync(device)
+        hit = 0
+        if mode == "pull":
+            usable = common.usable_chunks(len(toks))
+            if usable:
+                # Straight into the engine's static KV cache: no staging, no copy after.
+                hit = client.get_paged(toks, engine.fragments(usable))
+            t1 = time.perf_counter()
+            first = engine.forward(toks[hit:], hit)
+        else:
+            t1 = t0
+            first, cache = common.forward(model, toks)  # HuggingFace's own prefill (FlashAttention)
+            engine.load(common.kv_tensors(cache), len(toks))
+            del cache
         t2 = time.perf_counter()
-        out = common.greedy_continue(model, first, cache, n_new)
+        out = engine.generate(first, len(toks), n_new)
         common.sync(device)
         t3 = time.perf_counter()
         res = {
@@ -64,7 +75,7 @@ def main():
             "decode_s": t3 - t2, "queued_s": req["_queued_s"], "fingerprint": fp,
         }
         if req.get("verify") and hit:
-            res["digests"] = common.chunk_digests(kv, hit // common.CHUNK)
+            res["digests"] = common.chunk_digests(engine.kv, hit // common.CHUNK)
         return res
 
     common.serve(a.port, {"/decode": decode}, "decode")

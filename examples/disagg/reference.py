@@ -2,8 +2,9 @@
 single-pass `generate` for comparison.
 
 For each prompt of the input file, with P the prefix the decode worker pulled: a forward over
-the whole prompt (what the prefill worker computes), the cache cut to P tokens, a forward over
-the rest, then greedy decoding; also HuggingFace's `generate` (greedy) on the prompt alone.
+the whole prompt (what the prefill worker computes), its first P tokens of KV loaded into the
+decode engine (engine.py), a forward over the rest, then greedy decoding, as the decode worker
+does; also HuggingFace's `generate` (greedy) on the prompt alone.
 
 Input: JSON list of {"tokens", "hit_tokens", "max_new_tokens"}. Output: JSON list of
 {"schedule_tokens", "generate_tokens", "digests"} plus the weights' fingerprint.
@@ -15,6 +16,7 @@ import json
 import torch
 
 import common
+from engine import StaticEngine
 
 
 @torch.no_grad()
@@ -25,21 +27,24 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--input", required=True)
     ap.add_argument("--output", required=True)
+    ap.add_argument("--max-tokens", type=int, default=16384 + 512)
+    ap.add_argument("--no-cuda-graphs", action="store_true")
     a = ap.parse_args()
 
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = common.build_model(a.model, device, a.seed)
+    engine = StaticEngine(model, a.max_tokens, graphs=not a.no_cuda_graphs)
     out = {"fingerprint": common.fingerprint(model), "prompts": []}
     for p in json.load(open(a.input)):
         toks, hit, n = p["tokens"], p["hit_tokens"], p["max_new_tokens"]
-        _, cache = common.forward(model, toks)
+        _, cache = common.forward(model, toks)  # what the prefill worker computes
         kv = common.kv_tensors(cache)
         digests = common.chunk_digests(kv, hit // common.CHUNK)
-        cache.crop(hit)
-        first, cache = common.forward(model, toks[hit:], cache if hit else None)
-        schedule = common.greedy_continue(model, first, cache, n)
+        engine.load(kv, hit)  # the prefix, from memory instead of prefixd
+        first = engine.forward(toks[hit:], hit)
+        schedule = engine.generate(first, len(toks), n)
         del cache, kv
         ids = torch.tensor([toks], device=device)
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
