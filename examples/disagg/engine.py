@@ -14,8 +14,10 @@ How:
   (1, 2, 4, ... 256) holding R, with the input padded. The pad tokens' K/V land past the real
   ones and are overwritten by the next forward before anything attends to them: a query at
   position p attends to keys 0..p only (an explicit mask over the whole capacity).
-- Attention groups the query heads that share a KV head into one sequence, so SDPA reads K and V
-  without HuggingFace's repeat_kv copies (grouped-query attention with a mask).
+- Attention groups the query heads that share a KV head into one sequence, so K and V are read
+  without HuggingFace's repeat_kv copies (grouped-query attention with a mask): by SDPA's fused
+  kernel over the smallest multiple of 4096 keys that holds the forward (one graph per length),
+  or, for decode steps, by two matmuls over the whole capacity (memory-bound, one graph).
 The numerics are those of this engine, not of HuggingFace's dynamic-cache path: the reference
 (reference.py) runs the same engine with the KV kept in memory, and must match bit for bit.
 """
@@ -39,7 +41,14 @@ def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs
     rep = heads // kv_heads
     # Query heads h = g * rep + r share KV head g: fold r into the sequence.
     q = query.reshape(1, kv_heads, rep * q_len, dim)
-    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=eng._mask, scale=scaling)
+    k, v = key[:, :, : eng._kv_len], value[:, :, : eng._kv_len]
+    if rep * q_len <= eng.SMALL_ROWS:
+        # A few query rows (decode steps): memory-bound; matmuls read K and V once, where the
+        # fused kernel would run one block per KV head.
+        s = torch.matmul(q, k.transpose(-1, -2)) * scaling + eng._mask
+        out = torch.matmul(torch.softmax(s.float(), dim=-1).to(q.dtype), v)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=eng._mask, scale=scaling)
     out = out.reshape(1, heads, q_len, dim).transpose(1, 2).contiguous()
     return out, None
 
@@ -72,6 +81,10 @@ class _StaticKV:
 
 class StaticEngine:
     BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    # Forwards of many tokens attend over the smallest of these key lengths that holds them
+    # (fused attention costs in proportion); decode steps over the whole capacity (cheap).
+    KV_STEP = 4096
+    SMALL_ROWS = 128
 
     def __init__(self, model, max_tokens, graphs=True):
         _register()
@@ -80,7 +93,7 @@ class StaticEngine:
         cfg = model.config
         self.device = model.device
         self.max_tokens = max_tokens
-        cap = max_tokens + self.BUCKETS[-1]  # room for the padding of the last forward
+        self.capacity = cap = max_tokens + self.BUCKETS[-1]  # room for the padding of the last forward
         shape = (1, cfg.num_key_value_heads, cap, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=torch.bfloat16, device=self.device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=torch.bfloat16, device=self.device) for _ in range(cfg.num_hidden_layers)]
@@ -88,14 +101,22 @@ class StaticEngine:
         self.rep = cfg.num_attention_heads // cfg.num_key_value_heads
         self._positions = torch.arange(cap + self.BUCKETS[-1], device=self.device)
         self._keys = torch.arange(cap, device=self.device)
-        self.static = {}
-        for b in self.BUCKETS:
-            self.static[b] = {"ids": torch.zeros(1, b, dtype=torch.long, device=self.device),
-                              "pos": torch.arange(b, device=self.device), "out": None}
+        self.static = {b: {"ids": torch.zeros(1, b, dtype=torch.long, device=self.device),
+                           "pos": torch.arange(b, device=self.device)} for b in self.BUCKETS}
+        self.outs = {}
         self.graphs = {}
         self._mask = None
+        self._kv_len = cap
         if graphs and self.device.type == "cuda":
             self._capture()
+
+    def _kv_lengths(self, b):
+        if self.rep * b <= self.SMALL_ROWS:
+            return [self.capacity]
+        return [n for n in range(self.KV_STEP, self.capacity, self.KV_STEP)] + [self.capacity]
+
+    def _kv_len_for(self, b, end):
+        return next(n for n in self._kv_lengths(b) if n >= end)
 
     def fragments(self, chunks, chunk_tokens=256):
         """Where chunks 0..chunks of a pulled prefix go: this engine's K/V tensors."""
@@ -110,36 +131,40 @@ class StaticEngine:
             dst[:, :, :tokens].copy_(src[:, :, :tokens])
 
     @torch.inference_mode()
-    def _run(self, b):
+    def _run(self, b, kv_len):
         global _ACTIVE
         st = self.static[b]
         pos = st["pos"]
         # Query row r of a head group attends to keys 0..pos[r]; the rows repeat per group.
-        mask = self._keys[None, :] <= pos[:, None]
+        visible = self._keys[None, :kv_len] <= pos[:, None]
+        zero = torch.zeros((), dtype=torch.bfloat16, device=self.device)
+        mask = torch.where(visible, zero, torch.finfo(torch.bfloat16).min)
         self._mask = mask.repeat(self.rep, 1)[None, None]
+        self._kv_len = kv_len
         _ACTIVE = self
         try:
             out = self.model.model(input_ids=st["ids"], position_ids=pos[None], past_key_values=_StaticKV(self, pos),
                                    attention_mask={"full_attention": None}, use_cache=True)
         finally:
             _ACTIVE = None
-        st["out"] = out.last_hidden_state
+        self.outs[(b, kv_len)] = out.last_hidden_state
 
     def _capture(self):
-        pool = None
+        shapes = [(b, n) for b in self.BUCKETS for n in self._kv_lengths(b)]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for b in self.BUCKETS:
+            for b, n in shapes:
                 for _ in range(2):  # warm-up: kernels and cuBLAS plans chosen outside the capture
-                    self._run(b)
+                    self._run(b, n)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        for b in self.BUCKETS:
+        pool = None
+        for b, n in shapes:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self._run(b)
+                self._run(b, n)
             pool = g.pool()
-            self.graphs[b] = g
+            self.graphs[(b, n)] = g
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
@@ -155,15 +180,16 @@ class StaticEngine:
             r = len(piece)
             b = next(x for x in self.BUCKETS if x >= r)
             st = self.static[b]
-            st["ids"][0, :r].copy_(torch.tensor(piece, dtype=torch.long), non_blocking=False)
+            st["ids"][0, :r].copy_(torch.tensor(piece, dtype=torch.long))
             st["ids"][0, r:].zero_()
             p = start + i
             st["pos"].copy_(self._positions[p:p + b])
-            if b in self.graphs:
-                self.graphs[b].replay()
+            n = self._kv_len_for(b, p + b)
+            if (b, n) in self.graphs:
+                self.graphs[(b, n)].replay()
             else:
-                self._run(b)
-        h = st["out"][:, r - 1]
+                self._run(b, n)
+        h = self.outs[(b, n)][:, r - 1]
         return int(self.model.lm_head(h)[0].argmax())
 
     def generate(self, first, start, new_tokens):
