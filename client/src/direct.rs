@@ -16,7 +16,9 @@ pub(crate) struct SharedHostPool {
     /// The pool's address in the server (what slot and chunk addresses are relative to).
     base: u64,
     /// Whether the mapping is page-locked for CUDA (tried once, on the first CUDA copy).
-    pinned: OnceLock<bool>,
+    /// Once page-locked: the mapping's device address, and whether this process registered it
+    /// (None: CUDA cannot reach it).
+    pinned: OnceLock<Option<(u64, bool)>>,
 }
 
 fn cuda_ok(what: &str, r: cu::CUresult) -> Result<(), String> {
@@ -66,25 +68,37 @@ impl SharedHostPool {
             && self.mem.len() as u64 - (addr - self.base) >= len as u64
     }
 
-    /// The local address of `[addr, addr+len)` of the pool, page-locked for CUDA copies.
+    /// The address by which CUDA (copies and kernels) reaches `[addr, addr+len)` of the pool,
+    /// once the whole mapping is page-locked and mapped for devices; None when that failed (a
+    /// kernel reading unregistered host memory faults the whole context).
     pub(crate) fn local_for_cuda(&self, addr: u64, len: usize) -> Option<u64> {
         if !self.contains(addr, len) {
             return None;
         }
-        self.pin_for_cuda();
-        Some(self.mem.as_ptr() as u64 + (addr - self.base))
+        let (device_base, _) = (*self.pin_for_cuda())?;
+        Some(device_base + (addr - self.base))
     }
 
-    fn pin_for_cuda(&self) {
+    /// Page-locks the mapping once: PORTABLE (1) so every context sees it, DEVICEMAP (2) so
+    /// kernels may read it; returns its device address (the host address under UVA).
+    fn pin_for_cuda(&self) -> &Option<(u64, bool)> {
         self.pinned.get_or_init(|| {
             // SAFETY: only probes for the driver library (cudarc panics on calls without it).
             if !unsafe { cu::is_culib_present() } {
-                return false;
+                return None;
             }
-            // SAFETY: the mapping lives as long as self; PORTABLE (1) so every context sees it.
-            let r = unsafe { cu::cuMemHostRegister_v2(self.mem.as_ptr().cast(), self.mem.len(), 1) };
-            r == cu::CUresult::CUDA_SUCCESS
-        });
+            let host = self.mem.as_ptr();
+            // SAFETY: the mapping lives as long as self; flags as above.
+            let r = unsafe { cu::cuMemHostRegister_v2(host.cast(), self.mem.len(), 1 | 2) };
+            let ours = r == cu::CUresult::CUDA_SUCCESS;
+            if !ours && r != cu::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED {
+                return None;
+            }
+            let mut dev: cu::CUdeviceptr = 0;
+            // SAFETY: registered above; valid out-pointer; flags must be 0.
+            let r = unsafe { cu::cuMemHostGetDevicePointer_v2(&mut dev, host.cast(), 0) };
+            (r == cu::CUresult::CUDA_SUCCESS && dev != 0).then_some((dev, ours))
+        })
     }
 
     /// Copies between `local` and the pool at `addr`: `to_pool` writes the pool.
@@ -129,7 +143,7 @@ impl SharedHostPool {
 
 impl Drop for SharedHostPool {
     fn drop(&mut self) {
-        if self.pinned.get() == Some(&true) {
+        if let Some(Some((_, true))) = self.pinned.get() {
             // SAFETY: registered in pin_for_cuda; unregistered once, before the mapping goes.
             unsafe { cu::cuMemHostUnregister(self.mem.as_ptr().cast()) };
         }

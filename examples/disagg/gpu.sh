@@ -16,12 +16,13 @@ python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q --no-index -
 export PYTHONPATH=/tmp/site
 nvidia-smi -L
 python3 -c 'import prefixd, torch, transformers; print("prefixd", prefixd.__version__, "torch", torch.__version__, "transformers", transformers.__version__, "gpus", torch.cuda.device_count())'
+status=0
 if [[ ${PYTEST:-1} != 0 ]]; then
-  PREFIXD_BIN=$PWD/.device/prefixd python3 -m pytest -q -p no:cacheprovider python/tests 2>&1 | tee "$out/pytest.log" | tail -5
+  PREFIXD_BIN=$PWD/.device/prefixd python3 -m pytest -q -p no:cacheprovider python/tests > "$out/pytest.log" 2>&1 || status=1
+  tail -5 "$out/pytest.log"
 fi
 models=("$@")
 [[ ${#models[@]} -gt 0 ]] || models=(qwen3-small qwen3-4b)
-status=0
 for m in "${models[@]}"; do
   echo "== $m"
   python3 examples/disagg/run.py --model "$m" --out "/tmp/disagg-$m" --prefixd-bin .device/prefixd \

@@ -207,15 +207,25 @@ def concurrent(a, vocab):
                        for i in range(a.requests)]
 
             def one(t):
-                return common.post("http://127.0.0.1:8000/generate", {"tokens": t, "max_new_tokens": a.new_tokens,
-                                                                       "mode": mode})
+                try:
+                    return common.post("http://127.0.0.1:8000/generate", {"tokens": t, "max_new_tokens": a.new_tokens,
+                                                                           "mode": mode})
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    return {"error": str(e)}
 
             t0 = time.perf_counter()
             with cf.ThreadPoolExecutor(conc) as ex:
                 res = list(ex.map(one, prompts))
             wall = time.perf_counter() - t0
+            errors = [r["error"] for r in res if "error" in r]
+            res = [r for r in res if "error" not in r]
+            if errors:
+                print(f"  concurrency {conc} {mode}: {len(errors)} FAILED requests, first: {errors[0]}", flush=True)
+            if not res:
+                out.append({"concurrency": conc, "mode": mode, "requests": 0, "failed": len(errors)})
+                continue
             tt = [r["ttft_s"] * 1e3 for r in res]
-            row = {"concurrency": conc, "mode": mode, "requests": len(res), "wall_s": wall,
+            row = {"concurrency": conc, "mode": mode, "requests": len(res), "failed": len(errors), "wall_s": wall,
                    "req_per_s": len(res) / wall, "out_tok_per_s": sum(len(r["tokens"]) for r in res) / wall,
                    "prompt_tok_per_s": sum(len(p) for p in prompts) / wall,
                    "ttft_p50_ms": pct(tt, 50), "ttft_p90_ms": pct(tt, 90), "ttft_p99_ms": pct(tt, 99),
@@ -248,11 +258,11 @@ def markdown(res):
                   f"{r['push_ms']:.1f} | {r['push_GBps']:.0f} |" for r in res["ttft"]]
         lines.append("")
     if res.get("concurrent"):
-        lines += ["| concurrency | mode | requests | req/s | prompt tok/s | out tok/s | TTFT p50 | p90 | p99 (ms) |",
+        lines += ["| concurrency | mode | requests (failed) | req/s | prompt tok/s | out tok/s | TTFT p50 | p90 | p99 (ms) |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['concurrency']} | {r['mode']} | {r['requests']} | {r['req_per_s']:.2f} | "
+        lines += [f"| {r['concurrency']} | {r['mode']} | {r['requests']} ({r['failed']}) | {r['req_per_s']:.2f} | "
                   f"{r['prompt_tok_per_s']:.0f} | {r['out_tok_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | "
-                  f"{r['ttft_p90_ms']:.0f} | {r['ttft_p99_ms']:.0f} |" for r in res["concurrent"]]
+                  f"{r['ttft_p90_ms']:.0f} | {r['ttft_p99_ms']:.0f} |" for r in res["concurrent"] if r["requests"]]
     return "\n".join(lines) + "\n"
 
 
@@ -296,6 +306,7 @@ def main():
     res = {"model": a.model, "prefill_device": a.prefill_device, "decode_device": a.decode_device}
     ok = True
     cl = Cluster(a)
+    failure = None
     try:
         if "correctness" in steps:
             print("correctness:", flush=True)
@@ -306,14 +317,22 @@ def main():
         if "concurrent" in steps:
             print("concurrent:", flush=True)
             res["concurrent"] = concurrent(a, vocab)
+            if any(r.get("failed") for r in res["concurrent"]):
+                ok = False
+    except Exception as e:  # noqa: BLE001 - what ran is still written below
+        failure = f"{type(e).__name__}: {e}"
+        res["failure"] = failure
+        ok = False
     finally:
         cl.stop()
     json.dump(res, open(pathlib.Path(a.out) / "results.json", "w"), indent=1)
     md = markdown(res)
     (pathlib.Path(a.out) / "results.md").write_text(md)
     print(md)
+    if failure:
+        print(f"FAILED: {failure}", flush=True)
     if not ok:
-        print("CORRECTNESS FAILED", flush=True)
+        print("FAILED (see above)", flush=True)
         sys.exit(1)
 
 

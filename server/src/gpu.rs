@@ -125,14 +125,19 @@ impl Cuda {
         }
     }
 
-    /// Page-locks host memory for fast, asynchronous-capable copies.
+    /// Page-locks host memory for fast, asynchronous-capable copies. Ok(false) when it already
+    /// was (UCX's cuda_copy registers host memory it maps): then it must not be unregistered here.
     ///
     /// # Safety
     /// `ptr..ptr+len` must stay mapped until [`Cuda::host_unregister`].
-    pub unsafe fn host_register(&self, ptr: *mut u8, len: usize) -> Result<(), CudaError> {
+    pub unsafe fn host_register(&self, ptr: *mut u8, len: usize) -> Result<bool, CudaError> {
         self.make_current()?;
         // SAFETY: per this function's contract; PORTABLE so every context sees it pinned.
-        check("cuMemHostRegister", unsafe { cu::cuMemHostRegister_v2(ptr.cast(), len, 1) })
+        let r = unsafe { cu::cuMemHostRegister_v2(ptr.cast(), len, 1) };
+        if r == cu::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED {
+            return Ok(false);
+        }
+        check("cuMemHostRegister", r).map(|()| true)
     }
 
     /// # Safety

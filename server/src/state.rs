@@ -188,7 +188,11 @@ impl State {
         let pinned = cuda.as_ref().and_then(|c| {
             // SAFETY: the host pool stays mapped until after `pinned` is dropped (field order).
             match unsafe { c.host_register(host_pool.as_ptr(), host_pool.len()) } {
-                Ok(()) => Some(Pinned { cuda: c.clone(), ptr: host_pool.as_ptr() }),
+                Ok(true) => Some(Pinned { cuda: c.clone(), ptr: host_pool.as_ptr() }),
+                Ok(false) => {
+                    tracing::info!("host pool already page-locked (by UCX's registration)");
+                    None
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "host pool not page-locked; host<->GPU copies will be slower");
                     None
