@@ -314,6 +314,9 @@ impl Client {
         let sizes: Vec<u64> = chunks.iter().map(|c| c.iter().map(|f| f.len as u64).sum()).collect();
         let put = self.begin_put(namespace, keys, &sizes, parent).await?;
         let copy = || -> Result<()> {
+            // The pools' local addresses are made in the caller's context (this thread may not
+            // have it current, e.g. a fresh Python thread).
+            direct::bind_context_of(ctx_ptr).map_err(Error::InvalidArgument)?;
             let (mut dsts, mut srcs, mut lens) = (Vec::new(), Vec::new(), Vec::new());
             for ((slot, frags), size) in put.begin.slots.iter().zip(chunks).zip(&sizes) {
                 if slot.present {
@@ -349,6 +352,7 @@ impl Client {
         let (lease, started) = self.lease(namespace, keys).await?;
         let deadline = started + Duration::from_millis(lease.lease_expires_in_ms);
         let result = (|| -> Result<usize> {
+            direct::bind_context_of(ctx_ptr).map_err(Error::InvalidArgument)?;
             let (mut dsts, mut srcs, mut lens) = (Vec::new(), Vec::new(), Vec::new());
             for (i, (c, frags)) in lease.chunks.iter().zip(chunks).enumerate() {
                 let total: u64 = frags.iter().map(|f| f.len as u64).sum();

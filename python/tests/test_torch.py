@@ -100,22 +100,22 @@ def test_cuda_paged_across_gpus(gpu_server):
 
 @cuda
 def test_cuda_paged_reads_chunks_demoted_to_the_host_tier():
-    """A GPU pool of 4 chunks: older chunks move to the host pool, and a paged get must read
+    """A GPU pool of 8 chunks and 12 to store: older chunks move to the host pool, and a paged get must read
     them there (the kernel reads the mapped, page-locked host pool) as well as from the GPU."""
     s = Server("--host-pool", "256MiB", "--gpu-pool", "64MiB", "--gpu", "0")
     try:
         dp, dc = _devices()
         prod = prefixd.Client(s.endpoint, device=dp)
         cons = prefixd.Client(s.endpoint, device=dc)
-        n = 8 * CHUNK
-        # 16 tensors x 8 heads x 64 KiB: 8 MiB chunks, 64 MiB in all.
+        n = 12 * CHUNK
+        # 16 tensors x 8 heads x 64 KiB: 8 MiB chunks, 96 MiB in all.
         src = [torch.randn(1, 8, n, 128, device=f"cuda:{dp}", dtype=torch.bfloat16) for _ in range(16)]
         t = tokens(32, n)
-        assert prod.put_paged(t, prefixd.Fragments.token_runs(src, token_dim=2, first_token=0, chunks=8)).stored == 8
+        assert prod.put_paged(t, prefixd.Fragments.token_runs(src, token_dim=2, first_token=0, chunks=12)).stored == 12
         tiers = {x["tier"]: x for x in prod.stats()["tiers"]}
         assert tiers["host"]["used_bytes"] > 0, "expected demotion to the host tier"
         dst = [torch.zeros(1, 8, n, 128, device=f"cuda:{dc}", dtype=torch.bfloat16) for _ in range(16)]
-        assert cons.get_paged(t, prefixd.Fragments.token_runs(dst, token_dim=2, first_token=0, chunks=8)) == n
+        assert cons.get_paged(t, prefixd.Fragments.token_runs(dst, token_dim=2, first_token=0, chunks=12)) == n
         for a, b in zip(src, dst):
             assert torch.equal(a.cpu().view(torch.int16), b.cpu().view(torch.int16))
         prod.close()
