@@ -160,6 +160,35 @@ def make_prompt(seed, n, vocab, shared=None):
     return toks
 
 
+# -- workers -------------------------------------------------------------------------------
+
+
+def worker_parser(doc, device, port):
+    """The options both workers take."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3-small", choices=sorted(PRESETS))
+    ap.add_argument("--device", default=device, help="torch device (cuda:N or cpu)")
+    ap.add_argument("--prefixd", default="http://127.0.0.1:50051", help="prefixd gRPC endpoint")
+    ap.add_argument("--port", type=int, default=port)
+    ap.add_argument("--seed", type=int, default=0, help="weight seed (same in every worker)")
+    return ap
+
+
+def start_worker(a, name):
+    """The worker's device, model, weights fingerprint and prefixd client (namespace: the model)."""
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = build_model(a.model, device, a.seed)
+    fp = fingerprint(model)
+    client = prefixd.Client(a.prefixd, namespace=a.model, device=device.index if device.type == "cuda" else None,
+                            name=f"{name}-worker")
+    print(f"{name}: {a.model} on {device}, weights {fp}, prefixd {client.data_path}", flush=True)
+    return device, model, fp, client
+
+
 # -- JSON over HTTP --------------------------------------------------------------------------
 
 

@@ -8,10 +8,7 @@ POST /decode {"tokens": [...], "max_new_tokens": N, "mode": "pull"|"recompute", 
 ttft_s runs from the request's start on this worker to the first token on the host.
 """
 
-import argparse
 import time
-
-import torch
 
 import common
 from engine import StaticEngine
@@ -20,29 +17,16 @@ prefixd = common.prefixd
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen3-small", choices=sorted(common.PRESETS))
-    ap.add_argument("--device", default="cuda:1", help="torch device (cuda:N or cpu)")
-    ap.add_argument("--prefixd", default="http://127.0.0.1:50051", help="prefixd gRPC endpoint")
-    ap.add_argument("--port", type=int, default=8200)
-    ap.add_argument("--seed", type=int, default=0, help="weight seed (same in every worker)")
+    ap = common.worker_parser(__doc__, "cuda:1", 8200)
     ap.add_argument("--max-tokens", type=int, default=16384 + 512, help="longest prompt + new tokens")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="run the engine's forwards eagerly")
     a = ap.parse_args()
-
-    device = torch.device(a.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    model = common.build_model(a.model, device, a.seed)
-    fp = common.fingerprint(model)
+    device, model, fp, client = common.start_worker(a, "decode")
+    bpt = common.kv_bytes_per_token(model)
     t = time.perf_counter()
     engine = StaticEngine(model, a.max_tokens, graphs=not a.no_cuda_graphs)
     print(f"decode: engine for {a.max_tokens} tokens, {len(engine.graphs)} CUDA graphs in "
           f"{time.perf_counter() - t:.1f} s", flush=True)
-    bpt = common.kv_bytes_per_token(model)
-    client = prefixd.Client(a.prefixd, namespace=a.model, device=device.index if device.type == "cuda" else None,
-                            name="decode-worker")
-    print(f"decode: {a.model} on {device}, weights {fp}, prefixd {client.data_path}", flush=True)
 
     def decode(req):
         toks = req["tokens"]

@@ -5,31 +5,14 @@ POST /prefill {"tokens": [...], "verify": bool} ->
   {"first_token", "chunks", "stored", "compute_s", "push_s", "bytes", "digests"?, "fingerprint"}
 """
 
-import argparse
 import time
-
-import torch
 
 import common
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen3-small", choices=sorted(common.PRESETS))
-    ap.add_argument("--device", default="cuda:0", help="torch device (cuda:N or cpu)")
-    ap.add_argument("--prefixd", default="http://127.0.0.1:50051", help="prefixd gRPC endpoint")
-    ap.add_argument("--port", type=int, default=8100)
-    ap.add_argument("--seed", type=int, default=0, help="weight seed (same in every worker)")
-    a = ap.parse_args()
-
-    device = torch.device(a.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    model = common.build_model(a.model, device, a.seed)
-    fp = common.fingerprint(model)
-    client = prefixd.Client(a.prefixd, namespace=a.model, device=device.index if device.type == "cuda" else None,
-                            name="prefill-worker")
-    print(f"prefill: {a.model} on {device}, weights {fp}, prefixd {client.data_path}", flush=True)
+    a = common.worker_parser(__doc__, "cuda:0", 8100).parse_args()
+    device, model, fp, client = common.start_worker(a, "prefill")
 
     def prefill(req):
         toks = req["tokens"]
