@@ -11,8 +11,8 @@ Starts prefixd, the prefill worker, the decode worker and the proxy; then
   concurrent   --requests prompts through the proxy at each --concurrency, pulled (prefill on
                one GPU, decode on the other) and recompute (decode GPU alone): throughput and
                TTFT percentiles
-Writes results.json and results.md into --out, and prints results.md. Exit status 1 when a
-correctness check fails.
+Writes results.json and results.md into --out (also what ran before a step failed), and prints
+results.md. Exit status 1 when a correctness check, a request or a step fails.
 
   python3 examples/disagg/run.py --model qwen3-4b          # on a machine with two GPUs
   python3 examples/disagg/run.py --model tiny --cpu --steps correctness   # smoke test, no GPU
