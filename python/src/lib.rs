@@ -52,6 +52,22 @@ fn parse_keys(keys: Vec<Vec<u8>>) -> PyResult<Vec<ChunkKey>> {
         .collect()
 }
 
+/// A paged call's keys and per-chunk fragment lists (each checked against `bounds`), and
+/// whether the fragments are device memory.
+type Paged = (Vec<ChunkKey>, Vec<Vec<Fragment>>, bool);
+
+fn parse_paged(
+    keys: Vec<Vec<u8>>,
+    addrs: &[u8],
+    fragment_bytes: usize,
+    bounds: &[(u64, usize, i32)],
+) -> PyResult<Paged> {
+    let keys = parse_keys(keys)?;
+    let bounds = Bounds::new(bounds)?;
+    let chunks = bounds.fragments(addrs, keys.len(), fragment_bytes)?;
+    Ok((keys, chunks, bounds.on_device()))
+}
+
 fn outcome(o: PutOutcome) -> (usize, usize, usize) {
     (o.chunks, o.stored, o.skipped)
 }
@@ -246,11 +262,9 @@ impl NativeClient {
         bounds: Vec<(u64, usize, i32)>,
         parent: Option<Vec<u8>>,
     ) -> PyResult<(usize, usize, usize)> {
-        let keys = parse_keys(keys)?;
+        let (keys, chunks, on_device) = parse_paged(keys, &addrs, fragment_bytes, &bounds)?;
         let parent = parse_keys(parent.into_iter().collect())?.pop();
-        let bounds = Bounds::new(&bounds)?;
-        let chunks = bounds.fragments(&addrs, keys.len(), fragment_bytes)?;
-        if bounds.on_device() {
+        if on_device {
             self.call(py, move |c| async move { c.put_paged(&namespace, &keys, parent, &chunks).await.map(outcome) })
         } else {
             self.call(
@@ -271,10 +285,8 @@ impl NativeClient {
         fragment_bytes: usize,
         bounds: Vec<(u64, usize, i32)>,
     ) -> PyResult<usize> {
-        let keys = parse_keys(keys)?;
-        let bounds = Bounds::new(&bounds)?;
-        let chunks: Vec<Vec<Fragment>> = bounds.fragments(&addrs, keys.len(), fragment_bytes)?;
-        if bounds.on_device() {
+        let (keys, chunks, on_device) = parse_paged(keys, &addrs, fragment_bytes, &bounds)?;
+        if on_device {
             self.call(py, move |c| async move { c.get_paged(&namespace, &keys, &chunks).await })
         } else {
             self.call(py, move |c| async move { buffers::get_host_fragments(&c, &namespace, &keys, &chunks).await })
