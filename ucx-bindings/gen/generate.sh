@@ -15,6 +15,7 @@ bindgen "$here/wrapper.h" \
   --allowlist-function 'ucp_(init_version|cleanup|config_read|config_modify|config_release|context_query|context_print_info|get_version|get_version_string)' \
   --allowlist-function 'ucp_worker_(create|destroy|query|release_address|progress|arm|signal|get_efd|set_am_recv_handler|flush_nbx|print_info)' \
   --allowlist-function 'ucp_ep_(create|close_nbx|query|rkey_unpack|flush_nbx|print_info)' \
+  --allowlist-function 'ucp_(listener_create|listener_destroy|listener_query|listener_reject|conn_request_query)' \
   --allowlist-function 'ucp_(rkey_destroy|rkey_pack|rkey_buffer_release|mem_map|mem_unmap|mem_query|memh_pack|memh_buffer_release|put_nbx|get_nbx|am_send_nbx|am_recv_data_nbx|am_data_release)' \
   --allowlist-function 'ucp_request_(check_status|cancel|free)' \
   --allowlist-function 'ucs_status_string' \

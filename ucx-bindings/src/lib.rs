@@ -38,6 +38,7 @@ pub mod sys;
 mod context;
 mod error;
 mod memory;
+mod sockaddr;
 mod transports;
 mod worker;
 
@@ -45,7 +46,9 @@ pub use context::{Context, ContextBuilder, ContextInfo, MemoryType};
 pub use error::{Error, Result};
 pub use memory::{MemRegion, RegionSlice, RemoteRegion};
 pub use transports::{TransportDevice, TransportList, KNOWN_TRANSPORTS};
-pub use worker::{AmData, AmReceiver, Endpoint, ErrorMode, IncomingAm, RemoteKey, Worker};
+pub use worker::{
+    AmData, AmReceiver, ConnRequest, Endpoint, EndpointId, ErrorMode, IncomingAm, Listener, RemoteKey, Worker,
+};
 
 /// Compile-time checks of the thread-safety claims made with `unsafe impl`.
 const _: () = {
@@ -59,4 +62,6 @@ const _: () = {
     send_sync::<RemoteKey>();
     send::<IncomingAm>();
     send::<AmReceiver>();
+    send::<Listener>();
+    send::<ConnRequest>();
 };

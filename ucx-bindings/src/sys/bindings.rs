@@ -89,12 +89,10 @@ pub struct sockaddr_storage {
 const _: () = {
     ["Size of sockaddr_storage"][::std::mem::size_of::<sockaddr_storage>() - 128usize];
     ["Alignment of sockaddr_storage"][::std::mem::align_of::<sockaddr_storage>() - 8usize];
-    ["Offset of field: sockaddr_storage::ss_family"]
-        [::std::mem::offset_of!(sockaddr_storage, ss_family) - 0usize];
+    ["Offset of field: sockaddr_storage::ss_family"][::std::mem::offset_of!(sockaddr_storage, ss_family) - 0usize];
     ["Offset of field: sockaddr_storage::__ss_padding"]
         [::std::mem::offset_of!(sockaddr_storage, __ss_padding) - 2usize];
-    ["Offset of field: sockaddr_storage::__ss_align"]
-        [::std::mem::offset_of!(sockaddr_storage, __ss_align) - 120usize];
+    ["Offset of field: sockaddr_storage::__ss_align"][::std::mem::offset_of!(sockaddr_storage, __ss_align) - 120usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -107,8 +105,7 @@ const _: () = {
     ["Size of ucs_sock_addr"][::std::mem::size_of::<ucs_sock_addr>() - 16usize];
     ["Alignment of ucs_sock_addr"][::std::mem::align_of::<ucs_sock_addr>() - 8usize];
     ["Offset of field: ucs_sock_addr::addr"][::std::mem::offset_of!(ucs_sock_addr, addr) - 0usize];
-    ["Offset of field: ucs_sock_addr::addrlen"]
-        [::std::mem::offset_of!(ucs_sock_addr, addrlen) - 8usize];
+    ["Offset of field: ucs_sock_addr::addrlen"][::std::mem::offset_of!(ucs_sock_addr, addrlen) - 8usize];
 };
 pub type ucs_sock_addr_t = ucs_sock_addr;
 pub type ucp_tag_recv_info_t = ucp_tag_recv_info;
@@ -177,14 +174,10 @@ pub struct ucp_mem_attr {
 const _: () = {
     ["Size of ucp_mem_attr"][::std::mem::size_of::<ucp_mem_attr>() - 32usize];
     ["Alignment of ucp_mem_attr"][::std::mem::align_of::<ucp_mem_attr>() - 8usize];
-    ["Offset of field: ucp_mem_attr::field_mask"]
-        [::std::mem::offset_of!(ucp_mem_attr, field_mask) - 0usize];
-    ["Offset of field: ucp_mem_attr::address"]
-        [::std::mem::offset_of!(ucp_mem_attr, address) - 8usize];
-    ["Offset of field: ucp_mem_attr::length"]
-        [::std::mem::offset_of!(ucp_mem_attr, length) - 16usize];
-    ["Offset of field: ucp_mem_attr::mem_type"]
-        [::std::mem::offset_of!(ucp_mem_attr, mem_type) - 24usize];
+    ["Offset of field: ucp_mem_attr::field_mask"][::std::mem::offset_of!(ucp_mem_attr, field_mask) - 0usize];
+    ["Offset of field: ucp_mem_attr::address"][::std::mem::offset_of!(ucp_mem_attr, address) - 8usize];
+    ["Offset of field: ucp_mem_attr::length"][::std::mem::offset_of!(ucp_mem_attr, length) - 16usize];
+    ["Offset of field: ucp_mem_attr::mem_type"][::std::mem::offset_of!(ucp_mem_attr, mem_type) - 24usize];
 };
 pub type ucp_mem_attr_t = ucp_mem_attr;
 pub const UCP_MEM_ATTR_FIELD_ADDRESS: ucp_mem_attr_field = 1;
@@ -209,9 +202,8 @@ pub type ucp_request_init_callback_t =
     ::std::option::Option<unsafe extern "C" fn(request: *mut ::std::os::raw::c_void)>;
 pub type ucp_request_cleanup_callback_t =
     ::std::option::Option<unsafe extern "C" fn(request: *mut ::std::os::raw::c_void)>;
-pub type ucp_send_callback_t = ::std::option::Option<
-    unsafe extern "C" fn(request: *mut ::std::os::raw::c_void, status: ucs_status_t),
->;
+pub type ucp_send_callback_t =
+    ::std::option::Option<unsafe extern "C" fn(request: *mut ::std::os::raw::c_void, status: ucs_status_t)>;
 pub type ucp_send_nbx_callback_t = ::std::option::Option<
     unsafe extern "C" fn(
         request: *mut ::std::os::raw::c_void,
@@ -219,9 +211,8 @@ pub type ucp_send_nbx_callback_t = ::std::option::Option<
         user_data: *mut ::std::os::raw::c_void,
     ),
 >;
-pub type ucp_err_handler_cb_t = ::std::option::Option<
-    unsafe extern "C" fn(arg: *mut ::std::os::raw::c_void, ep: ucp_ep_h, status: ucs_status_t),
->;
+pub type ucp_err_handler_cb_t =
+    ::std::option::Option<unsafe extern "C" fn(arg: *mut ::std::os::raw::c_void, ep: ucp_ep_h, status: ucs_status_t)>;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct ucp_err_handler {
@@ -233,15 +224,13 @@ const _: () = {
     ["Size of ucp_err_handler"][::std::mem::size_of::<ucp_err_handler>() - 16usize];
     ["Alignment of ucp_err_handler"][::std::mem::align_of::<ucp_err_handler>() - 8usize];
     ["Offset of field: ucp_err_handler::cb"][::std::mem::offset_of!(ucp_err_handler, cb) - 0usize];
-    ["Offset of field: ucp_err_handler::arg"]
-        [::std::mem::offset_of!(ucp_err_handler, arg) - 8usize];
+    ["Offset of field: ucp_err_handler::arg"][::std::mem::offset_of!(ucp_err_handler, arg) - 8usize];
 };
 pub type ucp_err_handler_t = ucp_err_handler;
 pub type ucp_listener_accept_callback_t =
     ::std::option::Option<unsafe extern "C" fn(ep: ucp_ep_h, arg: *mut ::std::os::raw::c_void)>;
-pub type ucp_listener_conn_callback_t = ::std::option::Option<
-    unsafe extern "C" fn(conn_request: ucp_conn_request_h, arg: *mut ::std::os::raw::c_void),
->;
+pub type ucp_listener_conn_callback_t =
+    ::std::option::Option<unsafe extern "C" fn(conn_request: ucp_conn_request_h, arg: *mut ::std::os::raw::c_void)>;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct ucp_listener_conn_handler {
@@ -250,12 +239,9 @@ pub struct ucp_listener_conn_handler {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ucp_listener_conn_handler"]
-        [::std::mem::size_of::<ucp_listener_conn_handler>() - 16usize];
-    ["Alignment of ucp_listener_conn_handler"]
-        [::std::mem::align_of::<ucp_listener_conn_handler>() - 8usize];
-    ["Offset of field: ucp_listener_conn_handler::cb"]
-        [::std::mem::offset_of!(ucp_listener_conn_handler, cb) - 0usize];
+    ["Size of ucp_listener_conn_handler"][::std::mem::size_of::<ucp_listener_conn_handler>() - 16usize];
+    ["Alignment of ucp_listener_conn_handler"][::std::mem::align_of::<ucp_listener_conn_handler>() - 8usize];
+    ["Offset of field: ucp_listener_conn_handler::cb"][::std::mem::offset_of!(ucp_listener_conn_handler, cb) - 0usize];
     ["Offset of field: ucp_listener_conn_handler::arg"]
         [::std::mem::offset_of!(ucp_listener_conn_handler, arg) - 8usize];
 };
@@ -272,11 +258,7 @@ pub type ucp_stream_recv_nbx_callback_t = ::std::option::Option<
     ),
 >;
 pub type ucp_tag_recv_callback_t = ::std::option::Option<
-    unsafe extern "C" fn(
-        request: *mut ::std::os::raw::c_void,
-        status: ucs_status_t,
-        info: *mut ucp_tag_recv_info_t,
-    ),
+    unsafe extern "C" fn(request: *mut ::std::os::raw::c_void, status: ucs_status_t, info: *mut ucp_tag_recv_info_t),
 >;
 pub type ucp_tag_recv_nbx_callback_t = ::std::option::Option<
     unsafe extern "C" fn(
@@ -340,25 +322,16 @@ pub struct ucp_ep_params {
 const _: () = {
     ["Size of ucp_ep_params"][::std::mem::size_of::<ucp_ep_params>() - 104usize];
     ["Alignment of ucp_ep_params"][::std::mem::align_of::<ucp_ep_params>() - 8usize];
-    ["Offset of field: ucp_ep_params::field_mask"]
-        [::std::mem::offset_of!(ucp_ep_params, field_mask) - 0usize];
-    ["Offset of field: ucp_ep_params::address"]
-        [::std::mem::offset_of!(ucp_ep_params, address) - 8usize];
-    ["Offset of field: ucp_ep_params::err_mode"]
-        [::std::mem::offset_of!(ucp_ep_params, err_mode) - 16usize];
-    ["Offset of field: ucp_ep_params::err_handler"]
-        [::std::mem::offset_of!(ucp_ep_params, err_handler) - 24usize];
-    ["Offset of field: ucp_ep_params::user_data"]
-        [::std::mem::offset_of!(ucp_ep_params, user_data) - 40usize];
-    ["Offset of field: ucp_ep_params::flags"]
-        [::std::mem::offset_of!(ucp_ep_params, flags) - 48usize];
-    ["Offset of field: ucp_ep_params::sockaddr"]
-        [::std::mem::offset_of!(ucp_ep_params, sockaddr) - 56usize];
-    ["Offset of field: ucp_ep_params::conn_request"]
-        [::std::mem::offset_of!(ucp_ep_params, conn_request) - 72usize];
+    ["Offset of field: ucp_ep_params::field_mask"][::std::mem::offset_of!(ucp_ep_params, field_mask) - 0usize];
+    ["Offset of field: ucp_ep_params::address"][::std::mem::offset_of!(ucp_ep_params, address) - 8usize];
+    ["Offset of field: ucp_ep_params::err_mode"][::std::mem::offset_of!(ucp_ep_params, err_mode) - 16usize];
+    ["Offset of field: ucp_ep_params::err_handler"][::std::mem::offset_of!(ucp_ep_params, err_handler) - 24usize];
+    ["Offset of field: ucp_ep_params::user_data"][::std::mem::offset_of!(ucp_ep_params, user_data) - 40usize];
+    ["Offset of field: ucp_ep_params::flags"][::std::mem::offset_of!(ucp_ep_params, flags) - 48usize];
+    ["Offset of field: ucp_ep_params::sockaddr"][::std::mem::offset_of!(ucp_ep_params, sockaddr) - 56usize];
+    ["Offset of field: ucp_ep_params::conn_request"][::std::mem::offset_of!(ucp_ep_params, conn_request) - 72usize];
     ["Offset of field: ucp_ep_params::name"][::std::mem::offset_of!(ucp_ep_params, name) - 80usize];
-    ["Offset of field: ucp_ep_params::local_sockaddr"]
-        [::std::mem::offset_of!(ucp_ep_params, local_sockaddr) - 88usize];
+    ["Offset of field: ucp_ep_params::local_sockaddr"][::std::mem::offset_of!(ucp_ep_params, local_sockaddr) - 88usize];
 };
 pub type ucp_ep_params_t = ucp_ep_params;
 #[repr(C)]
@@ -370,8 +343,7 @@ pub struct ucp_transport_entry_t {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ucp_transport_entry_t"][::std::mem::size_of::<ucp_transport_entry_t>() - 16usize];
-    ["Alignment of ucp_transport_entry_t"]
-        [::std::mem::align_of::<ucp_transport_entry_t>() - 8usize];
+    ["Alignment of ucp_transport_entry_t"][::std::mem::align_of::<ucp_transport_entry_t>() - 8usize];
     ["Offset of field: ucp_transport_entry_t::transport_name"]
         [::std::mem::offset_of!(ucp_transport_entry_t, transport_name) - 0usize];
     ["Offset of field: ucp_transport_entry_t::device_name"]
@@ -388,12 +360,9 @@ pub struct ucp_transports_t {
 const _: () = {
     ["Size of ucp_transports_t"][::std::mem::size_of::<ucp_transports_t>() - 24usize];
     ["Alignment of ucp_transports_t"][::std::mem::align_of::<ucp_transports_t>() - 8usize];
-    ["Offset of field: ucp_transports_t::entries"]
-        [::std::mem::offset_of!(ucp_transports_t, entries) - 0usize];
-    ["Offset of field: ucp_transports_t::num_entries"]
-        [::std::mem::offset_of!(ucp_transports_t, num_entries) - 8usize];
-    ["Offset of field: ucp_transports_t::entry_size"]
-        [::std::mem::offset_of!(ucp_transports_t, entry_size) - 16usize];
+    ["Offset of field: ucp_transports_t::entries"][::std::mem::offset_of!(ucp_transports_t, entries) - 0usize];
+    ["Offset of field: ucp_transports_t::num_entries"][::std::mem::offset_of!(ucp_transports_t, num_entries) - 8usize];
+    ["Offset of field: ucp_transports_t::entry_size"][::std::mem::offset_of!(ucp_transports_t, entry_size) - 16usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -403,10 +372,8 @@ pub struct ucp_listener_accept_handler {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ucp_listener_accept_handler"]
-        [::std::mem::size_of::<ucp_listener_accept_handler>() - 16usize];
-    ["Alignment of ucp_listener_accept_handler"]
-        [::std::mem::align_of::<ucp_listener_accept_handler>() - 8usize];
+    ["Size of ucp_listener_accept_handler"][::std::mem::size_of::<ucp_listener_accept_handler>() - 16usize];
+    ["Alignment of ucp_listener_accept_handler"][::std::mem::align_of::<ucp_listener_accept_handler>() - 8usize];
     ["Offset of field: ucp_listener_accept_handler::cb"]
         [::std::mem::offset_of!(ucp_listener_accept_handler, cb) - 0usize];
     ["Offset of field: ucp_listener_accept_handler::arg"]
@@ -456,8 +423,7 @@ pub struct ucs_cpu_set_t {
 const _: () = {
     ["Size of ucs_cpu_set_t"][::std::mem::size_of::<ucs_cpu_set_t>() - 128usize];
     ["Alignment of ucs_cpu_set_t"][::std::mem::align_of::<ucs_cpu_set_t>() - 8usize];
-    ["Offset of field: ucs_cpu_set_t::ucs_bits"]
-        [::std::mem::offset_of!(ucs_cpu_set_t, ucs_bits) - 0usize];
+    ["Offset of field: ucs_cpu_set_t::ucs_bits"][::std::mem::offset_of!(ucs_cpu_set_t, ucs_bits) - 0usize];
 };
 pub type FILE = _IO_FILE;
 #[repr(C)]
@@ -514,49 +480,31 @@ const _: () = {
     ["Size of _IO_FILE"][::std::mem::size_of::<_IO_FILE>() - 216usize];
     ["Alignment of _IO_FILE"][::std::mem::align_of::<_IO_FILE>() - 8usize];
     ["Offset of field: _IO_FILE::_flags"][::std::mem::offset_of!(_IO_FILE, _flags) - 0usize];
-    ["Offset of field: _IO_FILE::_IO_read_ptr"]
-        [::std::mem::offset_of!(_IO_FILE, _IO_read_ptr) - 8usize];
-    ["Offset of field: _IO_FILE::_IO_read_end"]
-        [::std::mem::offset_of!(_IO_FILE, _IO_read_end) - 16usize];
-    ["Offset of field: _IO_FILE::_IO_read_base"]
-        [::std::mem::offset_of!(_IO_FILE, _IO_read_base) - 24usize];
-    ["Offset of field: _IO_FILE::_IO_write_base"]
-        [::std::mem::offset_of!(_IO_FILE, _IO_write_base) - 32usize];
-    ["Offset of field: _IO_FILE::_IO_write_ptr"]
-        [::std::mem::offset_of!(_IO_FILE, _IO_write_ptr) - 40usize];
-    ["Offset of field: _IO_FILE::_IO_write_end"]
-        [::std::mem::offset_of!(_IO_FILE, _IO_write_end) - 48usize];
-    ["Offset of field: _IO_FILE::_IO_buf_base"]
-        [::std::mem::offset_of!(_IO_FILE, _IO_buf_base) - 56usize];
-    ["Offset of field: _IO_FILE::_IO_buf_end"]
-        [::std::mem::offset_of!(_IO_FILE, _IO_buf_end) - 64usize];
-    ["Offset of field: _IO_FILE::_IO_save_base"]
-        [::std::mem::offset_of!(_IO_FILE, _IO_save_base) - 72usize];
-    ["Offset of field: _IO_FILE::_IO_backup_base"]
-        [::std::mem::offset_of!(_IO_FILE, _IO_backup_base) - 80usize];
-    ["Offset of field: _IO_FILE::_IO_save_end"]
-        [::std::mem::offset_of!(_IO_FILE, _IO_save_end) - 88usize];
+    ["Offset of field: _IO_FILE::_IO_read_ptr"][::std::mem::offset_of!(_IO_FILE, _IO_read_ptr) - 8usize];
+    ["Offset of field: _IO_FILE::_IO_read_end"][::std::mem::offset_of!(_IO_FILE, _IO_read_end) - 16usize];
+    ["Offset of field: _IO_FILE::_IO_read_base"][::std::mem::offset_of!(_IO_FILE, _IO_read_base) - 24usize];
+    ["Offset of field: _IO_FILE::_IO_write_base"][::std::mem::offset_of!(_IO_FILE, _IO_write_base) - 32usize];
+    ["Offset of field: _IO_FILE::_IO_write_ptr"][::std::mem::offset_of!(_IO_FILE, _IO_write_ptr) - 40usize];
+    ["Offset of field: _IO_FILE::_IO_write_end"][::std::mem::offset_of!(_IO_FILE, _IO_write_end) - 48usize];
+    ["Offset of field: _IO_FILE::_IO_buf_base"][::std::mem::offset_of!(_IO_FILE, _IO_buf_base) - 56usize];
+    ["Offset of field: _IO_FILE::_IO_buf_end"][::std::mem::offset_of!(_IO_FILE, _IO_buf_end) - 64usize];
+    ["Offset of field: _IO_FILE::_IO_save_base"][::std::mem::offset_of!(_IO_FILE, _IO_save_base) - 72usize];
+    ["Offset of field: _IO_FILE::_IO_backup_base"][::std::mem::offset_of!(_IO_FILE, _IO_backup_base) - 80usize];
+    ["Offset of field: _IO_FILE::_IO_save_end"][::std::mem::offset_of!(_IO_FILE, _IO_save_end) - 88usize];
     ["Offset of field: _IO_FILE::_markers"][::std::mem::offset_of!(_IO_FILE, _markers) - 96usize];
     ["Offset of field: _IO_FILE::_chain"][::std::mem::offset_of!(_IO_FILE, _chain) - 104usize];
     ["Offset of field: _IO_FILE::_fileno"][::std::mem::offset_of!(_IO_FILE, _fileno) - 112usize];
     ["Offset of field: _IO_FILE::_flags2"][::std::mem::offset_of!(_IO_FILE, _flags2) - 116usize];
-    ["Offset of field: _IO_FILE::_old_offset"]
-        [::std::mem::offset_of!(_IO_FILE, _old_offset) - 120usize];
-    ["Offset of field: _IO_FILE::_cur_column"]
-        [::std::mem::offset_of!(_IO_FILE, _cur_column) - 128usize];
-    ["Offset of field: _IO_FILE::_vtable_offset"]
-        [::std::mem::offset_of!(_IO_FILE, _vtable_offset) - 130usize];
-    ["Offset of field: _IO_FILE::_shortbuf"]
-        [::std::mem::offset_of!(_IO_FILE, _shortbuf) - 131usize];
+    ["Offset of field: _IO_FILE::_old_offset"][::std::mem::offset_of!(_IO_FILE, _old_offset) - 120usize];
+    ["Offset of field: _IO_FILE::_cur_column"][::std::mem::offset_of!(_IO_FILE, _cur_column) - 128usize];
+    ["Offset of field: _IO_FILE::_vtable_offset"][::std::mem::offset_of!(_IO_FILE, _vtable_offset) - 130usize];
+    ["Offset of field: _IO_FILE::_shortbuf"][::std::mem::offset_of!(_IO_FILE, _shortbuf) - 131usize];
     ["Offset of field: _IO_FILE::_lock"][::std::mem::offset_of!(_IO_FILE, _lock) - 136usize];
     ["Offset of field: _IO_FILE::_offset"][::std::mem::offset_of!(_IO_FILE, _offset) - 144usize];
     ["Offset of field: _IO_FILE::_codecvt"][::std::mem::offset_of!(_IO_FILE, _codecvt) - 152usize];
-    ["Offset of field: _IO_FILE::_wide_data"]
-        [::std::mem::offset_of!(_IO_FILE, _wide_data) - 160usize];
-    ["Offset of field: _IO_FILE::_freeres_list"]
-        [::std::mem::offset_of!(_IO_FILE, _freeres_list) - 168usize];
-    ["Offset of field: _IO_FILE::_freeres_buf"]
-        [::std::mem::offset_of!(_IO_FILE, _freeres_buf) - 176usize];
+    ["Offset of field: _IO_FILE::_wide_data"][::std::mem::offset_of!(_IO_FILE, _wide_data) - 160usize];
+    ["Offset of field: _IO_FILE::_freeres_list"][::std::mem::offset_of!(_IO_FILE, _freeres_list) - 168usize];
+    ["Offset of field: _IO_FILE::_freeres_buf"][::std::mem::offset_of!(_IO_FILE, _freeres_buf) - 176usize];
     ["Offset of field: _IO_FILE::__pad5"][::std::mem::offset_of!(_IO_FILE, __pad5) - 184usize];
     ["Offset of field: _IO_FILE::_mode"][::std::mem::offset_of!(_IO_FILE, _mode) - 192usize];
     ["Offset of field: _IO_FILE::_unused2"][::std::mem::offset_of!(_IO_FILE, _unused2) - 196usize];
@@ -759,16 +707,11 @@ const _: () = {
     ["Alignment of ucp_dt_local_sgl_t"][::std::mem::align_of::<ucp_dt_local_sgl_t>() - 8usize];
     ["Offset of field: ucp_dt_local_sgl_t::field_mask"]
         [::std::mem::offset_of!(ucp_dt_local_sgl_t, field_mask) - 0usize];
-    ["Offset of field: ucp_dt_local_sgl_t::buffers"]
-        [::std::mem::offset_of!(ucp_dt_local_sgl_t, buffers) - 8usize];
-    ["Offset of field: ucp_dt_local_sgl_t::lengths"]
-        [::std::mem::offset_of!(ucp_dt_local_sgl_t, lengths) - 16usize];
-    ["Offset of field: ucp_dt_local_sgl_t::memhs"]
-        [::std::mem::offset_of!(ucp_dt_local_sgl_t, memhs) - 24usize];
-    ["Offset of field: ucp_dt_local_sgl_t::counts"]
-        [::std::mem::offset_of!(ucp_dt_local_sgl_t, counts) - 32usize];
-    ["Offset of field: ucp_dt_local_sgl_t::strides"]
-        [::std::mem::offset_of!(ucp_dt_local_sgl_t, strides) - 40usize];
+    ["Offset of field: ucp_dt_local_sgl_t::buffers"][::std::mem::offset_of!(ucp_dt_local_sgl_t, buffers) - 8usize];
+    ["Offset of field: ucp_dt_local_sgl_t::lengths"][::std::mem::offset_of!(ucp_dt_local_sgl_t, lengths) - 16usize];
+    ["Offset of field: ucp_dt_local_sgl_t::memhs"][::std::mem::offset_of!(ucp_dt_local_sgl_t, memhs) - 24usize];
+    ["Offset of field: ucp_dt_local_sgl_t::counts"][::std::mem::offset_of!(ucp_dt_local_sgl_t, counts) - 32usize];
+    ["Offset of field: ucp_dt_local_sgl_t::strides"][::std::mem::offset_of!(ucp_dt_local_sgl_t, strides) - 40usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -786,10 +729,8 @@ const _: () = {
         [::std::mem::offset_of!(ucp_dt_remote_sgl_t, field_mask) - 0usize];
     ["Offset of field: ucp_dt_remote_sgl_t::remote_addrs"]
         [::std::mem::offset_of!(ucp_dt_remote_sgl_t, remote_addrs) - 8usize];
-    ["Offset of field: ucp_dt_remote_sgl_t::lengths"]
-        [::std::mem::offset_of!(ucp_dt_remote_sgl_t, lengths) - 16usize];
-    ["Offset of field: ucp_dt_remote_sgl_t::rkeys"]
-        [::std::mem::offset_of!(ucp_dt_remote_sgl_t, rkeys) - 24usize];
+    ["Offset of field: ucp_dt_remote_sgl_t::lengths"][::std::mem::offset_of!(ucp_dt_remote_sgl_t, lengths) - 16usize];
+    ["Offset of field: ucp_dt_remote_sgl_t::rkeys"][::std::mem::offset_of!(ucp_dt_remote_sgl_t, rkeys) - 24usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -808,8 +749,7 @@ pub struct ucp_generic_dt_ops {
             count: usize,
         ) -> *mut ::std::os::raw::c_void,
     >,
-    pub packed_size:
-        ::std::option::Option<unsafe extern "C" fn(state: *mut ::std::os::raw::c_void) -> usize>,
+    pub packed_size: ::std::option::Option<unsafe extern "C" fn(state: *mut ::std::os::raw::c_void) -> usize>,
     pub pack: ::std::option::Option<
         unsafe extern "C" fn(
             state: *mut ::std::os::raw::c_void,
@@ -838,12 +778,9 @@ const _: () = {
         [::std::mem::offset_of!(ucp_generic_dt_ops, start_unpack) - 8usize];
     ["Offset of field: ucp_generic_dt_ops::packed_size"]
         [::std::mem::offset_of!(ucp_generic_dt_ops, packed_size) - 16usize];
-    ["Offset of field: ucp_generic_dt_ops::pack"]
-        [::std::mem::offset_of!(ucp_generic_dt_ops, pack) - 24usize];
-    ["Offset of field: ucp_generic_dt_ops::unpack"]
-        [::std::mem::offset_of!(ucp_generic_dt_ops, unpack) - 32usize];
-    ["Offset of field: ucp_generic_dt_ops::finish"]
-        [::std::mem::offset_of!(ucp_generic_dt_ops, finish) - 40usize];
+    ["Offset of field: ucp_generic_dt_ops::pack"][::std::mem::offset_of!(ucp_generic_dt_ops, pack) - 24usize];
+    ["Offset of field: ucp_generic_dt_ops::unpack"][::std::mem::offset_of!(ucp_generic_dt_ops, unpack) - 32usize];
+    ["Offset of field: ucp_generic_dt_ops::finish"][::std::mem::offset_of!(ucp_generic_dt_ops, finish) - 40usize];
 };
 pub type ucp_generic_dt_ops_t = ucp_generic_dt_ops;
 #[repr(C)]
@@ -858,14 +795,11 @@ pub struct ucp_datatype_attr {
 const _: () = {
     ["Size of ucp_datatype_attr"][::std::mem::size_of::<ucp_datatype_attr>() - 32usize];
     ["Alignment of ucp_datatype_attr"][::std::mem::align_of::<ucp_datatype_attr>() - 8usize];
-    ["Offset of field: ucp_datatype_attr::field_mask"]
-        [::std::mem::offset_of!(ucp_datatype_attr, field_mask) - 0usize];
+    ["Offset of field: ucp_datatype_attr::field_mask"][::std::mem::offset_of!(ucp_datatype_attr, field_mask) - 0usize];
     ["Offset of field: ucp_datatype_attr::packed_size"]
         [::std::mem::offset_of!(ucp_datatype_attr, packed_size) - 8usize];
-    ["Offset of field: ucp_datatype_attr::buffer"]
-        [::std::mem::offset_of!(ucp_datatype_attr, buffer) - 16usize];
-    ["Offset of field: ucp_datatype_attr::count"]
-        [::std::mem::offset_of!(ucp_datatype_attr, count) - 24usize];
+    ["Offset of field: ucp_datatype_attr::buffer"][::std::mem::offset_of!(ucp_datatype_attr, buffer) - 16usize];
+    ["Offset of field: ucp_datatype_attr::count"][::std::mem::offset_of!(ucp_datatype_attr, count) - 24usize];
 };
 pub type ucp_datatype_attr_t = ucp_datatype_attr;
 #[repr(C)]
@@ -887,27 +821,17 @@ pub struct ucp_params {
 const _: () = {
     ["Size of ucp_params"][::std::mem::size_of::<ucp_params>() - 88usize];
     ["Alignment of ucp_params"][::std::mem::align_of::<ucp_params>() - 8usize];
-    ["Offset of field: ucp_params::field_mask"]
-        [::std::mem::offset_of!(ucp_params, field_mask) - 0usize];
-    ["Offset of field: ucp_params::features"]
-        [::std::mem::offset_of!(ucp_params, features) - 8usize];
-    ["Offset of field: ucp_params::request_size"]
-        [::std::mem::offset_of!(ucp_params, request_size) - 16usize];
-    ["Offset of field: ucp_params::request_init"]
-        [::std::mem::offset_of!(ucp_params, request_init) - 24usize];
-    ["Offset of field: ucp_params::request_cleanup"]
-        [::std::mem::offset_of!(ucp_params, request_cleanup) - 32usize];
-    ["Offset of field: ucp_params::tag_sender_mask"]
-        [::std::mem::offset_of!(ucp_params, tag_sender_mask) - 40usize];
-    ["Offset of field: ucp_params::mt_workers_shared"]
-        [::std::mem::offset_of!(ucp_params, mt_workers_shared) - 48usize];
-    ["Offset of field: ucp_params::estimated_num_eps"]
-        [::std::mem::offset_of!(ucp_params, estimated_num_eps) - 56usize];
-    ["Offset of field: ucp_params::estimated_num_ppn"]
-        [::std::mem::offset_of!(ucp_params, estimated_num_ppn) - 64usize];
+    ["Offset of field: ucp_params::field_mask"][::std::mem::offset_of!(ucp_params, field_mask) - 0usize];
+    ["Offset of field: ucp_params::features"][::std::mem::offset_of!(ucp_params, features) - 8usize];
+    ["Offset of field: ucp_params::request_size"][::std::mem::offset_of!(ucp_params, request_size) - 16usize];
+    ["Offset of field: ucp_params::request_init"][::std::mem::offset_of!(ucp_params, request_init) - 24usize];
+    ["Offset of field: ucp_params::request_cleanup"][::std::mem::offset_of!(ucp_params, request_cleanup) - 32usize];
+    ["Offset of field: ucp_params::tag_sender_mask"][::std::mem::offset_of!(ucp_params, tag_sender_mask) - 40usize];
+    ["Offset of field: ucp_params::mt_workers_shared"][::std::mem::offset_of!(ucp_params, mt_workers_shared) - 48usize];
+    ["Offset of field: ucp_params::estimated_num_eps"][::std::mem::offset_of!(ucp_params, estimated_num_eps) - 56usize];
+    ["Offset of field: ucp_params::estimated_num_ppn"][::std::mem::offset_of!(ucp_params, estimated_num_ppn) - 64usize];
     ["Offset of field: ucp_params::name"][::std::mem::offset_of!(ucp_params, name) - 72usize];
-    ["Offset of field: ucp_params::node_local_id"]
-        [::std::mem::offset_of!(ucp_params, node_local_id) - 80usize];
+    ["Offset of field: ucp_params::node_local_id"][::std::mem::offset_of!(ucp_params, node_local_id) - 80usize];
 };
 pub type ucp_params_t = ucp_params;
 #[repr(C)]
@@ -920,8 +844,7 @@ pub struct ucp_lib_attr {
 const _: () = {
     ["Size of ucp_lib_attr"][::std::mem::size_of::<ucp_lib_attr>() - 16usize];
     ["Alignment of ucp_lib_attr"][::std::mem::align_of::<ucp_lib_attr>() - 8usize];
-    ["Offset of field: ucp_lib_attr::field_mask"]
-        [::std::mem::offset_of!(ucp_lib_attr, field_mask) - 0usize];
+    ["Offset of field: ucp_lib_attr::field_mask"][::std::mem::offset_of!(ucp_lib_attr, field_mask) - 0usize];
     ["Offset of field: ucp_lib_attr::max_thread_level"]
         [::std::mem::offset_of!(ucp_lib_attr, max_thread_level) - 8usize];
 };
@@ -940,16 +863,13 @@ pub struct ucp_context_attr {
 const _: () = {
     ["Size of ucp_context_attr"][::std::mem::size_of::<ucp_context_attr>() - 72usize];
     ["Alignment of ucp_context_attr"][::std::mem::align_of::<ucp_context_attr>() - 8usize];
-    ["Offset of field: ucp_context_attr::field_mask"]
-        [::std::mem::offset_of!(ucp_context_attr, field_mask) - 0usize];
+    ["Offset of field: ucp_context_attr::field_mask"][::std::mem::offset_of!(ucp_context_attr, field_mask) - 0usize];
     ["Offset of field: ucp_context_attr::request_size"]
         [::std::mem::offset_of!(ucp_context_attr, request_size) - 8usize];
-    ["Offset of field: ucp_context_attr::thread_mode"]
-        [::std::mem::offset_of!(ucp_context_attr, thread_mode) - 16usize];
+    ["Offset of field: ucp_context_attr::thread_mode"][::std::mem::offset_of!(ucp_context_attr, thread_mode) - 16usize];
     ["Offset of field: ucp_context_attr::memory_types"]
         [::std::mem::offset_of!(ucp_context_attr, memory_types) - 24usize];
-    ["Offset of field: ucp_context_attr::name"]
-        [::std::mem::offset_of!(ucp_context_attr, name) - 32usize];
+    ["Offset of field: ucp_context_attr::name"][::std::mem::offset_of!(ucp_context_attr, name) - 32usize];
     ["Offset of field: ucp_context_attr::device_counter_size"]
         [::std::mem::offset_of!(ucp_context_attr, device_counter_size) - 64usize];
 };
@@ -970,20 +890,16 @@ pub struct ucp_worker_attr {
 const _: () = {
     ["Size of ucp_worker_attr"][::std::mem::size_of::<ucp_worker_attr>() - 80usize];
     ["Alignment of ucp_worker_attr"][::std::mem::align_of::<ucp_worker_attr>() - 8usize];
-    ["Offset of field: ucp_worker_attr::field_mask"]
-        [::std::mem::offset_of!(ucp_worker_attr, field_mask) - 0usize];
-    ["Offset of field: ucp_worker_attr::thread_mode"]
-        [::std::mem::offset_of!(ucp_worker_attr, thread_mode) - 8usize];
+    ["Offset of field: ucp_worker_attr::field_mask"][::std::mem::offset_of!(ucp_worker_attr, field_mask) - 0usize];
+    ["Offset of field: ucp_worker_attr::thread_mode"][::std::mem::offset_of!(ucp_worker_attr, thread_mode) - 8usize];
     ["Offset of field: ucp_worker_attr::address_flags"]
         [::std::mem::offset_of!(ucp_worker_attr, address_flags) - 12usize];
-    ["Offset of field: ucp_worker_attr::address"]
-        [::std::mem::offset_of!(ucp_worker_attr, address) - 16usize];
+    ["Offset of field: ucp_worker_attr::address"][::std::mem::offset_of!(ucp_worker_attr, address) - 16usize];
     ["Offset of field: ucp_worker_attr::address_length"]
         [::std::mem::offset_of!(ucp_worker_attr, address_length) - 24usize];
     ["Offset of field: ucp_worker_attr::max_am_header"]
         [::std::mem::offset_of!(ucp_worker_attr, max_am_header) - 32usize];
-    ["Offset of field: ucp_worker_attr::name"]
-        [::std::mem::offset_of!(ucp_worker_attr, name) - 40usize];
+    ["Offset of field: ucp_worker_attr::name"][::std::mem::offset_of!(ucp_worker_attr, name) - 40usize];
     ["Offset of field: ucp_worker_attr::max_debug_string"]
         [::std::mem::offset_of!(ucp_worker_attr, max_debug_string) - 72usize];
 };
@@ -996,8 +912,7 @@ pub struct ucp_rkey_compare_params {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ucp_rkey_compare_params"][::std::mem::size_of::<ucp_rkey_compare_params>() - 8usize];
-    ["Alignment of ucp_rkey_compare_params"]
-        [::std::mem::align_of::<ucp_rkey_compare_params>() - 8usize];
+    ["Alignment of ucp_rkey_compare_params"][::std::mem::align_of::<ucp_rkey_compare_params>() - 8usize];
     ["Offset of field: ucp_rkey_compare_params::field_mask"]
         [::std::mem::offset_of!(ucp_rkey_compare_params, field_mask) - 0usize];
 };
@@ -1020,26 +935,18 @@ pub struct ucp_worker_params {
 const _: () = {
     ["Size of ucp_worker_params"][::std::mem::size_of::<ucp_worker_params>() - 200usize];
     ["Alignment of ucp_worker_params"][::std::mem::align_of::<ucp_worker_params>() - 8usize];
-    ["Offset of field: ucp_worker_params::field_mask"]
-        [::std::mem::offset_of!(ucp_worker_params, field_mask) - 0usize];
+    ["Offset of field: ucp_worker_params::field_mask"][::std::mem::offset_of!(ucp_worker_params, field_mask) - 0usize];
     ["Offset of field: ucp_worker_params::thread_mode"]
         [::std::mem::offset_of!(ucp_worker_params, thread_mode) - 8usize];
-    ["Offset of field: ucp_worker_params::cpu_mask"]
-        [::std::mem::offset_of!(ucp_worker_params, cpu_mask) - 16usize];
-    ["Offset of field: ucp_worker_params::events"]
-        [::std::mem::offset_of!(ucp_worker_params, events) - 144usize];
-    ["Offset of field: ucp_worker_params::user_data"]
-        [::std::mem::offset_of!(ucp_worker_params, user_data) - 152usize];
-    ["Offset of field: ucp_worker_params::event_fd"]
-        [::std::mem::offset_of!(ucp_worker_params, event_fd) - 160usize];
-    ["Offset of field: ucp_worker_params::flags"]
-        [::std::mem::offset_of!(ucp_worker_params, flags) - 168usize];
-    ["Offset of field: ucp_worker_params::name"]
-        [::std::mem::offset_of!(ucp_worker_params, name) - 176usize];
+    ["Offset of field: ucp_worker_params::cpu_mask"][::std::mem::offset_of!(ucp_worker_params, cpu_mask) - 16usize];
+    ["Offset of field: ucp_worker_params::events"][::std::mem::offset_of!(ucp_worker_params, events) - 144usize];
+    ["Offset of field: ucp_worker_params::user_data"][::std::mem::offset_of!(ucp_worker_params, user_data) - 152usize];
+    ["Offset of field: ucp_worker_params::event_fd"][::std::mem::offset_of!(ucp_worker_params, event_fd) - 160usize];
+    ["Offset of field: ucp_worker_params::flags"][::std::mem::offset_of!(ucp_worker_params, flags) - 168usize];
+    ["Offset of field: ucp_worker_params::name"][::std::mem::offset_of!(ucp_worker_params, name) - 176usize];
     ["Offset of field: ucp_worker_params::am_alignment"]
         [::std::mem::offset_of!(ucp_worker_params, am_alignment) - 184usize];
-    ["Offset of field: ucp_worker_params::client_id"]
-        [::std::mem::offset_of!(ucp_worker_params, client_id) - 192usize];
+    ["Offset of field: ucp_worker_params::client_id"][::std::mem::offset_of!(ucp_worker_params, client_id) - 192usize];
 };
 pub type ucp_worker_params_t = ucp_worker_params;
 #[repr(C)]
@@ -1051,8 +958,7 @@ pub struct ucp_worker_address_attr {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ucp_worker_address_attr"][::std::mem::size_of::<ucp_worker_address_attr>() - 16usize];
-    ["Alignment of ucp_worker_address_attr"]
-        [::std::mem::align_of::<ucp_worker_address_attr>() - 8usize];
+    ["Alignment of ucp_worker_address_attr"][::std::mem::align_of::<ucp_worker_address_attr>() - 8usize];
     ["Offset of field: ucp_worker_address_attr::field_mask"]
         [::std::mem::offset_of!(ucp_worker_address_attr, field_mask) - 0usize];
     ["Offset of field: ucp_worker_address_attr::worker_uid"]
@@ -1067,10 +973,8 @@ pub struct ucp_ep_evaluate_perf_param_t {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ucp_ep_evaluate_perf_param_t"]
-        [::std::mem::size_of::<ucp_ep_evaluate_perf_param_t>() - 16usize];
-    ["Alignment of ucp_ep_evaluate_perf_param_t"]
-        [::std::mem::align_of::<ucp_ep_evaluate_perf_param_t>() - 8usize];
+    ["Size of ucp_ep_evaluate_perf_param_t"][::std::mem::size_of::<ucp_ep_evaluate_perf_param_t>() - 16usize];
+    ["Alignment of ucp_ep_evaluate_perf_param_t"][::std::mem::align_of::<ucp_ep_evaluate_perf_param_t>() - 8usize];
     ["Offset of field: ucp_ep_evaluate_perf_param_t::field_mask"]
         [::std::mem::offset_of!(ucp_ep_evaluate_perf_param_t, field_mask) - 0usize];
     ["Offset of field: ucp_ep_evaluate_perf_param_t::message_size"]
@@ -1084,10 +988,8 @@ pub struct ucp_ep_evaluate_perf_attr_t {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ucp_ep_evaluate_perf_attr_t"]
-        [::std::mem::size_of::<ucp_ep_evaluate_perf_attr_t>() - 16usize];
-    ["Alignment of ucp_ep_evaluate_perf_attr_t"]
-        [::std::mem::align_of::<ucp_ep_evaluate_perf_attr_t>() - 8usize];
+    ["Size of ucp_ep_evaluate_perf_attr_t"][::std::mem::size_of::<ucp_ep_evaluate_perf_attr_t>() - 16usize];
+    ["Alignment of ucp_ep_evaluate_perf_attr_t"][::std::mem::align_of::<ucp_ep_evaluate_perf_attr_t>() - 8usize];
     ["Offset of field: ucp_ep_evaluate_perf_attr_t::field_mask"]
         [::std::mem::offset_of!(ucp_ep_evaluate_perf_attr_t, field_mask) - 0usize];
     ["Offset of field: ucp_ep_evaluate_perf_attr_t::estimated_time"]
@@ -1103,10 +1005,8 @@ pub struct ucp_listener_attr {
 const _: () = {
     ["Size of ucp_listener_attr"][::std::mem::size_of::<ucp_listener_attr>() - 136usize];
     ["Alignment of ucp_listener_attr"][::std::mem::align_of::<ucp_listener_attr>() - 8usize];
-    ["Offset of field: ucp_listener_attr::field_mask"]
-        [::std::mem::offset_of!(ucp_listener_attr, field_mask) - 0usize];
-    ["Offset of field: ucp_listener_attr::sockaddr"]
-        [::std::mem::offset_of!(ucp_listener_attr, sockaddr) - 8usize];
+    ["Offset of field: ucp_listener_attr::field_mask"][::std::mem::offset_of!(ucp_listener_attr, field_mask) - 0usize];
+    ["Offset of field: ucp_listener_attr::sockaddr"][::std::mem::offset_of!(ucp_listener_attr, sockaddr) - 8usize];
 };
 pub type ucp_listener_attr_t = ucp_listener_attr;
 #[repr(C)]
@@ -1119,8 +1019,7 @@ pub struct ucp_conn_request_attr {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ucp_conn_request_attr"][::std::mem::size_of::<ucp_conn_request_attr>() - 144usize];
-    ["Alignment of ucp_conn_request_attr"]
-        [::std::mem::align_of::<ucp_conn_request_attr>() - 8usize];
+    ["Alignment of ucp_conn_request_attr"][::std::mem::align_of::<ucp_conn_request_attr>() - 8usize];
     ["Offset of field: ucp_conn_request_attr::field_mask"]
         [::std::mem::offset_of!(ucp_conn_request_attr, field_mask) - 0usize];
     ["Offset of field: ucp_conn_request_attr::client_address"]
@@ -1143,8 +1042,7 @@ const _: () = {
     ["Alignment of ucp_listener_params"][::std::mem::align_of::<ucp_listener_params>() - 8usize];
     ["Offset of field: ucp_listener_params::field_mask"]
         [::std::mem::offset_of!(ucp_listener_params, field_mask) - 0usize];
-    ["Offset of field: ucp_listener_params::sockaddr"]
-        [::std::mem::offset_of!(ucp_listener_params, sockaddr) - 8usize];
+    ["Offset of field: ucp_listener_params::sockaddr"][::std::mem::offset_of!(ucp_listener_params, sockaddr) - 8usize];
     ["Offset of field: ucp_listener_params::accept_handler"]
         [::std::mem::offset_of!(ucp_listener_params, accept_handler) - 24usize];
     ["Offset of field: ucp_listener_params::conn_handler"]
@@ -1163,14 +1061,10 @@ pub struct ucp_stream_poll_ep {
 const _: () = {
     ["Size of ucp_stream_poll_ep"][::std::mem::size_of::<ucp_stream_poll_ep>() - 40usize];
     ["Alignment of ucp_stream_poll_ep"][::std::mem::align_of::<ucp_stream_poll_ep>() - 8usize];
-    ["Offset of field: ucp_stream_poll_ep::ep"]
-        [::std::mem::offset_of!(ucp_stream_poll_ep, ep) - 0usize];
-    ["Offset of field: ucp_stream_poll_ep::user_data"]
-        [::std::mem::offset_of!(ucp_stream_poll_ep, user_data) - 8usize];
-    ["Offset of field: ucp_stream_poll_ep::flags"]
-        [::std::mem::offset_of!(ucp_stream_poll_ep, flags) - 16usize];
-    ["Offset of field: ucp_stream_poll_ep::reserved"]
-        [::std::mem::offset_of!(ucp_stream_poll_ep, reserved) - 20usize];
+    ["Offset of field: ucp_stream_poll_ep::ep"][::std::mem::offset_of!(ucp_stream_poll_ep, ep) - 0usize];
+    ["Offset of field: ucp_stream_poll_ep::user_data"][::std::mem::offset_of!(ucp_stream_poll_ep, user_data) - 8usize];
+    ["Offset of field: ucp_stream_poll_ep::flags"][::std::mem::offset_of!(ucp_stream_poll_ep, flags) - 16usize];
+    ["Offset of field: ucp_stream_poll_ep::reserved"][::std::mem::offset_of!(ucp_stream_poll_ep, reserved) - 20usize];
 };
 pub type ucp_stream_poll_ep_t = ucp_stream_poll_ep;
 #[repr(C)]
@@ -1190,14 +1084,10 @@ const _: () = {
     ["Alignment of ucp_mem_map_params"][::std::mem::align_of::<ucp_mem_map_params>() - 8usize];
     ["Offset of field: ucp_mem_map_params::field_mask"]
         [::std::mem::offset_of!(ucp_mem_map_params, field_mask) - 0usize];
-    ["Offset of field: ucp_mem_map_params::address"]
-        [::std::mem::offset_of!(ucp_mem_map_params, address) - 8usize];
-    ["Offset of field: ucp_mem_map_params::length"]
-        [::std::mem::offset_of!(ucp_mem_map_params, length) - 16usize];
-    ["Offset of field: ucp_mem_map_params::flags"]
-        [::std::mem::offset_of!(ucp_mem_map_params, flags) - 24usize];
-    ["Offset of field: ucp_mem_map_params::prot"]
-        [::std::mem::offset_of!(ucp_mem_map_params, prot) - 28usize];
+    ["Offset of field: ucp_mem_map_params::address"][::std::mem::offset_of!(ucp_mem_map_params, address) - 8usize];
+    ["Offset of field: ucp_mem_map_params::length"][::std::mem::offset_of!(ucp_mem_map_params, length) - 16usize];
+    ["Offset of field: ucp_mem_map_params::flags"][::std::mem::offset_of!(ucp_mem_map_params, flags) - 24usize];
+    ["Offset of field: ucp_mem_map_params::prot"][::std::mem::offset_of!(ucp_mem_map_params, prot) - 28usize];
     ["Offset of field: ucp_mem_map_params::memory_type"]
         [::std::mem::offset_of!(ucp_mem_map_params, memory_type) - 32usize];
     ["Offset of field: ucp_mem_map_params::exported_memh_buffer"]
@@ -1214,10 +1104,8 @@ pub struct ucp_tag_recv_info {
 const _: () = {
     ["Size of ucp_tag_recv_info"][::std::mem::size_of::<ucp_tag_recv_info>() - 16usize];
     ["Alignment of ucp_tag_recv_info"][::std::mem::align_of::<ucp_tag_recv_info>() - 8usize];
-    ["Offset of field: ucp_tag_recv_info::sender_tag"]
-        [::std::mem::offset_of!(ucp_tag_recv_info, sender_tag) - 0usize];
-    ["Offset of field: ucp_tag_recv_info::length"]
-        [::std::mem::offset_of!(ucp_tag_recv_info, length) - 8usize];
+    ["Offset of field: ucp_tag_recv_info::sender_tag"][::std::mem::offset_of!(ucp_tag_recv_info, sender_tag) - 0usize];
+    ["Offset of field: ucp_tag_recv_info::length"][::std::mem::offset_of!(ucp_tag_recv_info, length) - 8usize];
 };
 #[repr(C)]
 #[derive(Copy, Clone)]
@@ -1246,8 +1134,7 @@ pub union ucp_request_param_t__bindgen_ty_1 {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ucp_request_param_t__bindgen_ty_1"]
-        [::std::mem::size_of::<ucp_request_param_t__bindgen_ty_1>() - 8usize];
+    ["Size of ucp_request_param_t__bindgen_ty_1"][::std::mem::size_of::<ucp_request_param_t__bindgen_ty_1>() - 8usize];
     ["Alignment of ucp_request_param_t__bindgen_ty_1"]
         [::std::mem::align_of::<ucp_request_param_t__bindgen_ty_1>() - 8usize];
     ["Offset of field: ucp_request_param_t__bindgen_ty_1::send"]
@@ -1267,8 +1154,7 @@ pub union ucp_request_param_t__bindgen_ty_2 {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ucp_request_param_t__bindgen_ty_2"]
-        [::std::mem::size_of::<ucp_request_param_t__bindgen_ty_2>() - 8usize];
+    ["Size of ucp_request_param_t__bindgen_ty_2"][::std::mem::size_of::<ucp_request_param_t__bindgen_ty_2>() - 8usize];
     ["Alignment of ucp_request_param_t__bindgen_ty_2"]
         [::std::mem::align_of::<ucp_request_param_t__bindgen_ty_2>() - 8usize];
     ["Offset of field: ucp_request_param_t__bindgen_ty_2::length"]
@@ -1282,14 +1168,10 @@ const _: () = {
     ["Alignment of ucp_request_param_t"][::std::mem::align_of::<ucp_request_param_t>() - 8usize];
     ["Offset of field: ucp_request_param_t::op_attr_mask"]
         [::std::mem::offset_of!(ucp_request_param_t, op_attr_mask) - 0usize];
-    ["Offset of field: ucp_request_param_t::flags"]
-        [::std::mem::offset_of!(ucp_request_param_t, flags) - 4usize];
-    ["Offset of field: ucp_request_param_t::request"]
-        [::std::mem::offset_of!(ucp_request_param_t, request) - 8usize];
-    ["Offset of field: ucp_request_param_t::cb"]
-        [::std::mem::offset_of!(ucp_request_param_t, cb) - 16usize];
-    ["Offset of field: ucp_request_param_t::datatype"]
-        [::std::mem::offset_of!(ucp_request_param_t, datatype) - 24usize];
+    ["Offset of field: ucp_request_param_t::flags"][::std::mem::offset_of!(ucp_request_param_t, flags) - 4usize];
+    ["Offset of field: ucp_request_param_t::request"][::std::mem::offset_of!(ucp_request_param_t, request) - 8usize];
+    ["Offset of field: ucp_request_param_t::cb"][::std::mem::offset_of!(ucp_request_param_t, cb) - 16usize];
+    ["Offset of field: ucp_request_param_t::datatype"][::std::mem::offset_of!(ucp_request_param_t, datatype) - 24usize];
     ["Offset of field: ucp_request_param_t::user_data"]
         [::std::mem::offset_of!(ucp_request_param_t, user_data) - 32usize];
     ["Offset of field: ucp_request_param_t::reply_buffer"]
@@ -1298,12 +1180,10 @@ const _: () = {
         [::std::mem::offset_of!(ucp_request_param_t, memory_type) - 48usize];
     ["Offset of field: ucp_request_param_t::recv_info"]
         [::std::mem::offset_of!(ucp_request_param_t, recv_info) - 56usize];
-    ["Offset of field: ucp_request_param_t::memh"]
-        [::std::mem::offset_of!(ucp_request_param_t, memh) - 64usize];
+    ["Offset of field: ucp_request_param_t::memh"][::std::mem::offset_of!(ucp_request_param_t, memh) - 64usize];
     ["Offset of field: ucp_request_param_t::remote_datatype"]
         [::std::mem::offset_of!(ucp_request_param_t, remote_datatype) - 72usize];
-    ["Offset of field: ucp_request_param_t::remote"]
-        [::std::mem::offset_of!(ucp_request_param_t, remote) - 80usize];
+    ["Offset of field: ucp_request_param_t::remote"][::std::mem::offset_of!(ucp_request_param_t, remote) - 80usize];
     ["Offset of field: ucp_request_param_t::remote_count"]
         [::std::mem::offset_of!(ucp_request_param_t, remote_count) - 88usize];
 };
@@ -1326,10 +1206,8 @@ const _: () = {
         [::std::mem::offset_of!(ucp_request_attr_t, debug_string) - 8usize];
     ["Offset of field: ucp_request_attr_t::debug_string_size"]
         [::std::mem::offset_of!(ucp_request_attr_t, debug_string_size) - 16usize];
-    ["Offset of field: ucp_request_attr_t::status"]
-        [::std::mem::offset_of!(ucp_request_attr_t, status) - 24usize];
-    ["Offset of field: ucp_request_attr_t::mem_type"]
-        [::std::mem::offset_of!(ucp_request_attr_t, mem_type) - 28usize];
+    ["Offset of field: ucp_request_attr_t::status"][::std::mem::offset_of!(ucp_request_attr_t, status) - 24usize];
+    ["Offset of field: ucp_request_attr_t::mem_type"][::std::mem::offset_of!(ucp_request_attr_t, mem_type) - 28usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -1346,14 +1224,10 @@ const _: () = {
     ["Alignment of ucp_am_handler_param"][::std::mem::align_of::<ucp_am_handler_param>() - 8usize];
     ["Offset of field: ucp_am_handler_param::field_mask"]
         [::std::mem::offset_of!(ucp_am_handler_param, field_mask) - 0usize];
-    ["Offset of field: ucp_am_handler_param::id"]
-        [::std::mem::offset_of!(ucp_am_handler_param, id) - 8usize];
-    ["Offset of field: ucp_am_handler_param::flags"]
-        [::std::mem::offset_of!(ucp_am_handler_param, flags) - 12usize];
-    ["Offset of field: ucp_am_handler_param::cb"]
-        [::std::mem::offset_of!(ucp_am_handler_param, cb) - 16usize];
-    ["Offset of field: ucp_am_handler_param::arg"]
-        [::std::mem::offset_of!(ucp_am_handler_param, arg) - 24usize];
+    ["Offset of field: ucp_am_handler_param::id"][::std::mem::offset_of!(ucp_am_handler_param, id) - 8usize];
+    ["Offset of field: ucp_am_handler_param::flags"][::std::mem::offset_of!(ucp_am_handler_param, flags) - 12usize];
+    ["Offset of field: ucp_am_handler_param::cb"][::std::mem::offset_of!(ucp_am_handler_param, cb) - 16usize];
+    ["Offset of field: ucp_am_handler_param::arg"][::std::mem::offset_of!(ucp_am_handler_param, arg) - 24usize];
 };
 pub type ucp_am_handler_param_t = ucp_am_handler_param;
 #[repr(C)]
@@ -1366,10 +1240,8 @@ pub struct ucp_am_recv_param {
 const _: () = {
     ["Size of ucp_am_recv_param"][::std::mem::size_of::<ucp_am_recv_param>() - 16usize];
     ["Alignment of ucp_am_recv_param"][::std::mem::align_of::<ucp_am_recv_param>() - 8usize];
-    ["Offset of field: ucp_am_recv_param::recv_attr"]
-        [::std::mem::offset_of!(ucp_am_recv_param, recv_attr) - 0usize];
-    ["Offset of field: ucp_am_recv_param::reply_ep"]
-        [::std::mem::offset_of!(ucp_am_recv_param, reply_ep) - 8usize];
+    ["Offset of field: ucp_am_recv_param::recv_attr"][::std::mem::offset_of!(ucp_am_recv_param, recv_attr) - 0usize];
+    ["Offset of field: ucp_am_recv_param::reply_ep"][::std::mem::offset_of!(ucp_am_recv_param, reply_ep) - 8usize];
 };
 extern "C" {
     pub fn ucp_config_read(
@@ -1411,10 +1283,7 @@ extern "C" {
     pub fn ucp_cleanup(context_p: ucp_context_h);
 }
 extern "C" {
-    pub fn ucp_context_query(
-        context_p: ucp_context_h,
-        attr: *mut ucp_context_attr_t,
-    ) -> ucs_status_t;
+    pub fn ucp_context_query(context_p: ucp_context_h, attr: *mut ucp_context_attr_t) -> ucs_status_t;
 }
 extern "C" {
     pub fn ucp_context_print_info(context: ucp_context_h, stream: *mut FILE);
@@ -1442,8 +1311,7 @@ extern "C" {
     pub fn ucp_worker_progress(worker: ucp_worker_h) -> ::std::os::raw::c_uint;
 }
 extern "C" {
-    pub fn ucp_worker_get_efd(worker: ucp_worker_h, fd: *mut ::std::os::raw::c_int)
-        -> ucs_status_t;
+    pub fn ucp_worker_get_efd(worker: ucp_worker_h, fd: *mut ::std::os::raw::c_int) -> ucs_status_t;
 }
 extern "C" {
     pub fn ucp_worker_arm(worker: ucp_worker_h) -> ucs_status_t;
@@ -1452,14 +1320,30 @@ extern "C" {
     pub fn ucp_worker_signal(worker: ucp_worker_h) -> ucs_status_t;
 }
 extern "C" {
-    pub fn ucp_ep_create(
+    pub fn ucp_listener_create(
         worker: ucp_worker_h,
-        params: *const ucp_ep_params_t,
-        ep_p: *mut ucp_ep_h,
+        params: *const ucp_listener_params_t,
+        listener_p: *mut ucp_listener_h,
     ) -> ucs_status_t;
 }
 extern "C" {
+    pub fn ucp_listener_destroy(listener: ucp_listener_h);
+}
+extern "C" {
+    pub fn ucp_listener_query(listener: ucp_listener_h, attr: *mut ucp_listener_attr_t) -> ucs_status_t;
+}
+extern "C" {
+    pub fn ucp_conn_request_query(conn_request: ucp_conn_request_h, attr: *mut ucp_conn_request_attr_t)
+        -> ucs_status_t;
+}
+extern "C" {
+    pub fn ucp_ep_create(worker: ucp_worker_h, params: *const ucp_ep_params_t, ep_p: *mut ucp_ep_h) -> ucs_status_t;
+}
+extern "C" {
     pub fn ucp_ep_close_nbx(ep: ucp_ep_h, param: *const ucp_request_param_t) -> ucs_status_ptr_t;
+}
+extern "C" {
+    pub fn ucp_listener_reject(listener: ucp_listener_h, conn_request: ucp_conn_request_h) -> ucs_status_t;
 }
 extern "C" {
     pub fn ucp_ep_print_info(ep: ucp_ep_h, stream: *mut FILE);
@@ -1495,16 +1379,13 @@ pub struct ucp_mem_advise_params {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of ucp_mem_advise_params"][::std::mem::size_of::<ucp_mem_advise_params>() - 32usize];
-    ["Alignment of ucp_mem_advise_params"]
-        [::std::mem::align_of::<ucp_mem_advise_params>() - 8usize];
+    ["Alignment of ucp_mem_advise_params"][::std::mem::align_of::<ucp_mem_advise_params>() - 8usize];
     ["Offset of field: ucp_mem_advise_params::field_mask"]
         [::std::mem::offset_of!(ucp_mem_advise_params, field_mask) - 0usize];
     ["Offset of field: ucp_mem_advise_params::address"]
         [::std::mem::offset_of!(ucp_mem_advise_params, address) - 8usize];
-    ["Offset of field: ucp_mem_advise_params::length"]
-        [::std::mem::offset_of!(ucp_mem_advise_params, length) - 16usize];
-    ["Offset of field: ucp_mem_advise_params::advice"]
-        [::std::mem::offset_of!(ucp_mem_advise_params, advice) - 24usize];
+    ["Offset of field: ucp_mem_advise_params::length"][::std::mem::offset_of!(ucp_mem_advise_params, length) - 16usize];
+    ["Offset of field: ucp_mem_advise_params::advice"][::std::mem::offset_of!(ucp_mem_advise_params, advice) - 24usize];
 };
 pub type ucp_mem_advise_params_t = ucp_mem_advise_params;
 pub const UCP_MEMH_PACK_PARAM_FIELD_FLAGS: ucp_memh_pack_params_field = 1;
@@ -1523,8 +1404,7 @@ const _: () = {
     ["Alignment of ucp_memh_pack_params"][::std::mem::align_of::<ucp_memh_pack_params>() - 8usize];
     ["Offset of field: ucp_memh_pack_params::field_mask"]
         [::std::mem::offset_of!(ucp_memh_pack_params, field_mask) - 0usize];
-    ["Offset of field: ucp_memh_pack_params::flags"]
-        [::std::mem::offset_of!(ucp_memh_pack_params, flags) - 8usize];
+    ["Offset of field: ucp_memh_pack_params::flags"][::std::mem::offset_of!(ucp_memh_pack_params, flags) - 8usize];
 };
 pub type ucp_memh_pack_params_t = ucp_memh_pack_params;
 extern "C" {
@@ -1542,10 +1422,8 @@ pub struct ucp_memh_buffer_release_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of ucp_memh_buffer_release_params"]
-        [::std::mem::size_of::<ucp_memh_buffer_release_params>() - 8usize];
-    ["Alignment of ucp_memh_buffer_release_params"]
-        [::std::mem::align_of::<ucp_memh_buffer_release_params>() - 8usize];
+    ["Size of ucp_memh_buffer_release_params"][::std::mem::size_of::<ucp_memh_buffer_release_params>() - 8usize];
+    ["Alignment of ucp_memh_buffer_release_params"][::std::mem::align_of::<ucp_memh_buffer_release_params>() - 8usize];
     ["Offset of field: ucp_memh_buffer_release_params::field_mask"]
         [::std::mem::offset_of!(ucp_memh_buffer_release_params, field_mask) - 0usize];
 };
@@ -1567,10 +1445,7 @@ extern "C" {
     pub fn ucp_rkey_destroy(rkey: ucp_rkey_h);
 }
 extern "C" {
-    pub fn ucp_worker_set_am_recv_handler(
-        worker: ucp_worker_h,
-        param: *const ucp_am_handler_param_t,
-    ) -> ucs_status_t;
+    pub fn ucp_worker_set_am_recv_handler(worker: ucp_worker_h, param: *const ucp_am_handler_param_t) -> ucs_status_t;
 }
 extern "C" {
     pub fn ucp_am_send_nbx(
@@ -1625,10 +1500,7 @@ extern "C" {
     pub fn ucp_request_free(request: *mut ::std::os::raw::c_void);
 }
 extern "C" {
-    pub fn ucp_worker_flush_nbx(
-        worker: ucp_worker_h,
-        param: *const ucp_request_param_t,
-    ) -> ucs_status_ptr_t;
+    pub fn ucp_worker_flush_nbx(worker: ucp_worker_h, param: *const ucp_request_param_t) -> ucs_status_ptr_t;
 }
 pub const UCP_EP_ATTR_FIELD_NAME: ucp_ep_attr_field = 1;
 pub const UCP_EP_ATTR_FIELD_LOCAL_SOCKADDR: ucp_ep_attr_field = 2;
@@ -1650,17 +1522,12 @@ pub struct ucp_ep_attr {
 const _: () = {
     ["Size of ucp_ep_attr"][::std::mem::size_of::<ucp_ep_attr>() - 328usize];
     ["Alignment of ucp_ep_attr"][::std::mem::align_of::<ucp_ep_attr>() - 8usize];
-    ["Offset of field: ucp_ep_attr::field_mask"]
-        [::std::mem::offset_of!(ucp_ep_attr, field_mask) - 0usize];
+    ["Offset of field: ucp_ep_attr::field_mask"][::std::mem::offset_of!(ucp_ep_attr, field_mask) - 0usize];
     ["Offset of field: ucp_ep_attr::name"][::std::mem::offset_of!(ucp_ep_attr, name) - 8usize];
-    ["Offset of field: ucp_ep_attr::local_sockaddr"]
-        [::std::mem::offset_of!(ucp_ep_attr, local_sockaddr) - 40usize];
-    ["Offset of field: ucp_ep_attr::remote_sockaddr"]
-        [::std::mem::offset_of!(ucp_ep_attr, remote_sockaddr) - 168usize];
-    ["Offset of field: ucp_ep_attr::transports"]
-        [::std::mem::offset_of!(ucp_ep_attr, transports) - 296usize];
-    ["Offset of field: ucp_ep_attr::user_data"]
-        [::std::mem::offset_of!(ucp_ep_attr, user_data) - 320usize];
+    ["Offset of field: ucp_ep_attr::local_sockaddr"][::std::mem::offset_of!(ucp_ep_attr, local_sockaddr) - 40usize];
+    ["Offset of field: ucp_ep_attr::remote_sockaddr"][::std::mem::offset_of!(ucp_ep_attr, remote_sockaddr) - 168usize];
+    ["Offset of field: ucp_ep_attr::transports"][::std::mem::offset_of!(ucp_ep_attr, transports) - 296usize];
+    ["Offset of field: ucp_ep_attr::user_data"][::std::mem::offset_of!(ucp_ep_attr, user_data) - 320usize];
 };
 pub type ucp_ep_attr_t = ucp_ep_attr;
 extern "C" {

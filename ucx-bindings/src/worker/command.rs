@@ -53,6 +53,21 @@ pub(crate) struct Arrival {
     pub header: Vec<u8>,
     pub length: usize,
     pub data: ArrivedData,
+    /// The endpoint of this worker the message came in on, when the sender asked for a reply
+    /// endpoint (every send of this crate does) and that endpoint is one of ours.
+    pub sender: Option<u64>,
+}
+
+/// A connection request that reached one of the worker's listeners, before it is accepted or
+/// rejected.
+#[derive(Debug)]
+pub(crate) struct ConnArrival {
+    pub listener: u64,
+    /// UCX's `ucp_conn_request_h`, to be passed to `ucp_ep_create` or `ucp_listener_reject`.
+    pub request: usize,
+    /// The id the client's worker sends with its request (0 when it sends none).
+    pub client_id: u64,
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -61,6 +76,32 @@ pub(crate) enum Command {
         peer_errors: bool,
         address: Vec<u8>,
         reply: Reply<u64>,
+    },
+    /// Creates a client endpoint to a listener at a socket address.
+    ConnectAddr {
+        addr: std::net::SocketAddr,
+        peer_errors: bool,
+        reply: Reply<u64>,
+    },
+    /// Starts a listener; replies with its id and the address it is bound to.
+    Listen {
+        addr: std::net::SocketAddr,
+        tx: tokio::sync::mpsc::UnboundedSender<ConnArrival>,
+        reply: Reply<(u64, std::net::SocketAddr)>,
+    },
+    /// Accepts a connection request: creates the server side of the endpoint.
+    Accept {
+        listener: u64,
+        request: usize,
+        peer_errors: bool,
+        reply: Reply<u64>,
+    },
+    Reject {
+        listener: u64,
+        request: usize,
+    },
+    CloseListener {
+        listener: u64,
     },
     ReleaseEp {
         ep: u64,

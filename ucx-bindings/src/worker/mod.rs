@@ -11,8 +11,9 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::memory::{RegionSlice, RemoteRegion};
 use crate::transports::TransportDevice;
-use command::{Arrival, ArrivedData, Command, CommandSender, RmaKind};
+use command::{Arrival, ArrivedData, Command, CommandSender, ConnArrival, RmaKind};
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -59,6 +60,18 @@ impl Worker {
     /// As [`Worker::new`], running `init` first on the progress thread: for example to make a
     /// CUDA context current there, which UCX's cuda transports expect.
     pub fn with_thread_init(ctx: &Context, name: &str, init: impl FnOnce() + Send + 'static) -> Result<Worker> {
+        Self::with_options(ctx, name, None, init)
+    }
+
+    /// As [`Worker::with_thread_init`], with a client id: a number this worker sends with every
+    /// connection request it makes to a listener ([`Worker::connect_addr`]), which the listener's
+    /// owner reads from [`ConnRequest::client_id`] before accepting.
+    pub fn with_options(
+        ctx: &Context,
+        name: &str,
+        client_id: Option<u64>,
+        init: impl FnOnce() + Send + 'static,
+    ) -> Result<Worker> {
         let (tx, rx) = mpsc::channel::<Command>();
         let (created_tx, created_rx) = mpsc::channel();
         let ctx_for_thread = ctx.inner.clone();
@@ -68,7 +81,7 @@ impl Worker {
                 // The Arc keeps the context alive for as long as this thread uses its worker.
                 let ctx = ctx_for_thread;
                 init();
-                match progress::Progress::create(ctx.handle, rx) {
+                match progress::Progress::create(ctx.handle, rx, client_id) {
                     Ok((p, created)) => {
                         let _ = created_tx.send(Ok(created));
                         p.run();
@@ -127,7 +140,30 @@ impl Worker {
         let address = peer_address.to_vec();
         let peer_errors = mode == ErrorMode::Peer;
         let id = self.shared.cmd.call(|reply| Command::Connect { address, peer_errors, reply }).await?;
-        Ok(Endpoint { inner: Arc::new(EpHandle { id, worker: self.clone() }) })
+        Ok(self.endpoint(id))
+    }
+
+    /// Connects to a [`Listener`] at `addr` (UCX's client-server mode): the connection starts
+    /// over tcp sockets and then uses every transport both workers share, shared memory and
+    /// cuda_ipc included. Operations issued before the connection is up wait for it. Both sides
+    /// must use the same error mode.
+    pub async fn connect_addr(&self, addr: SocketAddr, mode: ErrorMode) -> Result<Endpoint> {
+        let peer_errors = mode == ErrorMode::Peer;
+        let id = self.shared.cmd.call(|reply| Command::ConnectAddr { addr, peer_errors, reply }).await?;
+        Ok(self.endpoint(id))
+    }
+
+    /// Listens for [`Worker::connect_addr`] connections at `addr` (port 0: any free port; see
+    /// [`Listener::local_addr`]). No endpoint is ever created from bytes a peer chose: each
+    /// request is handed to the owner, who accepts it (choosing the error mode) or rejects it.
+    pub async fn listen(&self, addr: SocketAddr) -> Result<Listener> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (id, bound) = self.shared.cmd.call(|reply| Command::Listen { addr, tx, reply }).await?;
+        Ok(Listener { id, addr: bound, rx, worker: self.clone() })
+    }
+
+    fn endpoint(&self, id: u64) -> Endpoint {
+        Endpoint { inner: Arc::new(EpHandle { id, worker: self.clone() }) }
     }
 
     /// Starts receiving active messages with this id. One listener per id.
@@ -168,6 +204,88 @@ pub enum ErrorMode {
     None,
 }
 
+/// Listens for connections from other workers ([`Worker::listen`]). Closed when dropped.
+pub struct Listener {
+    id: u64,
+    addr: SocketAddr,
+    rx: tokio::sync::mpsc::UnboundedReceiver<ConnArrival>,
+    worker: Worker,
+}
+
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listener").field("addr", &self.addr).finish()
+    }
+}
+
+impl Listener {
+    /// The address the listener is bound to (the real port when asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The next connection request; `None` once the worker has stopped.
+    pub async fn next(&mut self) -> Option<ConnRequest> {
+        let a = self.rx.recv().await?;
+        Some(ConnRequest { arrival: Some(a), worker: self.worker.clone() })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.worker.shared.cmd.send(Command::CloseListener { listener: self.id });
+    }
+}
+
+/// A connection request waiting for its answer. Dropping it rejects it.
+pub struct ConnRequest {
+    arrival: Option<ConnArrival>,
+    worker: Worker,
+}
+
+impl fmt::Debug for ConnRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnRequest").field("peer", &self.peer()).field("client_id", &self.client_id()).finish()
+    }
+}
+
+impl ConnRequest {
+    /// The client's socket address, as the connection manager saw it.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.arrival.as_ref().and_then(|a| a.peer)
+    }
+
+    /// The client worker's id (see [`Worker::with_options`]); 0 when it sent none.
+    pub fn client_id(&self) -> u64 {
+        self.arrival.as_ref().map_or(0, |a| a.client_id)
+    }
+
+    /// Creates this side of the endpoint, in `mode` (which must be the client's).
+    pub async fn accept(mut self, mode: ErrorMode) -> Result<Endpoint> {
+        let a = self.arrival.take().ok_or_else(|| Error::invalid("connection request already answered"))?;
+        let peer_errors = mode == ErrorMode::Peer;
+        let (listener, request) = (a.listener, a.request);
+        let id = self.worker.shared.cmd.call(|reply| Command::Accept { listener, request, peer_errors, reply }).await?;
+        Ok(self.worker.endpoint(id))
+    }
+
+    /// Refuses the connection (also what dropping does).
+    pub fn reject(self) {}
+}
+
+impl Drop for ConnRequest {
+    fn drop(&mut self) {
+        if let Some(a) = self.arrival.take() {
+            let _ = self.worker.shared.cmd.send(Command::Reject { listener: a.listener, request: a.request });
+        }
+    }
+}
+
+/// Names one endpoint of a worker: [`Endpoint::id`], and [`IncomingAm::sender`] for the
+/// endpoint a message came in on. Not a credential: only the worker's own handles carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointId(u64);
+
 struct EpHandle {
     id: u64,
     worker: Worker,
@@ -203,6 +321,11 @@ fn check_timeout(t: Duration) -> Result<()> {
 impl Endpoint {
     fn cmd(&self) -> &CommandSender {
         &self.inner.worker.shared.cmd
+    }
+
+    /// This endpoint's id within its worker.
+    pub fn id(&self) -> EndpointId {
+        EndpointId(self.inner.id)
     }
 
     /// Unpacks a peer region's remote key for use on this endpoint.
@@ -336,7 +459,8 @@ impl AmReceiver {
     /// The next message; `None` once the worker has stopped.
     pub async fn recv(&mut self) -> Option<IncomingAm> {
         let a = self.rx.recv().await?;
-        Some(IncomingAm { header: a.header, length: a.length, data: Some(a.data), cmd: self.cmd.clone() })
+        let sender = a.sender.map(EndpointId);
+        Some(IncomingAm { header: a.header, length: a.length, data: Some(a.data), sender, cmd: self.cmd.clone() })
     }
 }
 
@@ -347,6 +471,7 @@ pub struct IncomingAm {
     header: Vec<u8>,
     length: usize,
     data: Option<ArrivedData>,
+    sender: Option<EndpointId>,
     cmd: CommandSender,
 }
 
@@ -363,6 +488,12 @@ impl fmt::Debug for IncomingAm {
 impl IncomingAm {
     pub fn header(&self) -> &[u8] {
         &self.header
+    }
+
+    /// Which of this worker's endpoints the message came in on: known for messages sent by this
+    /// crate (they ask for a reply endpoint) over an endpoint this worker created or accepted.
+    pub fn sender(&self) -> Option<EndpointId> {
+        self.sender
     }
 
     /// Length of the message's data.

@@ -12,15 +12,17 @@
 //! real work happens after `ucp_worker_progress` returns (no re-entrancy, no progress from within a
 //! callback).
 
-use super::command::{AmData, Arrival, ArrivedData, Command, Reply, RmaKind, Signal};
+use super::command::{AmData, Arrival, ArrivedData, Command, ConnArrival, Reply, RmaKind, Signal};
 use crate::error::{Error, Result};
 use crate::memory::RegionSlice;
 use crate::result::{self, PtrStatus, Status};
+use crate::sockaddr::{self, CSockAddr};
 use crate::sys;
 use crate::transports::TransportDevice;
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{c_void, CStr};
+use std::net::SocketAddr;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -42,8 +44,10 @@ thread_local! {
     static COMPLETIONS: RefCell<Vec<(u64, sys::ucs_status_t)>> = const { RefCell::new(Vec::new()) };
     /// (endpoint id, status) recorded by endpoint error callbacks.
     static EP_ERRORS: RefCell<Vec<(u64, sys::ucs_status_t)>> = const { RefCell::new(Vec::new()) };
-    /// (active-message id, arrival) recorded by active-message callbacks.
-    static ARRIVALS: RefCell<Vec<(u16, Arrival)>> = const { RefCell::new(Vec::new()) };
+    /// (active-message id, reply endpoint handle or 0, arrival) recorded by active-message callbacks.
+    static ARRIVALS: RefCell<Vec<(u16, usize, Arrival)>> = const { RefCell::new(Vec::new()) };
+    /// (listener id, ucp_conn_request_h) recorded by listener callbacks.
+    static CONN_REQUESTS: RefCell<Vec<(u64, usize)>> = const { RefCell::new(Vec::new()) };
 }
 
 fn record<T>(queue: &'static std::thread::LocalKey<RefCell<Vec<T>>>, item: T) {
@@ -73,6 +77,10 @@ unsafe extern "C" fn am_recv_data_cb(
     record(&COMPLETIONS, (user_data as u64, status));
 }
 
+unsafe extern "C" fn conn_cb(conn_request: sys::ucp_conn_request_h, arg: *mut c_void) {
+    record(&CONN_REQUESTS, (arg as u64, conn_request as usize));
+}
+
 unsafe extern "C" fn ep_error_cb(arg: *mut c_void, _ep: sys::ucp_ep_h, status: sys::ucs_status_t) {
     record(&EP_ERRORS, (arg as u64, status));
 }
@@ -92,15 +100,18 @@ unsafe extern "C" fn am_cb(
         // SAFETY: UCX passes `header_length` readable bytes at `header`, valid during the call.
         unsafe { std::slice::from_raw_parts(header.cast::<u8>(), header_length) }.to_vec()
     };
-    let attr = if param.is_null() {
-        0
+    let (attr, reply_ep) = if param.is_null() {
+        (0, std::ptr::null_mut())
     } else {
         // SAFETY: UCX passes a valid param struct for the duration of the callback.
-        unsafe { (*param).recv_attr }
+        unsafe { ((*param).recv_attr, (*param).reply_ep) }
     };
+    // Only the handle's value is kept, to find which of our endpoints the message came in on.
+    let reply_ep = if attr & sys::UCP_AM_RECV_ATTR_FIELD_REPLY_EP as u64 != 0 { reply_ep as usize } else { 0 };
     if attr & sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64 != 0 {
         // Keep the descriptor: the user chooses the buffer, then ucp_am_recv_data_nbx.
-        record(&ARRIVALS, (id, Arrival { header, length, data: ArrivedData::Rndv { desc: data as usize } }));
+        let data = ArrivedData::Rndv { desc: data as usize };
+        record(&ARRIVALS, (id, reply_ep, Arrival { header, length, data, sender: None }));
         return sys::ucs_status_t::UCS_INPROGRESS;
     }
     let bytes = if data.is_null() || length == 0 {
@@ -109,7 +120,7 @@ unsafe extern "C" fn am_cb(
         // SAFETY: eager data: `length` readable bytes at `data`, valid during the callback.
         unsafe { std::slice::from_raw_parts(data.cast::<u8>(), length) }.to_vec()
     };
-    record(&ARRIVALS, (id, Arrival { header, length, data: ArrivedData::Eager(bytes) }));
+    record(&ARRIVALS, (id, reply_ep, Arrival { header, length, data: ArrivedData::Eager(bytes), sender: None }));
     sys::ucs_status_t::UCS_OK
 }
 
@@ -132,6 +143,9 @@ struct Op {
     _owned: Owned,
     /// Set for an endpoint close request: the endpoint entry is removed on completion.
     closes_ep: Option<u64>,
+    /// The deadline passed (after this long): the caller is told so once UCX has completed the
+    /// request, never before, since until then UCX may still use the caller's buffer.
+    timed_out: Option<Duration>,
 }
 
 struct EpState {
@@ -142,6 +156,11 @@ struct EpState {
     released: bool,
     /// Why the endpoint can take no more operations (failed, timed out, closing).
     closed: Option<String>,
+}
+
+struct ListenerState {
+    handle: sys::ucp_listener_h,
+    tx: tokio::sync::mpsc::UnboundedSender<ConnArrival>,
 }
 
 struct RkeyState {
@@ -164,8 +183,11 @@ pub(crate) struct Progress {
     ops: HashMap<u64, Op>,
     deadlines: BTreeSet<(Instant, u64)>,
     eps: HashMap<u64, EpState>,
+    /// Our endpoint id of each live `ucp_ep_h`, to name the sender of an active message.
+    ep_by_handle: HashMap<usize, u64>,
     rkeys: HashMap<u64, RkeyState>,
     listeners: HashMap<u16, tokio::sync::mpsc::UnboundedSender<Arrival>>,
+    conn_listeners: HashMap<u64, ListenerState>,
     idle_waiters: Vec<IdleWaiter>,
     shutting_down: bool,
 }
@@ -179,11 +201,19 @@ pub(crate) struct Created {
 
 impl Progress {
     /// Creates the worker on the calling thread (which must be the progress thread).
-    pub(crate) fn create(ctx: sys::ucp_context_h, rx: mpsc::Receiver<Command>) -> Result<(Progress, Created)> {
+    pub(crate) fn create(
+        ctx: sys::ucp_context_h,
+        rx: mpsc::Receiver<Command>,
+        client_id: Option<u64>,
+    ) -> Result<(Progress, Created)> {
         // SAFETY: plain C struct; zeroes are valid.
         let mut params: sys::ucp_worker_params_t = unsafe { std::mem::zeroed() };
         params.field_mask = sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64;
         params.thread_mode = sys::UCS_THREAD_MODE_SINGLE;
+        if let Some(id) = client_id {
+            params.field_mask |= sys::UCP_WORKER_PARAM_FIELD_CLIENT_ID as u64;
+            params.client_id = id;
+        }
         let mut worker: sys::ucp_worker_h = std::ptr::null_mut();
         // SAFETY: ctx is live (the caller holds its Arc for the thread's lifetime); params set
         // for its field_mask; worker is a valid out-pointer.
@@ -225,8 +255,10 @@ impl Progress {
             ops: HashMap::new(),
             deadlines: BTreeSet::new(),
             eps: HashMap::new(),
+            ep_by_handle: HashMap::new(),
             rkeys: HashMap::new(),
             listeners: HashMap::new(),
+            conn_listeners: HashMap::new(),
             idle_waiters: Vec::new(),
             shutting_down: false,
         };
@@ -285,7 +317,8 @@ impl Progress {
             let completions = take(&COMPLETIONS);
             let errors = take(&EP_ERRORS);
             let arrivals = take(&ARRIVALS);
-            if completions.is_empty() && errors.is_empty() && arrivals.is_empty() {
+            let requests = take(&CONN_REQUESTS);
+            if completions.is_empty() && errors.is_empty() && arrivals.is_empty() && requests.is_empty() {
                 return active;
             }
             active = true;
@@ -295,8 +328,12 @@ impl Progress {
             for (id, status) in completions {
                 self.complete(id, status.into());
             }
-            for (am_id, arrival) in arrivals {
+            for (am_id, reply_ep, mut arrival) in arrivals {
+                arrival.sender = self.ep_by_handle.get(&reply_ep).copied();
                 self.dispatch_arrival(am_id, arrival);
+            }
+            for (listener, request) in requests {
+                self.dispatch_conn_request(listener, request);
             }
         }
     }
@@ -333,6 +370,26 @@ impl Progress {
             Command::Connect { address, peer_errors, reply } => {
                 let r = self.connect(&address, peer_errors);
                 let _ = reply.send(r);
+            }
+            Command::ConnectAddr { addr, peer_errors, reply } => {
+                let r = self.connect_addr(addr, peer_errors);
+                let _ = reply.send(r);
+            }
+            Command::Listen { addr, tx, reply } => {
+                let r = self.listen_addr(addr, tx);
+                let _ = reply.send(r);
+            }
+            Command::Accept { listener, request, peer_errors, reply } => {
+                let r = self.accept(listener, request, peer_errors);
+                let _ = reply.send(r);
+            }
+            Command::Reject { listener, request } => self.reject(listener, request),
+            Command::CloseListener { listener } => {
+                if let Some(l) = self.conn_listeners.remove(&listener) {
+                    // SAFETY: a live listener of this worker, removed from the table so it is
+                    // destroyed once.
+                    unsafe { sys::ucp_listener_destroy(l.handle) };
+                }
             }
             Command::ReleaseEp { ep } => {
                 if let Some(st) = self.eps.get_mut(&ep) {
@@ -379,27 +436,136 @@ impl Progress {
         }
     }
 
+    /// Endpoint parameters common to every way of creating one: error mode and handler.
+    fn ep_params(&self, id: u64, peer_errors: bool) -> sys::ucp_ep_params_t {
+        // SAFETY: plain C struct; zeroes are valid.
+        let mut params: sys::ucp_ep_params_t = unsafe { std::mem::zeroed() };
+        params.field_mask = (sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
+        params.err_mode = if peer_errors { sys::UCP_ERR_HANDLING_MODE_PEER } else { sys::UCP_ERR_HANDLING_MODE_NONE };
+        params.err_handler.cb = Some(ep_error_cb);
+        params.err_handler.arg = id as usize as *mut c_void;
+        params
+    }
+
+    /// Creates the endpoint and files it under `id`.
+    fn create_ep(&mut self, id: u64, params: &sys::ucp_ep_params_t, what: &'static str) -> Result<u64> {
+        let mut ep: sys::ucp_ep_h = std::ptr::null_mut();
+        // SAFETY: live worker on its own thread; params initialised for its mask by the caller,
+        // whatever they point to outlives the call (UCX copies what it needs).
+        let status = unsafe { sys::ucp_ep_create(self.worker, params, &mut ep) };
+        result::check(status).map_err(|s| Error::ucx(what, s))?;
+        self.eps.insert(id, EpState { handle: ep, pending: 0, released: false, closed: None });
+        self.ep_by_handle.insert(ep as usize, id);
+        Ok(id)
+    }
+
+    /// Forgets an endpoint whose UCX handle is gone (closed, or never to be used again).
+    fn forget_ep(&mut self, ep: u64) {
+        if let Some(st) = self.eps.remove(&ep) {
+            self.ep_by_handle.remove(&(st.handle as usize));
+        }
+    }
+
     fn connect(&mut self, address: &[u8], peer_errors: bool) -> Result<u64> {
         if address.is_empty() || address.len() > 64 * 1024 {
             return Err(Error::invalid(format!("worker address of {} bytes is not plausible", address.len())));
         }
         let id = self.next_id();
-        // SAFETY: plain C struct; zeroes are valid.
-        let mut params: sys::ucp_ep_params_t = unsafe { std::mem::zeroed() };
-        params.field_mask = (sys::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
-            | sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
-            | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
+        let mut params = self.ep_params(id, peer_errors);
+        params.field_mask |= sys::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS as u64;
         params.address = address.as_ptr().cast();
-        params.err_mode = if peer_errors { sys::UCP_ERR_HANDLING_MODE_PEER } else { sys::UCP_ERR_HANDLING_MODE_NONE };
-        params.err_handler.cb = Some(ep_error_cb);
-        params.err_handler.arg = id as usize as *mut c_void;
-        let mut ep: sys::ucp_ep_h = std::ptr::null_mut();
-        // SAFETY: live worker on its own thread; params initialised for its mask; the address
-        // bytes outlive the call (UCX copies what it needs).
-        let status = unsafe { sys::ucp_ep_create(self.worker, &params, &mut ep) };
-        result::check(status).map_err(|s| Error::ucx("ucp_ep_create", s))?;
-        self.eps.insert(id, EpState { handle: ep, pending: 0, released: false, closed: None });
-        Ok(id)
+        self.create_ep(id, &params, "ucp_ep_create")
+    }
+
+    /// A client endpoint to a listener: UCX connects through its connection manager (tcp
+    /// sockets), then wires up every transport both workers share. The worker's client id, if
+    /// it has one, goes with the request.
+    fn connect_addr(&mut self, addr: SocketAddr, peer_errors: bool) -> Result<u64> {
+        let id = self.next_id();
+        let c = CSockAddr::new(addr);
+        let mut params = self.ep_params(id, peer_errors);
+        params.field_mask |= (sys::UCP_EP_PARAM_FIELD_FLAGS | sys::UCP_EP_PARAM_FIELD_SOCK_ADDR) as u64;
+        params.flags = sys::UCP_EP_PARAMS_FLAGS_CLIENT_SERVER | sys::UCP_EP_PARAMS_FLAGS_SEND_CLIENT_ID;
+        params.sockaddr = sys::ucs_sock_addr_t { addr: c.as_ptr(), addrlen: c.len() };
+        self.create_ep(id, &params, "ucp_ep_create(sockaddr)")
+    }
+
+    fn listen_addr(
+        &mut self,
+        addr: SocketAddr,
+        tx: tokio::sync::mpsc::UnboundedSender<ConnArrival>,
+    ) -> Result<(u64, SocketAddr)> {
+        let id = self.next_id();
+        let c = CSockAddr::new(addr);
+        // SAFETY: plain C struct; zeroes are valid.
+        let mut params: sys::ucp_listener_params_t = unsafe { std::mem::zeroed() };
+        params.field_mask =
+            (sys::UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | sys::UCP_LISTENER_PARAM_FIELD_CONN_HANDLER) as u64;
+        params.sockaddr = sys::ucs_sock_addr_t { addr: c.as_ptr(), addrlen: c.len() };
+        params.conn_handler.cb = Some(conn_cb);
+        params.conn_handler.arg = id as usize as *mut c_void;
+        let mut handle: sys::ucp_listener_h = std::ptr::null_mut();
+        // SAFETY: live worker on its thread; params set for its mask; the sockaddr outlives the
+        // call; the callback only records (listener id, request) and its arg is an integer.
+        let status = unsafe { sys::ucp_listener_create(self.worker, &params, &mut handle) };
+        result::check(status).map_err(|s| Error::ucx("ucp_listener_create", s))?;
+        // SAFETY: plain C struct; zeroes are valid.
+        let mut attr: sys::ucp_listener_attr_t = unsafe { std::mem::zeroed() };
+        attr.field_mask = sys::UCP_LISTENER_ATTR_FIELD_SOCKADDR as u64;
+        // SAFETY: live listener; out-struct with its mask set.
+        let status = unsafe { sys::ucp_listener_query(handle, &mut attr) };
+        // SAFETY: UCX filled a sockaddr_storage (or left zeroes, which read as no address).
+        let bound = match result::check(status) {
+            Ok(()) => unsafe { sockaddr::from_storage(&attr.sockaddr) }.unwrap_or(addr),
+            Err(_) => addr,
+        };
+        self.conn_listeners.insert(id, ListenerState { handle, tx });
+        Ok((id, bound))
+    }
+
+    /// Hands a connection request to its listener's owner, or rejects it when nobody listens.
+    fn dispatch_conn_request(&mut self, listener: u64, request: usize) {
+        // SAFETY: plain C struct; zeroes are valid.
+        let mut attr: sys::ucp_conn_request_attr_t = unsafe { std::mem::zeroed() };
+        attr.field_mask =
+            (sys::UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR | sys::UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ID) as u64;
+        // SAFETY: a pending request UCX handed to conn_cb on this worker; out-struct with its mask.
+        let status = unsafe { sys::ucp_conn_request_query(request as sys::ucp_conn_request_h, &mut attr) };
+        let (peer, client_id) = match result::check(status) {
+            // SAFETY: UCX filled the client address.
+            Ok(()) => (unsafe { sockaddr::from_storage(&attr.client_address) }, attr.client_id),
+            Err(_) => (None, 0),
+        };
+        let arrival = ConnArrival { listener, request, client_id, peer };
+        let undelivered = match self.conn_listeners.get(&listener) {
+            Some(l) => l.tx.send(arrival).err().is_some(),
+            None => true,
+        };
+        if undelivered {
+            self.reject(listener, request);
+        }
+    }
+
+    fn accept(&mut self, listener: u64, request: usize, peer_errors: bool) -> Result<u64> {
+        if !self.conn_listeners.contains_key(&listener) {
+            return Err(Error::invalid("the listener was closed"));
+        }
+        let id = self.next_id();
+        let mut params = self.ep_params(id, peer_errors);
+        params.field_mask |= sys::UCP_EP_PARAM_FIELD_CONN_REQUEST as u64;
+        params.conn_request = request as sys::ucp_conn_request_h;
+        self.create_ep(id, &params, "ucp_ep_create(conn_request)")
+    }
+
+    fn reject(&mut self, listener: u64, request: usize) {
+        if let Some(l) = self.conn_listeners.get(&listener) {
+            // SAFETY: a pending request of this live listener, neither accepted nor rejected
+            // before (ConnRequest hands it back exactly once).
+            let status = unsafe { sys::ucp_listener_reject(l.handle, request as sys::ucp_conn_request_h) };
+            if let Err(s) = result::check(status) {
+                tracing::debug!(status = %s, "ucp_listener_reject failed");
+            }
+        }
     }
 
     /// The endpoint, if it can take a new operation.
@@ -483,6 +649,7 @@ impl Progress {
                         reply,
                         _owned: owned,
                         closes_ep: None,
+                        timed_out: None,
                     },
                 );
             }
@@ -565,6 +732,10 @@ impl Progress {
         };
         let id = self.next_id();
         let mut p = self.request_param(id);
+        // Ask for a reply endpoint: the receiver learns which of its endpoints the message came
+        // in on (and can hold the sender to the session bound to that endpoint).
+        p.op_attr_mask |= sys::UCP_OP_ATTR_FIELD_FLAGS;
+        p.flags = sys::UCP_AM_SEND_FLAG_REPLY;
         let (buf, len): (*const c_void, usize) = match &data {
             AmData::None => (std::ptr::null(), 0),
             AmData::Bytes(b) => (b.as_ptr().cast(), b.len()),
@@ -681,11 +852,17 @@ impl Progress {
         if let Some(ep) = op.closes_ep {
             if let Some(st) = self.eps.get(&ep) {
                 if st.released && st.pending == 0 {
-                    self.eps.remove(&ep);
+                    self.forget_ep(ep);
                 }
             }
         }
-        let result = if status == Status::OK { Ok(()) } else { Err(self.error_for(op.name, op.ep, status)) };
+        let result = match op.timed_out {
+            // Completed (cancelled, most likely) after its deadline: the caller hears of the
+            // timeout only now that UCX no longer touches its buffers.
+            Some(after) => Err(Error::TimedOut { op: op.name, after }),
+            None if status == Status::OK => Ok(()),
+            None => Err(self.error_for(op.name, op.ep, status)),
+        };
         if let Some(r) = op.reply {
             let _ = r.send(result);
         } else if let Err(e) = result {
@@ -726,7 +903,7 @@ impl Progress {
         }
         if st.closed.is_some() {
             // Already force-closed (failure or timeout); nothing left to release.
-            self.eps.remove(&ep);
+            self.forget_ep(ep);
             return;
         }
         st.closed = Some("endpoint released".into());
@@ -770,13 +947,14 @@ impl Progress {
                         reply: None,
                         _owned: Owned::Nothing,
                         closes_ep: Some(ep),
+                        timed_out: None,
                     },
                 );
                 self.deadlines.insert((deadline, id));
             }
             PtrStatus::Done | PtrStatus::Failed(_) => {
                 if self.eps.get(&ep).is_some_and(|s| s.released && s.pending == 0) {
-                    self.eps.remove(&ep);
+                    self.forget_ep(ep);
                 }
             }
         }
@@ -799,9 +977,9 @@ impl Progress {
             };
             let name = op.name;
             let after = now.duration_since(op.started);
-            if let Some(r) = op.reply.take() {
-                let _ = r.send(Err(Error::TimedOut { op: name, after }));
-            }
+            // The reply waits for UCX to complete the request (see `complete`): until then UCX
+            // may still read or write the caller's buffer.
+            op.timed_out = Some(after);
             let request = op.request;
             match op.ep {
                 // The op stays in `ops` (it owns its buffers) until UCX completes it; force-closing
