@@ -514,8 +514,8 @@ impl Progress {
         attr.field_mask = sys::UCP_LISTENER_ATTR_FIELD_SOCKADDR as u64;
         // SAFETY: live listener; out-struct with its mask set.
         let status = unsafe { sys::ucp_listener_query(handle, &mut attr) };
-        // SAFETY: UCX filled a sockaddr_storage (or left zeroes, which read as no address).
         let bound = match result::check(status) {
+            // SAFETY: UCX filled a sockaddr_storage (zeroes would read as no address).
             Ok(()) => unsafe { sockaddr::from_storage(&attr.sockaddr) }.unwrap_or(addr),
             Err(_) => addr,
         };
