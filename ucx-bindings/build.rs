@@ -28,6 +28,9 @@ fn main() {
         std::process::exit(1);
     };
 
+    // Found in a temporary folder (pip's isolated build environment, say), the answer goes stale
+    // with that folder: look again whenever the library it names changes or disappears.
+    println!("cargo:rerun-if-changed={}", lib_dir.join("libucp.so").display());
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=dylib=ucp");
     println!("cargo:rustc-link-lib=dylib=ucs");

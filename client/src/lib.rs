@@ -17,7 +17,7 @@ mod paged;
 
 pub use paged::Fragment;
 
-use prefixd_proto::dataplane::{FetchHeader, PutHeader, AM_FETCH, AM_PUT};
+use prefixd_proto::dataplane::{FetchHeader, HelloAck, PutHeader, AM_FETCH, AM_HELLO, AM_HELLO_ACK, AM_PUT};
 pub use prefixd_proto::keys::{parse_tokens, ChunkKey, KeyConfig};
 use prefixd_proto::v1::prefixd_client::PrefixdClient;
 use prefixd_proto::v1::*;
@@ -142,7 +142,10 @@ type FetchRoutes = Arc<Mutex<HashMap<u64, tokio::sync::mpsc::UnboundedSender<Inc
 pub struct Client {
     grpc: PrefixdClient<Channel>,
     channel: Channel,
+    /// The session's log id (as the server's logs show it); not a credential.
     session_id: u64,
+    /// The session's credential, sent with every call.
+    token: Vec<u8>,
     worker: Worker,
     ep: Endpoint,
     path: DataPath,
@@ -173,6 +176,70 @@ fn host_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
+/// The client id a worker sends with its data connection, telling the server which error mode
+/// to accept it in (it must match the client's; see the server's `sessions` module).
+pub fn client_id(path: DataPath) -> u64 {
+    if path == DataPath::Rma {
+        1
+    } else {
+        2
+    }
+}
+
+/// The error mode of a data path's endpoint: none for same-host RMA (zero-copy shared-memory
+/// RMA), peer for everything else (a dead peer fails operations promptly).
+pub fn error_mode(path: DataPath) -> ErrorMode {
+    if path == DataPath::Rma {
+        ErrorMode::None
+    } else {
+        ErrorMode::Peer
+    }
+}
+
+/// The host part of a gRPC endpoint URL, without IPv6 brackets.
+fn host_of(endpoint: &str) -> Result<String> {
+    let uri: tonic::transport::Uri =
+        endpoint.parse().map_err(|e| Error::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?;
+    let host = uri.host().ok_or_else(|| Error::InvalidArgument(format!("endpoint {endpoint:?} names no host")))?;
+    Ok(host.trim_start_matches('[').trim_end_matches(']').to_owned())
+}
+
+async fn resolve(host: &str, port: u32, endpoint: &str) -> Result<std::net::SocketAddr> {
+    let port = u16::try_from(port).map_err(|_| Error::Server {
+        code: tonic::Code::Internal,
+        message: format!("the server announced data port {port}"),
+    })?;
+    let conn_err = |m: String| Error::Connect { endpoint: endpoint.to_owned(), message: m };
+    tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| conn_err(format!("cannot resolve the data host {host}: {e}")))?
+        .next()
+        .ok_or_else(|| conn_err(format!("the data host {host} resolves to no address")))
+}
+
+/// Connects `worker` to a server's data listener and binds the endpoint to the session of
+/// `token` (AM_HELLO, answered by AM_HELLO_ACK); returns the bound endpoint. Fails after
+/// `timeout` if the server does not answer (it closes endpoints it refuses).
+pub async fn bind_data_endpoint(
+    worker: &Worker,
+    addr: std::net::SocketAddr,
+    path: DataPath,
+    token: &[u8],
+    timeout: Duration,
+) -> Result<Endpoint> {
+    let mut acks = worker.listen_am(AM_HELLO_ACK).await?;
+    let ep = worker.connect_addr(addr, error_mode(path)).await?;
+    ep.am_send(AM_HELLO, token, AmData::None, timeout).await?;
+    let ack = tokio::time::timeout(timeout, acks.recv())
+        .await
+        .map_err(|_| Error::Transfer(ucx_bindings::Error::TimedOut { op: "data endpoint hello", after: timeout }))?
+        .ok_or(Error::Transfer(ucx_bindings::Error::WorkerStopped))?;
+    if ack.sender() != Some(ep.id()) || HelloAck::decode(ack.header()).is_none() {
+        return Err(Error::Server { code: tonic::Code::Internal, message: "malformed hello acknowledgement".into() });
+    }
+    Ok(ep)
+}
+
 impl Client {
     /// Connects with default options. `endpoint` is a URL such as `http://127.0.0.1:50051`.
     pub async fn connect(endpoint: &str) -> Result<Client> {
@@ -199,16 +266,8 @@ impl Client {
             b = b.net_devices(d);
         }
         let ctx = b.build()?;
-        let init = opts.worker_init.clone();
-        let worker = Worker::with_thread_init(&ctx, "client", move || {
-            if let Some(f) = init {
-                (f.0)();
-            }
-        })?;
-        let fetch_rx = worker.listen_am(AM_FETCH).await?;
         let resp = grpc
             .connect(ConnectRequest {
-                worker_address: worker.address().to_vec(),
                 host_id: host_id(),
                 transports: ctx.info().transports(),
                 force_remote: opts.force_remote,
@@ -217,16 +276,22 @@ impl Client {
             .await?
             .into_inner();
         let path = DataPath::try_from(resp.data_path).unwrap_or(DataPath::ActiveMessage);
-        // The server's endpoint to us uses the same mode (UCX hangs when the two ends differ).
-        let mode = if path == DataPath::Rma { ErrorMode::None } else { ErrorMode::Peer };
-        let ep = worker.connect_with(&resp.worker_address, mode).await?;
+        let init = opts.worker_init.clone();
+        let worker = Worker::with_options(&ctx, "client", Some(client_id(path)), move || {
+            if let Some(f) = init {
+                (f.0)();
+            }
+        })?;
+        let fetch_rx = worker.listen_am(AM_FETCH).await?;
+        let data_host = if resp.data_host.is_empty() { host_of(endpoint)? } else { resp.data_host.clone() };
+        let data_addr = resolve(&data_host, resp.data_port, endpoint).await?;
+        let ep = bind_data_endpoint(&worker, data_addr, path, &resp.session_token, opts.timeout).await?;
         let mut pools = Vec::new();
         if path == DataPath::Rma {
             for p in &resp.pools {
                 pools.push(ep.unpack_rkey(&RemoteRegion { base: p.base, len: p.length, rkey: p.rkey.clone() }).await?);
             }
         }
-        let path = if pools.is_empty() { DataPath::ActiveMessage } else { DataPath::Rma };
         // Map the host pool where the server offers it; without it, RMA still works.
         let shared = match (path, resp.pools.iter().find(|p| p.tier == "host")) {
             (DataPath::Rma, Some(host)) if !resp.host_pool_socket.is_empty() => {
@@ -246,6 +311,7 @@ impl Client {
             grpc,
             channel,
             session_id: resp.session_id,
+            token: resp.session_token,
             worker,
             ep,
             path,
@@ -542,7 +608,7 @@ impl Client {
             .grpc
             .clone()
             .begin_put(BeginPutRequest {
-                session_id: self.session_id,
+                session_token: self.token.clone(),
                 namespace: namespace.to_owned(),
                 keys: keys.iter().map(|k| k.0.to_vec()).collect(),
                 sizes: sizes.to_vec(),
@@ -578,7 +644,7 @@ impl Client {
                     DataPath::Rma => self.ep.put(d, self.pool_at(slot.address)?, slot.address, t).await,
                     // Active message: the server picks the buffer and pulls the data.
                     _ => {
-                        let h = PutHeader { session_id: self.session_id, put_id: begin.put_id, index: i as u32 };
+                        let h = PutHeader { put_id: begin.put_id, index: i as u32 };
                         self.ep.am_send(AM_PUT, &h.encode(), AmData::Region(d.clone()), t).await
                     }
                 }
@@ -630,7 +696,7 @@ impl Client {
 
     fn lookup_request(&self, namespace: &str, keys: &[ChunkKey], lease: bool) -> LookupRequest {
         LookupRequest {
-            session_id: self.session_id,
+            session_token: self.token.clone(),
             namespace: namespace.to_owned(),
             keys: keys.iter().map(|k| k.0.to_vec()).collect(),
             lease,
@@ -644,9 +710,9 @@ impl Client {
     async fn release(&self, lease_id: u64) {
         if lease_id != 0 {
             let mut grpc = self.grpc.clone();
-            let session_id = self.session_id;
+            let session_token = self.token.clone();
             tokio::spawn(async move {
-                let _ = grpc.release(ReleaseRequest { session_id, lease_id }).await;
+                let _ = grpc.release(ReleaseRequest { session_token, lease_id }).await;
             });
         }
     }
@@ -686,14 +752,16 @@ impl Client {
     }
 
     /// Active-message path: asks the server to send the leased chunks and receives each into
-    /// its buffer while the call is in flight.
+    /// its buffer as soon as its header arrives (the server keeps a window of sends in flight
+    /// and waits for them, so every announced chunk must be pulled while the call runs). A
+    /// failed call ends the receiving at once.
     async fn fetch(&self, lease: &LookupResponse, dest: &[RegionSlice]) -> Result<()> {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(tag, tx);
         let mut grpc = self.grpc.clone();
         let call = grpc.fetch(FetchRequest {
-            session_id: self.session_id,
+            session_token: self.token.clone(),
             lease_id: lease.lease_id,
             indices: (0..dest.len() as u32).collect(),
             tag,
@@ -701,30 +769,49 @@ impl Client {
         let t = self.opts.timeout;
         let receive = async {
             let mut got = vec![false; dest.len()];
-            let mut pending = Vec::new();
-            for _ in 0..dest.len() {
-                let msg = tokio::time::timeout(t, rx.recv())
-                    .await
-                    .map_err(|_| Error::Transfer(ucx_bindings::Error::TimedOut { op: "fetch", after: t }))?
-                    .ok_or(Error::Transfer(ucx_bindings::Error::WorkerStopped))?;
-                let h = FetchHeader::decode(msg.header())
-                    .ok_or_else(|| Error::InvalidArgument("malformed fetch header".into()))?;
-                let i = h.index as usize;
-                if i >= dest.len() || got[i] {
-                    return Err(Error::InvalidArgument(format!("unexpected chunk index {i} from the server")));
+            let (mut announced, mut received) = (0, 0);
+            let mut receiving = tokio::task::JoinSet::new();
+            while received < dest.len() {
+                let idle = tokio::time::sleep(t);
+                tokio::select! {
+                    msg = rx.recv(), if announced < dest.len() => {
+                        let msg = msg.ok_or(Error::Transfer(ucx_bindings::Error::WorkerStopped))?;
+                        let h = FetchHeader::decode(msg.header())
+                            .ok_or_else(|| Error::InvalidArgument("malformed fetch header".into()))?;
+                        let i = h.index as usize;
+                        if i >= dest.len() || got[i] || h.lease_id != lease.lease_id {
+                            return Err(Error::InvalidArgument(format!("unexpected chunk index {i} from the server")));
+                        }
+                        got[i] = true;
+                        announced += 1;
+                        let d = dest[i].clone();
+                        receiving.spawn(async move { msg.recv_into(&d, t).await });
+                    }
+                    Some(done) = receiving.join_next() => {
+                        done.map_err(|e| Error::InvalidArgument(format!("receive task: {e}")))??;
+                        received += 1;
+                    }
+                    _ = idle => {
+                        return Err(Error::Transfer(ucx_bindings::Error::TimedOut { op: "fetch", after: t }));
+                    }
                 }
-                got[i] = true;
-                pending.push(msg.recv_into(&dest[i], t));
-            }
-            for r in join_all(pending).await {
-                r?;
             }
             Ok::<(), Error>(())
         };
-        let (call, received) = tokio::join!(call, receive);
+        let mut call = std::pin::pin!(call);
+        let mut receive = std::pin::pin!(receive);
+        let result = tokio::select! {
+            r = &mut call => match r {
+                Ok(_) => receive.await,
+                Err(status) => Err(status.into()),
+            },
+            r = &mut receive => match r {
+                Ok(()) => call.await.map(|_| ()).map_err(Error::from),
+                Err(e) => Err(e),
+            },
+        };
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&tag);
-        call?;
-        received
+        result
     }
 
     /// Counters, pool usage and transports of the server.
@@ -745,7 +832,7 @@ impl Client {
     /// Ends the session without consuming the client (for owners that share it, such as the
     /// Python bindings); later calls fail with the server's "unknown session" error.
     pub async fn disconnect(&self) -> Result<()> {
-        self.grpc.clone().disconnect(DisconnectRequest { session_id: self.session_id }).await?;
+        self.grpc.clone().disconnect(DisconnectRequest { session_token: self.token.clone() }).await?;
         Ok(())
     }
 }
@@ -784,7 +871,8 @@ impl PendingPut<'_> {
     /// Makes the chunks visible (after the server has every byte).
     pub async fn commit(self) -> Result<PutOutcome> {
         let c = self.client;
-        c.grpc.clone().commit_put(CommitPutRequest { session_id: c.session_id, put_id: self.begin.put_id }).await?;
+        let session_token = c.token.clone();
+        c.grpc.clone().commit_put(CommitPutRequest { session_token, put_id: self.begin.put_id }).await?;
         let n = self.begin.slots.len();
         let stored = self.begin.slots.iter().filter(|s| !s.present).count();
         Ok(PutOutcome { chunks: n, stored, skipped: n - stored })
@@ -793,7 +881,8 @@ impl PendingPut<'_> {
     /// Frees the reservation now.
     pub async fn abort(self) {
         let c = self.client;
-        let _ = c.grpc.clone().abort_put(AbortPutRequest { session_id: c.session_id, put_id: self.begin.put_id }).await;
+        let session_token = c.token.clone();
+        let _ = c.grpc.clone().abort_put(AbortPutRequest { session_token, put_id: self.begin.put_id }).await;
     }
 }
 

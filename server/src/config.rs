@@ -41,6 +41,11 @@ pub struct Cli {
     #[arg(long, env = "PREFIXD_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
+    /// UCX listener for clients' data endpoints (UCX client-server mode; its port goes to
+    /// clients in ConnectResponse) [default: the --listen address's IP, any free port].
+    #[arg(long, env = "PREFIXD_DATA_LISTEN", value_name = "ADDR")]
+    pub data_listen: Option<SocketAddr>,
+
     /// Metrics, /healthz and /readyz listen address [default: 127.0.0.1:9400].
     #[arg(long, env = "PREFIXD_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
@@ -110,6 +115,7 @@ pub struct Cli {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
+    data_listen: Option<SocketAddr>,
     metrics_listen: Option<SocketAddr>,
     host_pool: Option<String>,
     gpu_pool: Option<String>,
@@ -131,6 +137,8 @@ struct FileConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// None: the gRPC listen IP with an ephemeral port.
+    pub data_listen: Option<SocketAddr>,
     pub metrics_listen: SocketAddr,
     pub host_pool: ByteSize,
     /// None: no GPU tier.
@@ -153,6 +161,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_listen: None,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9400)),
             host_pool: ByteSize(1 << 30),
             gpu_pool: None,
@@ -188,6 +197,7 @@ impl Config {
             let f: FileConfig = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             let size = |s: &str| s.parse::<ByteSize>();
             c.listen = f.listen.unwrap_or(c.listen);
+            c.data_listen = f.data_listen.or(c.data_listen);
             c.metrics_listen = f.metrics_listen.unwrap_or(c.metrics_listen);
             c.host_pool = field("host_pool", f.host_pool, size)?.unwrap_or(c.host_pool);
             c.gpu_pool = field("gpu_pool", f.gpu_pool, size)?.or(c.gpu_pool);
@@ -208,6 +218,7 @@ impl Config {
             c.low_watermark = f.low_watermark.unwrap_or(c.low_watermark);
         }
         c.listen = cli.listen.unwrap_or(c.listen);
+        c.data_listen = cli.data_listen.or(c.data_listen);
         c.metrics_listen = cli.metrics_listen.unwrap_or(c.metrics_listen);
         c.host_pool = cli.host_pool.unwrap_or(c.host_pool);
         c.gpu_pool = cli.gpu_pool.or(c.gpu_pool).filter(|g| g.0 > 0);
@@ -230,6 +241,11 @@ impl Config {
         }
         c.validate()?;
         Ok(c)
+    }
+
+    /// Where the UCX data listener binds.
+    pub fn data_listen_addr(&self) -> SocketAddr {
+        self.data_listen.unwrap_or(SocketAddr::new(self.listen.ip(), 0))
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -278,6 +294,9 @@ impl Config {
         );
         if let Some(d) = &self.net_devices {
             s += &format!("net_devices = \"{d}\"\n");
+        }
+        if let Some(d) = &self.data_listen {
+            s += &format!("data_listen = \"{d}\"\n");
         }
         if let Some(g) = &self.gpu_pool {
             s += &format!("gpu_pool = \"{g}\"\ngpu = {}\n", self.gpu);

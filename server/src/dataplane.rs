@@ -1,15 +1,100 @@
-//! The server's half of the active-message data path: chunks of puts from clients that get no
-//! remote key arrive as AM_PUT messages; the server picks the buffer (the reserved slot) and
-//! UCX pulls the data into it by rendezvous. Anything that does not match a live reservation of
-//! the sending session, byte for byte in size, is dropped (and counted), never written.
+//! The server's half of the data plane: the UCX listener that client endpoints connect to, the
+//! AM_HELLO that binds an endpoint to its session, and AM_PUT, the chunks of clients that get no
+//! remote key (the server picks the buffer, the reserved slot, and UCX pulls the data into it by
+//! rendezvous).
+//!
+//! No endpoint is created from bytes a client chose: clients connect to the listener (UCX
+//! client-server mode), and a packed worker address never reaches `ucp_ep_create`. A message is
+//! held to the session of the endpoint it arrived on; anything that does not match a live
+//! reservation of that session, byte for byte in size, is dropped (and counted), never written.
 
+use crate::sessions::{self, Sessions, CLIENT_ID_AM, CLIENT_ID_RMA};
 use crate::shutdown::CancelToken;
 use crate::state::State;
 use prefixd_cache::Tier;
-use prefixd_proto::dataplane::{PutHeader, AM_PUT};
+use prefixd_proto::dataplane::{token_from, HelloAck, PutHeader, AM_HELLO, AM_HELLO_ACK, AM_PUT};
+use prefixd_proto::v1::DataPath;
 use std::sync::Arc;
 use std::time::Instant;
-use ucx_bindings::IncomingAm;
+use ucx_bindings::{AmData, IncomingAm, Listener};
+
+/// Endpoints accepted but not yet claimed by an AM_HELLO, at most: a flood of connections
+/// without sessions is refused beyond this many.
+const MAX_UNCLAIMED: usize = 1024;
+
+/// Accepts connections to the data listener until `stop` fires.
+pub async fn serve_connections(state: Arc<State>, mut listener: Listener, stop: CancelToken) {
+    loop {
+        let req = tokio::select! {
+            r = listener.next() => match r { Some(r) => r, None => return },
+            _ = stop.cancelled() => return,
+        };
+        // The client tells the error mode it uses (both ends must agree) by its worker's id.
+        let path = match req.client_id() {
+            CLIENT_ID_RMA => DataPath::Rma,
+            CLIENT_ID_AM => DataPath::ActiveMessage,
+            other => {
+                tracing::debug!(peer = ?req.peer(), client_id = other, "connection with an unknown client id refused");
+                state.metrics.rejected.with_label_values(&["connect_unknown_client_id"]).inc();
+                req.reject();
+                continue;
+            }
+        };
+        if state.sessions.unclaimed_len() >= MAX_UNCLAIMED {
+            state.metrics.rejected.with_label_values(&["connect_too_many_unclaimed"]).inc();
+            req.reject();
+            continue;
+        }
+        match req.accept(sessions::error_mode(path)).await {
+            Ok(ep) => state.sessions.add_unclaimed(ep, sessions::error_mode(path)),
+            Err(e) => tracing::warn!(error = %e, "cannot accept a data connection"),
+        }
+    }
+}
+
+/// Binds endpoints to sessions (AM_HELLO) until `stop` fires.
+pub async fn serve_hellos(state: Arc<State>, stop: CancelToken) -> anyhow::Result<()> {
+    let mut rx = state.worker.listen_am(AM_HELLO).await?;
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => return Ok(()) },
+            _ = stop.cancelled() => return Ok(()),
+        };
+        let Some(from) = msg.sender() else {
+            state.metrics.rejected.with_label_values(&["hello_no_endpoint"]).inc();
+            continue;
+        };
+        let Some(token) = token_from(msg.header()) else {
+            state.metrics.rejected.with_label_values(&["bad_header"]).inc();
+            continue;
+        };
+        match state.sessions.bind(&token, from) {
+            Ok(session) => {
+                tracing::info!(session = format_args!("{:016x}", session.id), "data endpoint bound");
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let Some(ep) = session.ep() else { return };
+                    let ack = HelloAck { session_id: session.id }.encode();
+                    if let Err(e) = ep.am_send(AM_HELLO_ACK, &ack, AmData::None, state.cfg.transfer_timeout).await {
+                        tracing::warn!(session = format_args!("{:016x}", session.id), error = %e, "hello ack failed");
+                        state.drop_session(&Sessions::token_of(&session), "data endpoint failed");
+                        return;
+                    }
+                    // The transport label for byte metrics: the first data lane the endpoint uses.
+                    if let Ok(t) = ep.transports().await {
+                        if let Some(t) = t.iter().map(|t| t.transport.clone()).find(|t| t != "self") {
+                            session.set_transport(t);
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::debug!(reason = e.label(), "AM_HELLO refused");
+                state.metrics.rejected.with_label_values(&[e.label()]).inc();
+            }
+        }
+    }
+}
 
 /// Receives AM_PUT messages until `stop` fires.
 pub async fn serve_puts(state: Arc<State>, stop: CancelToken) -> anyhow::Result<()> {
@@ -28,9 +113,10 @@ pub async fn serve_puts(state: Arc<State>, stop: CancelToken) -> anyhow::Result<
 /// Checks one message and starts receiving it into its slot.
 fn accept(state: &Arc<State>, msg: IncomingAm) -> Result<(), &'static str> {
     let h = PutHeader::decode(msg.header()).ok_or("bad_header")?;
-    let session = state.sessions.get(&h.session_id).map(|s| s.clone()).ok_or("unknown_session")?;
+    // The session is the one bound to the endpoint the message came in on, whatever it claims.
+    let session = msg.sender().and_then(|ep| state.sessions.by_endpoint(ep)).ok_or("unbound_endpoint")?;
     session.touch();
-    let loc = state.index().begin_receive(h.put_id, h.session_id, h.index, Instant::now()).map_err(|e| {
+    let loc = state.index().begin_receive(h.put_id, session.id, h.index, Instant::now()).map_err(|e| {
         tracing::debug!(put = h.put_id, index = h.index, error = %e, "AM_PUT rejected");
         "no_reservation"
     })?;

@@ -17,6 +17,7 @@ mod gpu;
 mod http;
 mod metrics;
 mod service;
+mod sessions;
 mod shutdown;
 mod state;
 mod units;
@@ -120,17 +121,33 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let ops = TcpListener::bind(cfg.metrics_listen)
         .await
         .with_context(|| format!("cannot listen on {} (--metrics-listen)", cfg.metrics_listen))?;
+    let data_listen = cfg.data_listen_addr();
+    let data = state
+        .worker
+        .listen(data_listen)
+        .await
+        .with_context(|| format!("cannot listen for UCX data connections on {data_listen} (--data-listen)"))?;
+    let data_addr = data.local_addr();
     let (grpc_addr, ops_addr) = (grpc.local_addr()?, ops.local_addr()?);
     let info = state.ctx.info();
     tracing::info!(
-        grpc = %grpc_addr, metrics = %ops_addr, host_pool = %cfg.host_pool, ucx = %info.version,
+        grpc = %grpc_addr, metrics = %ops_addr, data = %data_addr, host_pool = %cfg.host_pool, ucx = %info.version,
         transports = %state.transports.join(","), "prefixd ready"
     );
     // One machine-readable line on stdout, for scripts and tests that bind port 0.
-    println!("prefixd listening grpc={grpc_addr} metrics={ops_addr}");
+    println!("prefixd listening grpc={grpc_addr} metrics={ops_addr} data={data_addr}");
 
     let background = CancelToken::default();
     tokio::spawn(http::serve(ops, state.clone(), background.clone()));
+    tokio::spawn(dataplane::serve_connections(state.clone(), data, background.clone()));
+    {
+        let (state, stop) = (state.clone(), background.clone());
+        tokio::spawn(async move {
+            if let Err(e) = dataplane::serve_hellos(state, stop).await {
+                tracing::error!(error = %e, "data-plane hello receiver stopped");
+            }
+        });
+    }
     {
         let (state, stop) = (state.clone(), background.clone());
         tokio::spawn(async move {
@@ -156,7 +173,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PrefixdServer<service::Service>>().await;
-    let svc = PrefixdServer::new(service::Service { state: state.clone() })
+    let svc = PrefixdServer::new(service::Service { state: state.clone(), data_addr })
         .max_decoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES);
     let stop_accepting = CancelToken::default();

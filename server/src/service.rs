@@ -3,17 +3,18 @@
 //! bytes (the Fetch call) with a deadline on every transfer.
 
 use crate::errors::{index_status, ucx_status};
+use crate::sessions::{Session, Sessions};
 use crate::state::State;
 use prefixd_cache::{Slot, Tier};
-use prefixd_proto::dataplane::{FetchHeader, AM_FETCH};
+use prefixd_proto::dataplane::{token_from, FetchHeader, AM_FETCH};
 use prefixd_proto::keys::ChunkKey;
-use prefixd_proto::limits::{MAX_CLIENT_NAME_LEN, MAX_WORKER_ADDRESS_LEN};
+use prefixd_proto::limits::MAX_CLIENT_NAME_LEN;
 use prefixd_proto::v1::prefixd_server::Prefixd;
 use prefixd_proto::v1::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
-use ucx_bindings::{AmData, ErrorMode};
+use ucx_bindings::AmData;
 
 /// Sends in flight at once per Fetch call.
 const FETCH_WINDOW: usize = 8;
@@ -21,6 +22,22 @@ const FETCH_WINDOW: usize = 8;
 #[derive(Debug, Clone)]
 pub struct Service {
     pub state: Arc<State>,
+    /// Where the data listener is bound: its port (and its host, when it is one address) goes
+    /// to every client in ConnectResponse.
+    pub data_addr: std::net::SocketAddr,
+}
+
+/// Keeps a lease pinned for the life of a `Fetch`, however that ends: tonic drops the handler's
+/// future when the client goes away, and an unpin after an `.await` would then never run.
+struct LeasePin {
+    state: Arc<State>,
+    lease_id: u64,
+}
+
+impl Drop for LeasePin {
+    fn drop(&mut self) {
+        self.state.index().unpin_lease(self.lease_id);
+    }
 }
 
 fn keys_from(raw: &[Vec<u8>], what: &str) -> Result<Vec<ChunkKey>, Status> {
@@ -38,13 +55,14 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl Service {
-    fn session(&self, id: u64) -> Result<Arc<crate::state::Session>, Status> {
-        let s = self
-            .state
-            .sessions
-            .get(&id)
-            .map(|s| s.clone())
-            .ok_or_else(|| Status::not_found(format!("unknown session {id:016x}; connect again")))?;
+    /// The session a request's token names.
+    fn session(&self, token: &[u8]) -> Result<Arc<Session>, Status> {
+        let token = token_from(token).ok_or_else(|| {
+            Status::invalid_argument(format!("session_token is {} bytes; tokens are 16 bytes", token.len()))
+        })?;
+        let s = self.state.sessions.get(&token).ok_or_else(|| {
+            Status::not_found("unknown session (expired, closed, or the server restarted); connect again")
+        })?;
         s.touch();
         Ok(s)
     }
@@ -72,12 +90,6 @@ impl Service {
     }
 
     async fn do_connect(&self, r: ConnectRequest) -> Result<ConnectResponse, Status> {
-        if r.worker_address.is_empty() || r.worker_address.len() > MAX_WORKER_ADDRESS_LEN {
-            return Err(Status::invalid_argument(format!(
-                "worker_address must be 1..={MAX_WORKER_ADDRESS_LEN} bytes, got {}",
-                r.worker_address.len()
-            )));
-        }
         if r.client_name.len() > MAX_CLIENT_NAME_LEN || r.host_id.len() > 256 {
             return Err(Status::invalid_argument("client_name (<= 128 bytes) or host_id (<= 256 bytes) too long"));
         }
@@ -86,23 +98,10 @@ impl Service {
         }
         let st = &self.state;
         let path = st.data_path_for(&r.host_id, r.force_remote, &r.transports);
-        // Same-host RMA sessions use UCX's default error mode, where shared-memory RMA is
-        // zero-copy (cma); peer error mode makes UCX emulate it with active messages (~1 GB/s
-        // measured). The server never sends on such an endpoint, so a dying client cannot hurt
-        // it; deadlines still bound every transfer. Both ends must use the same mode.
-        let mode = if path == DataPath::Rma { ErrorMode::None } else { ErrorMode::Peer };
-        let ep = st
-            .worker
-            .connect_with(&r.worker_address, mode)
-            .await
-            .map_err(|e| Status::invalid_argument(format!("cannot connect to the client's worker address: {e}")))?;
         let both: Vec<String> = st.transports.iter().filter(|t| r.transports.contains(t)).cloned().collect();
-        // The transport label for byte metrics: the first data lane the endpoint reports.
-        let transport = match ep.transports().await {
-            Ok(t) => t.iter().map(|t| t.transport.clone()).find(|t| t != "self").unwrap_or_else(|| "unknown".into()),
-            Err(_) => "unknown".into(),
-        };
-        let id = st.new_session_id();
+        let name = if r.client_name.is_empty() { "unnamed".to_owned() } else { r.client_name.clone() };
+        let session =
+            st.sessions.create(name, path).map_err(|e| Status::internal(format!("no randomness for a token: {e}")))?;
         let pools = if path == DataPath::Rma {
             [Tier::Gpu, Tier::Host]
                 .into_iter()
@@ -117,12 +116,14 @@ impl Service {
         } else {
             Vec::new()
         };
-        let name = if r.client_name.is_empty() { "unnamed".to_owned() } else { r.client_name.clone() };
-        tracing::info!(session = format_args!("{id:016x}"), client = %name, path = ?path, %transport, "session opened");
-        st.add_session(id, name, ep, path, transport);
+        tracing::info!(session = format_args!("{:016x}", session.id), client = %session.name, path = ?path, "session opened");
+        let data_host =
+            if self.data_addr.ip().is_unspecified() { String::new() } else { self.data_addr.ip().to_string() };
         Ok(ConnectResponse {
-            session_id: id,
-            worker_address: st.worker.address().to_vec(),
+            session_id: session.id,
+            session_token: Sessions::token_of(&session).to_vec(),
+            data_port: self.data_addr.port() as u32,
+            data_host,
             transports: both,
             lease_ttl_ms: ms(st.cfg.lease_ttl),
             max_chunk_size: st.cfg.max_chunk_size.0,
@@ -136,7 +137,7 @@ impl Service {
     }
 
     async fn do_begin_put(&self, r: BeginPutRequest) -> Result<BeginPutResponse, Status> {
-        let session = self.session(r.session_id)?;
+        let session = self.session(&r.session_token)?;
         let keys = keys_from(&r.keys, "keys")?;
         let parent = match r.parent_key.len() {
             0 => None,
@@ -166,7 +167,7 @@ impl Service {
     }
 
     async fn do_commit_put(&self, r: CommitPutRequest) -> Result<CommitPutResponse, Status> {
-        let session = self.session(r.session_id)?;
+        let session = self.session(&r.session_token)?;
         let st = &self.state;
         // Active-message data may still be landing: wait for it, up to the transfer timeout.
         let give_up = Instant::now() + st.cfg.transfer_timeout;
@@ -187,7 +188,7 @@ impl Service {
     }
 
     async fn do_abort_put(&self, r: AbortPutRequest) -> Result<AbortPutResponse, Status> {
-        let session = self.session(r.session_id)?;
+        let session = self.session(&r.session_token)?;
         let freed = self.state.index().abort_put(r.put_id, session.id).map_err(index_status)?;
         Ok(AbortPutResponse { freed })
     }
@@ -199,7 +200,7 @@ impl Service {
             return Err(Status::unavailable("prefixd is shutting down"));
         }
         let (lease, session) = if r.lease {
-            let s = self.session(r.session_id)?;
+            let s = self.session(&r.session_token)?;
             let ttl = if r.lease_ttl_ms == 0 { st.cfg.lease_ttl } else { Duration::from_millis(r.lease_ttl_ms) };
             (Some((s.id, ttl.min(st.cfg.max_lease_ttl))), Some(s))
         } else {
@@ -238,23 +239,20 @@ impl Service {
     }
 
     async fn do_fetch(&self, r: FetchRequest) -> Result<FetchResponse, Status> {
-        let session = self.session(r.session_id)?;
-        let st = self.state.clone();
+        let session = self.session(&r.session_token)?;
+        let ep = session
+            .ep()
+            .cloned()
+            .ok_or_else(|| Status::failed_precondition("the session has no data endpoint bound yet (send AM_HELLO)"))?;
+        let st = &self.state;
         let n = st.index().pin_lease(r.lease_id, session.id, Instant::now()).map_err(index_status)?;
-        let result = self.send_leased(&session, &r, n).await;
-        st.index().unpin_lease(r.lease_id);
-        let bytes = result?;
-        st.metrics.transfer_bytes.with_label_values(&["out", "am", &session.transport]).inc_by(bytes);
-        Ok(FetchResponse { bytes })
-    }
-
-    /// Sends chunks of a pinned lease to the client as AM_FETCH messages, a window at a time.
-    async fn send_leased(&self, session: &crate::state::Session, r: &FetchRequest, n: usize) -> Result<u64, Status> {
+        // Every send holds the pin until UCX has finished reading the slot, even when this call
+        // is dropped half-way (the client went away): the sends run on as detached tasks.
+        let pin = Arc::new(LeasePin { state: st.clone(), lease_id: r.lease_id });
         let indices: Vec<u32> = if r.indices.is_empty() { (0..n as u32).collect() } else { r.indices.clone() };
         if indices.len() > prefixd_proto::limits::MAX_KEYS_PER_REQUEST {
             return Err(Status::invalid_argument("too many indices"));
         }
-        let st = &self.state;
         let mut jobs = Vec::with_capacity(indices.len());
         for &i in &indices {
             let loc = st.index().lease_chunk(r.lease_id, session.id, i, Instant::now()).map_err(index_status)?;
@@ -265,26 +263,31 @@ impl Service {
                 .map_err(|e| Status::internal(format!("pool slice: {e}")))?;
             jobs.push((i, slice));
         }
-        let mut set: tokio::task::JoinSet<ucx_bindings::Result<u64>> = tokio::task::JoinSet::new();
-        let mut bytes = 0u64;
         let timeout = st.cfg.transfer_timeout;
+        let mut inflight = std::collections::VecDeque::new();
+        let mut bytes = 0u64;
+        let join = |r: Result<ucx_bindings::Result<u64>, tokio::task::JoinError>| -> Result<u64, Status> {
+            r.map_err(|e| Status::internal(e.to_string()))?.map_err(ucx_status)
+        };
         for (i, slice) in jobs {
-            if set.len() >= FETCH_WINDOW {
-                if let Some(done) = set.join_next().await {
-                    bytes += done.map_err(|e| Status::internal(e.to_string()))?.map_err(ucx_status)?;
+            if inflight.len() >= FETCH_WINDOW {
+                if let Some(h) = inflight.pop_front() {
+                    bytes += join(h.await)?;
                 }
             }
-            let ep = session.ep.clone();
+            let (ep, pin) = (ep.clone(), pin.clone());
             let header = FetchHeader { tag: r.tag, lease_id: r.lease_id, index: i }.encode();
-            set.spawn(async move {
+            inflight.push_back(tokio::spawn(async move {
+                let _pin = pin;
                 let len = slice.len() as u64;
                 ep.am_send(AM_FETCH, &header, AmData::Region(slice), timeout).await.map(|()| len)
-            });
+            }));
         }
-        while let Some(done) = set.join_next().await {
-            bytes += done.map_err(|e| Status::internal(e.to_string()))?.map_err(ucx_status)?;
+        for h in inflight {
+            bytes += join(h.await)?;
         }
-        Ok(bytes)
+        st.metrics.transfer_bytes.with_label_values(&["out", "am", session.transport()]).inc_by(bytes);
+        Ok(FetchResponse { bytes })
     }
 }
 
@@ -295,13 +298,11 @@ impl Prefixd for Service {
     }
 
     async fn disconnect(&self, req: Request<DisconnectRequest>) -> Result<Response<DisconnectResponse>, Status> {
-        let id = req.into_inner().session_id;
+        let token = req.into_inner().session_token;
         self.observe("disconnect", async {
-            if self.state.drop_session(id) {
-                Ok(DisconnectResponse {})
-            } else {
-                Err(Status::not_found(format!("unknown session {id:016x}")))
-            }
+            let s = self.session(&token)?;
+            self.state.drop_session(&Sessions::token_of(&s), "disconnected");
+            Ok(DisconnectResponse {})
         })
         .await
     }
@@ -329,7 +330,7 @@ impl Prefixd for Service {
     async fn release(&self, req: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {
         let r = req.into_inner();
         self.observe("release", async {
-            let s = self.session(r.session_id)?;
+            let s = self.session(&r.session_token)?;
             self.state.index().release(r.lease_id, s.id).map_err(index_status)?;
             Ok(ReleaseResponse {})
         })
@@ -339,6 +340,7 @@ impl Prefixd for Service {
     async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let r = req.into_inner();
         self.observe("delete", async {
+            self.session(&r.session_token)?;
             let keys = keys_from(&r.keys, "keys")?;
             let (deleted, leased) = self.state.index().delete(&r.namespace, &keys).map_err(index_status)?;
             Ok(DeleteResponse { deleted, leased })

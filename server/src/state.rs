@@ -4,54 +4,16 @@
 use crate::config::{Config, RmaPolicy};
 use crate::gpu::Cuda;
 use crate::metrics::Metrics;
+use crate::sessions::{Session, Sessions};
 use prefixd_cache::{Index, IndexConfig, Tier};
+use prefixd_proto::dataplane::SessionToken;
 use prefixd_proto::v1::DataPath;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use ucx_bindings::shm::SharedMemory;
-use ucx_bindings::{Context, Endpoint, MemRegion, MemoryType, Worker};
-
-/// One connected client.
-#[derive(Debug)]
-pub struct Session {
-    pub id: u64,
-    pub name: String,
-    pub ep: Endpoint,
-    pub path: DataPath,
-    /// The UCX transport the session's endpoint uses for data (metric label).
-    pub transport: String,
-    last_seen: Mutex<Instant>,
-}
-
-impl Session {
-    pub fn touch(&self) {
-        *self.last_seen.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-    }
-
-    pub fn idle_for(&self) -> Duration {
-        self.last_seen.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
-    }
-
-    /// The transport label for bytes of `tier` on this session: RMA clients reach the GPU pool
-    /// by cuda_ipc and the host pool through its shared mapping when it was offered (else by the
-    /// endpoint's lane); active-message sessions use their endpoint's lane.
-    pub fn transport_for(&self, tier: prefixd_cache::Tier, host_pool_shared: bool) -> &str {
-        match (self.path, tier) {
-            (DataPath::Rma, prefixd_cache::Tier::Gpu) => "cuda_ipc",
-            (DataPath::Rma, prefixd_cache::Tier::Host) if host_pool_shared => "shm",
-            _ => &self.transport,
-        }
-    }
-
-    pub fn path_label(&self) -> &'static str {
-        match self.path {
-            DataPath::Rma => "rma",
-            _ => "am",
-        }
-    }
-}
+use ucx_bindings::{Context, MemRegion, MemoryType, Worker};
 
 /// The GPU tier's memory: one cuMemAlloc'd range, registered with UCX as CUDA memory.
 #[derive(Debug)]
@@ -112,7 +74,7 @@ pub struct State {
     /// CUDA IPC handle of the GPU pool for same-host clients (empty without a GPU pool).
     pub gpu_ipc_handle: Vec<u8>,
     pub cuda: Option<Arc<Cuda>>,
-    pub sessions: dashmap::DashMap<u64, Arc<Session>>,
+    pub sessions: Sessions,
     pub metrics: Metrics,
     pub host_id: String,
     /// Transports the server's context can use.
@@ -120,7 +82,6 @@ pub struct State {
     /// Woken whenever active-message put data lands (CommitPut waits on it).
     pub arrivals: Notify,
     draining: AtomicBool,
-    next_session: AtomicU64,
 }
 
 impl std::fmt::Debug for State {
@@ -134,24 +95,6 @@ pub fn host_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown-host".to_owned())
-}
-
-/// A seed for session ids that another process cannot guess from the clock alone.
-fn random_seed() -> u64 {
-    let mut b = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    u64::from_le_bytes(b) ^ (std::process::id() as u64).rotate_left(32)
-}
-
-/// splitmix64: spreads a counter into unrelated-looking ids.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 impl State {
@@ -170,7 +113,9 @@ impl State {
             // SAFETY: the mapping lives in `_host_shm`, which is dropped after `host_pool`.
             let region = unsafe { MemRegion::register(&ctx, shm.as_ptr(), len, MemoryType::Host) }
                 .map_err(|e| anyhow::anyhow!("cannot register the {} host pool: {e}", cfg.host_pool))?;
-            let name = format!("prefixd-pool-{}-{:016x}", std::process::id(), mix(random_seed()));
+            let mut nonce = [0u8; 8];
+            crate::sessions::random_fill(&mut nonce)?;
+            let name = format!("prefixd-pool-{}-{:016x}", std::process::id(), u64::from_le_bytes(nonce));
             // The serving thread keeps the raw fd; `_host_shm` keeps it open for the process's life.
             let socket = match ucx_bindings::shm::serve_fd(&name, shm.fd(), len as u64) {
                 Ok(()) => format!("@{name}"),
@@ -254,13 +199,12 @@ impl State {
             host_pool_socket,
             gpu_ipc_handle,
             cuda,
-            sessions: dashmap::DashMap::new(),
+            sessions: Sessions::default(),
             metrics,
             host_id: host_id(),
             transports,
             arrivals: Notify::new(),
             draining: AtomicBool::new(false),
-            next_session: AtomicU64::new(random_seed()),
         }))
     }
 
@@ -269,31 +213,16 @@ impl State {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn new_session_id(&self) -> u64 {
-        loop {
-            let id = mix(self.next_session.fetch_add(1, Ordering::Relaxed));
-            if id != 0 && !self.sessions.contains_key(&id) {
-                return id;
-            }
-        }
-    }
-
-    pub fn add_session(&self, id: u64, name: String, ep: Endpoint, path: DataPath, transport: String) -> Arc<Session> {
-        let s = Arc::new(Session { id, name, ep, path, transport, last_seen: Mutex::new(Instant::now()) });
-        self.sessions.insert(id, s.clone());
-        s
-    }
-
     /// Ends a session: frees its reservations and leases; its endpoint closes when the last
     /// in-flight transfer holding it ends.
-    pub fn drop_session(&self, id: u64) -> bool {
-        let Some((_, s)) = self.sessions.remove(&id) else {
+    pub fn drop_session(&self, token: &SessionToken, why: &str) -> bool {
+        let Some(s) = self.sessions.remove(token) else {
             return false;
         };
-        let freed = self.index().drop_session(id);
+        let freed = self.index().drop_session(s.id);
         tracing::info!(
-            session = format_args!("{id:016x}"), client = %s.name, puts = freed.puts, leases = freed.leases,
-            "session closed"
+            session = format_args!("{:016x}", s.id), client = %s.name, puts = freed.puts, leases = freed.leases,
+            why, "session closed"
         );
         true
     }
@@ -399,10 +328,9 @@ impl State {
         if expired.puts + expired.leases > 0 {
             tracing::info!(puts = expired.puts, leases = expired.leases, "expired");
         }
-        let idle: Vec<u64> = self.sessions.iter().filter(|s| s.idle_for() > session_idle).map(|s| *s.key()).collect();
-        for id in idle {
-            tracing::info!(session = format_args!("{id:016x}"), "session idle too long");
-            self.drop_session(id);
+        for s in self.sessions.expired(Instant::now(), session_idle) {
+            let why = if s.ep().is_none() { "no data endpoint bound in time" } else { "idle too long" };
+            self.drop_session(&Sessions::token_of(&s), why);
         }
         self.refresh_gauges();
     }

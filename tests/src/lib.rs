@@ -216,3 +216,66 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A session opened by hand, for tests that speak the protocol directly (hostile clients,
+/// clients that die half-way).
+pub struct RawSession {
+    pub resp: prefixd_proto::v1::ConnectResponse,
+    pub ctx: ucx_bindings::Context,
+    pub worker: ucx_bindings::Worker,
+    /// The bound data endpoint (None when opened with `bind = false`).
+    pub ep: Option<ucx_bindings::Endpoint>,
+}
+
+impl std::fmt::Debug for RawSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawSession").field("session", &self.resp.session_id).finish()
+    }
+}
+
+impl RawSession {
+    /// Connects over gRPC to `url` and, with `bind`, binds a data endpoint (AM_HELLO). With
+    /// `remote`, the session uses the active-message path.
+    pub async fn open(url: &str, remote: bool, bind: bool) -> anyhow::Result<RawSession> {
+        use prefixd_proto::v1::{prefixd_client::PrefixdClient, ConnectRequest, DataPath};
+        let channel = tonic::transport::Channel::from_shared(url.to_owned())?.connect().await?;
+        let resp = PrefixdClient::new(channel)
+            .connect(ConnectRequest {
+                host_id: if remote {
+                    "elsewhere".into()
+                } else {
+                    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?.trim().into()
+                },
+                transports: vec!["tcp".into(), "posix".into(), "cma".into()],
+                force_remote: remote,
+                client_name: "raw".into(),
+            })
+            .await?
+            .into_inner();
+        let path = DataPath::try_from(resp.data_path).unwrap_or(DataPath::ActiveMessage);
+        let ctx = ucx_bindings::ContextBuilder::new().transports("sm,tcp")?.net_devices("lo").build()?;
+        let worker = ucx_bindings::Worker::with_options(&ctx, "raw", Some(prefixd_client::client_id(path)), || {})?;
+        let ep = if bind {
+            let addr = std::net::SocketAddr::new([127, 0, 0, 1].into(), resp.data_port as u16);
+            Some(
+                prefixd_client::bind_data_endpoint(&worker, addr, path, &resp.session_token, Duration::from_secs(10))
+                    .await?,
+            )
+        } else {
+            None
+        };
+        Ok(RawSession { resp, ctx, worker, ep })
+    }
+
+    pub fn token(&self) -> Vec<u8> {
+        self.resp.session_token.clone()
+    }
+
+    pub fn data_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new([127, 0, 0, 1].into(), self.resp.data_port as u16)
+    }
+
+    pub fn ep(&self) -> &ucx_bindings::Endpoint {
+        self.ep.as_ref().expect("a bound data endpoint")
+    }
+}

@@ -9,22 +9,9 @@ use prefixd_tests::*;
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Code;
-use ucx_bindings::{AmData, ContextBuilder, MemRegion, Worker};
+use ucx_bindings::{AmData, MemRegion};
 
 type Grpc = PrefixdClient<Channel>;
-
-async fn session(grpc: &mut Grpc, worker: &Worker, force_remote: bool) -> ConnectResponse {
-    grpc.connect(ConnectRequest {
-        worker_address: worker.address().to_vec(),
-        host_id: if force_remote { "elsewhere".into() } else { String::new() },
-        transports: vec!["tcp".into()],
-        force_remote,
-        client_name: "hostile".into(),
-    })
-    .await
-    .expect("connect")
-    .into_inner()
-}
 
 /// (entries, reservations, leases, used bytes)
 async fn snapshot(grpc: &mut Grpc) -> (u64, u64, u64, u64) {
@@ -36,40 +23,31 @@ fn key(b: u8) -> Vec<u8> {
     vec![b; 32]
 }
 
+fn begin(s: &[u8], keys: Vec<Vec<u8>>, sizes: Vec<u64>) -> BeginPutRequest {
+    BeginPutRequest { session_token: s.to_vec(), namespace: "ns".into(), keys, sizes, parent_key: vec![] }
+}
+
+fn lookup(s: &[u8], keys: Vec<Vec<u8>>, lease: bool) -> LookupRequest {
+    LookupRequest { session_token: s.to_vec(), namespace: "ns".into(), keys, lease, lease_ttl_ms: 0, chunk_tokens: 0 }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_get_clear_errors_and_change_nothing() {
     let server = Server::start(&["--host-pool", "8MiB", "--max-chunk-size", "1MiB"]);
     let channel = Channel::from_shared(server.grpc.clone()).unwrap().connect().await.unwrap();
     let mut g = PrefixdClient::new(channel);
-    let ctx = ContextBuilder::new().transports("sm,tcp").unwrap().net_devices("lo").build().unwrap();
-    let worker = Worker::new(&ctx, "hostile").unwrap();
-    let a = session(&mut g, &worker, true).await;
-    let b = session(&mut g, &worker, true).await;
+    let a = RawSession::open(&server.grpc, true, true).await.unwrap();
+    let b = RawSession::open(&server.grpc, true, true).await.unwrap();
+    let (sa, sb) = (a.token(), b.token());
 
     // Legitimate state to attack: one committed chunk (AM path), one lease on it by session A.
-    let ep = worker.connect(&a.worker_address).await.unwrap();
-    let data = MemRegion::alloc_host(&ctx, 4096).unwrap();
+    let data = MemRegion::alloc_host(&a.ctx, 4096).unwrap();
     data.write(0, &random_bytes(4096, 9)).unwrap();
-    let begin = |s: u64, keys: Vec<Vec<u8>>, sizes: Vec<u64>| BeginPutRequest {
-        session_id: s,
-        namespace: "ns".into(),
-        keys,
-        sizes,
-        parent_key: vec![],
-    };
-    let put = g.begin_put(begin(a.session_id, vec![key(1)], vec![4096])).await.unwrap().into_inner();
-    let h = PutHeader { session_id: a.session_id, put_id: put.put_id, index: 0 }.encode();
-    ep.am_send(AM_PUT, &h, AmData::Region(data.full()), Duration::from_secs(10)).await.unwrap();
-    g.commit_put(CommitPutRequest { session_id: a.session_id, put_id: put.put_id }).await.unwrap();
-    let lookup = |s: u64, keys: Vec<Vec<u8>>, lease: bool| LookupRequest {
-        session_id: s,
-        namespace: "ns".into(),
-        keys,
-        lease,
-        lease_ttl_ms: 0,
-        chunk_tokens: 0,
-    };
-    let lease = g.lookup(lookup(a.session_id, vec![key(1)], true)).await.unwrap().into_inner();
+    let put = g.begin_put(begin(&sa, vec![key(1)], vec![4096])).await.unwrap().into_inner();
+    let h = PutHeader { put_id: put.put_id, index: 0 }.encode();
+    a.ep().am_send(AM_PUT, &h, AmData::Region(data.full()), Duration::from_secs(10)).await.unwrap();
+    g.commit_put(CommitPutRequest { session_token: sa.clone(), put_id: put.put_id }).await.unwrap();
+    let lease = g.lookup(lookup(&sa, vec![key(1)], true)).await.unwrap().into_inner();
     assert_eq!(lease.hit_chunks, 1);
     let before = snapshot(&mut g).await;
 
@@ -79,115 +57,96 @@ async fn hostile_requests_get_clear_errors_and_change_nothing() {
             results.push(($name, $code, $call.await.map(|_| ())));
         };
     }
-    let (sa, sb) = (a.session_id, b.session_id);
-    let addr = worker.address().to_vec();
-    let conn = |worker_address: Vec<u8>, name: String, transports: Vec<String>| ConnectRequest {
-        worker_address,
+    let conn = |name: String, transports: Vec<String>| ConnectRequest {
         host_id: String::new(),
         transports,
         force_remote: true,
         client_name: name,
     };
-    case!("connect: empty address", Code::InvalidArgument, g.connect(conn(vec![], "x".into(), vec![])));
-    case!("connect: 70 KB address", Code::InvalidArgument, g.connect(conn(vec![1; 70_000], "x".into(), vec![])));
-    case!("connect: long name", Code::InvalidArgument, g.connect(conn(addr.clone(), "n".repeat(200), vec![])));
-    case!(
-        "connect: 100 transports",
-        Code::InvalidArgument,
-        g.connect(conn(addr.clone(), "x".into(), vec!["tcp".into(); 100]))
-    );
-    case!("begin_put: unknown session", Code::NotFound, g.begin_put(begin(12345, vec![key(2)], vec![10])));
-    case!("begin_put: 31-byte key", Code::InvalidArgument, g.begin_put(begin(sa, vec![vec![0; 31]], vec![10])));
-    case!("begin_put: 33-byte key", Code::InvalidArgument, g.begin_put(begin(sa, vec![vec![0; 33]], vec![10])));
-    case!("begin_put: no keys", Code::InvalidArgument, g.begin_put(begin(sa, vec![], vec![])));
-    case!("begin_put: sizes mismatch", Code::InvalidArgument, g.begin_put(begin(sa, vec![key(2)], vec![1, 2])));
-    case!("begin_put: zero size", Code::InvalidArgument, g.begin_put(begin(sa, vec![key(2)], vec![0])));
+    let (unknown, short) = (vec![7u8; 16], vec![1u8; 8]);
+    case!("connect: long name", Code::InvalidArgument, g.connect(conn("n".repeat(200), vec![])));
+    case!("connect: 100 transports", Code::InvalidArgument, g.connect(conn("x".into(), vec!["tcp".into(); 100])));
+    case!("begin_put: unknown session", Code::NotFound, g.begin_put(begin(&unknown, vec![key(2)], vec![10])));
+    case!("begin_put: 8-byte token", Code::InvalidArgument, g.begin_put(begin(&short, vec![key(2)], vec![10])));
+    case!("begin_put: no token", Code::InvalidArgument, g.begin_put(begin(&[], vec![key(2)], vec![10])));
+    case!("begin_put: 31-byte key", Code::InvalidArgument, g.begin_put(begin(&sa, vec![vec![0; 31]], vec![10])));
+    case!("begin_put: 33-byte key", Code::InvalidArgument, g.begin_put(begin(&sa, vec![vec![0; 33]], vec![10])));
+    case!("begin_put: no keys", Code::InvalidArgument, g.begin_put(begin(&sa, vec![], vec![])));
+    case!("begin_put: sizes mismatch", Code::InvalidArgument, g.begin_put(begin(&sa, vec![key(2)], vec![1, 2])));
+    case!("begin_put: zero size", Code::InvalidArgument, g.begin_put(begin(&sa, vec![key(2)], vec![0])));
     case!(
         "begin_put: over max chunk",
         Code::InvalidArgument,
-        g.begin_put(begin(sa, vec![key(2)], vec![(1 << 20) + 1]))
+        g.begin_put(begin(&sa, vec![key(2)], vec![(1 << 20) + 1]))
     );
-    case!("begin_put: u64::MAX size", Code::InvalidArgument, g.begin_put(begin(sa, vec![key(2)], vec![u64::MAX])));
+    case!("begin_put: u64::MAX size", Code::InvalidArgument, g.begin_put(begin(&sa, vec![key(2)], vec![u64::MAX])));
     case!(
         "begin_put: 5000 keys",
         Code::InvalidArgument,
-        g.begin_put(begin(sa, (0..5000).map(|i| vec![(i % 251) as u8; 32]).collect(), vec![1; 5000]))
+        g.begin_put(begin(&sa, (0..5000).map(|i| vec![(i % 251) as u8; 32]).collect(), vec![1; 5000]))
     );
     case!(
         "begin_put: more than the pool",
         Code::ResourceExhausted,
-        g.begin_put(begin(sa, (10..19).map(key).collect(), vec![1 << 20; 9]))
+        g.begin_put(begin(&sa, (10..19).map(key).collect(), vec![1 << 20; 9]))
     );
     case!(
         "begin_put: empty namespace",
         Code::InvalidArgument,
-        g.begin_put(BeginPutRequest { namespace: String::new(), ..begin(sa, vec![key(2)], vec![1]) })
+        g.begin_put(BeginPutRequest { namespace: String::new(), ..begin(&sa, vec![key(2)], vec![1]) })
     );
     case!(
         "begin_put: 300-byte namespace",
         Code::InvalidArgument,
-        g.begin_put(BeginPutRequest { namespace: "n".repeat(300), ..begin(sa, vec![key(2)], vec![1]) })
+        g.begin_put(BeginPutRequest { namespace: "n".repeat(300), ..begin(&sa, vec![key(2)], vec![1]) })
     );
     case!(
         "begin_put: 5-byte parent",
         Code::InvalidArgument,
-        g.begin_put(BeginPutRequest { parent_key: vec![1; 5], ..begin(sa, vec![key(2)], vec![1]) })
+        g.begin_put(BeginPutRequest { parent_key: vec![1; 5], ..begin(&sa, vec![key(2)], vec![1]) })
     );
-    case!("commit: unknown put", Code::NotFound, g.commit_put(CommitPutRequest { session_id: sa, put_id: 999_999 }));
-    case!(
-        "commit: double commit",
-        Code::NotFound,
-        g.commit_put(CommitPutRequest { session_id: sa, put_id: put.put_id })
-    );
-    case!(
-        "commit: unknown session",
-        Code::NotFound,
-        g.commit_put(CommitPutRequest { session_id: 7, put_id: put.put_id })
-    );
-    case!("abort: unknown put", Code::NotFound, g.abort_put(AbortPutRequest { session_id: sa, put_id: 424_242 }));
-    case!("abort: committed put", Code::NotFound, g.abort_put(AbortPutRequest { session_id: sa, put_id: put.put_id }));
-    case!("lookup: lease, unknown session", Code::NotFound, g.lookup(lookup(999, vec![key(1)], true)));
-    case!("lookup: 16-byte key", Code::InvalidArgument, g.lookup(lookup(sa, vec![vec![1; 16]], false)));
-    case!("lookup: 5000 keys", Code::InvalidArgument, g.lookup(lookup(sa, vec![key(1); 5000], false)));
-    case!("lookup: no keys", Code::InvalidArgument, g.lookup(lookup(sa, vec![], false)));
+    let commit = |s: &[u8], put_id: u64| CommitPutRequest { session_token: s.to_vec(), put_id };
+    let abort = |s: &[u8], put_id: u64| AbortPutRequest { session_token: s.to_vec(), put_id };
+    case!("commit: unknown put", Code::NotFound, g.commit_put(commit(&sa, 999_999)));
+    case!("commit: double commit", Code::NotFound, g.commit_put(commit(&sa, put.put_id)));
+    case!("commit: unknown session", Code::NotFound, g.commit_put(commit(&unknown, put.put_id)));
+    case!("commit: another session's put", Code::NotFound, g.commit_put(commit(&sb, put.put_id)));
+    case!("abort: unknown put", Code::NotFound, g.abort_put(abort(&sa, 424_242)));
+    case!("abort: committed put", Code::NotFound, g.abort_put(abort(&sa, put.put_id)));
+    case!("lookup: lease, unknown session", Code::NotFound, g.lookup(lookup(&unknown, vec![key(1)], true)));
+    case!("lookup: lease, no session", Code::InvalidArgument, g.lookup(lookup(&[], vec![key(1)], true)));
+    case!("lookup: 16-byte key", Code::InvalidArgument, g.lookup(lookup(&sa, vec![vec![1; 16]], false)));
+    case!("lookup: 5000 keys", Code::InvalidArgument, g.lookup(lookup(&sa, vec![key(1); 5000], false)));
+    case!("lookup: no keys", Code::InvalidArgument, g.lookup(lookup(&sa, vec![], false)));
     case!(
         "lookup: empty namespace",
         Code::InvalidArgument,
-        g.lookup(LookupRequest { namespace: String::new(), ..lookup(sa, vec![key(1)], false) })
+        g.lookup(LookupRequest { namespace: String::new(), ..lookup(&sa, vec![key(1)], false) })
     );
-    case!("release: unknown lease", Code::NotFound, g.release(ReleaseRequest { session_id: sa, lease_id: 31337 }));
+    let release = |s: &[u8], lease_id: u64| ReleaseRequest { session_token: s.to_vec(), lease_id };
+    let fetch = |s: &[u8], lease_id: u64, indices: Vec<u32>| FetchRequest {
+        session_token: s.to_vec(),
+        lease_id,
+        indices,
+        tag: 1,
+    };
+    let delete =
+        |s: &[u8], keys: Vec<Vec<u8>>| DeleteRequest { namespace: "ns".into(), keys, session_token: s.to_vec() };
+    case!("release: unknown lease", Code::NotFound, g.release(release(&sa, 31337)));
+    case!("release: another session's lease", Code::PermissionDenied, g.release(release(&sb, lease.lease_id)));
+    case!("release: unknown session", Code::NotFound, g.release(release(&unknown, lease.lease_id)));
+    case!("fetch: unknown lease", Code::NotFound, g.fetch(fetch(&sa, 77, vec![])));
+    case!("fetch: index out of range", Code::InvalidArgument, g.fetch(fetch(&sa, lease.lease_id, vec![5])));
+    case!("fetch: another session's lease", Code::PermissionDenied, g.fetch(fetch(&sb, lease.lease_id, vec![])));
+    case!("delete: 8-byte key", Code::InvalidArgument, g.delete(delete(&sa, vec![vec![0; 8]])));
+    case!("delete: no keys", Code::InvalidArgument, g.delete(delete(&sa, vec![])));
+    case!("delete: no session", Code::InvalidArgument, g.delete(delete(&[], vec![key(1)])));
+    case!("delete: unknown session", Code::NotFound, g.delete(delete(&unknown, vec![key(1)])));
     case!(
-        "release: another session's lease",
-        Code::PermissionDenied,
-        g.release(ReleaseRequest { session_id: sb, lease_id: lease.lease_id })
-    );
-    case!(
-        "release: unknown session",
+        "disconnect: unknown session",
         Code::NotFound,
-        g.release(ReleaseRequest { session_id: 5, lease_id: lease.lease_id })
+        g.disconnect(DisconnectRequest { session_token: unknown.clone() })
     );
-    case!(
-        "fetch: unknown lease",
-        Code::NotFound,
-        g.fetch(FetchRequest { session_id: sa, lease_id: 77, indices: vec![], tag: 1 })
-    );
-    case!(
-        "fetch: index out of range",
-        Code::InvalidArgument,
-        g.fetch(FetchRequest { session_id: sa, lease_id: lease.lease_id, indices: vec![5], tag: 1 })
-    );
-    case!(
-        "fetch: another session's lease",
-        Code::PermissionDenied,
-        g.fetch(FetchRequest { session_id: sb, lease_id: lease.lease_id, indices: vec![], tag: 1 })
-    );
-    case!(
-        "delete: 8-byte key",
-        Code::InvalidArgument,
-        g.delete(DeleteRequest { namespace: "ns".into(), keys: vec![vec![0; 8]] })
-    );
-    case!("delete: no keys", Code::InvalidArgument, g.delete(DeleteRequest { namespace: "ns".into(), keys: vec![] }));
-    case!("disconnect: unknown session", Code::NotFound, g.disconnect(DisconnectRequest { session_id: 31 }));
 
     let mut failures = Vec::new();
     for (name, want, got) in &results {
@@ -203,29 +162,32 @@ async fn hostile_requests_get_clear_errors_and_change_nothing() {
     assert!(results.len() >= 30, "only {} cases", results.len());
 
     // An oversized message is refused by the transport limits.
-    let huge = g.lookup(lookup(sa, vec![vec![0; 32]; 200_000], false)).await;
+    let huge = g.lookup(lookup(&sa, vec![vec![0; 32]; 200_000], false)).await;
     assert!(huge.is_err(), "a 6 MB request must be refused");
 
     // Data-plane garbage: bad header, unknown put, wrong size. Dropped and counted, never written.
     let t = Duration::from_secs(5);
+    let ep = a.ep();
     ep.am_send(AM_PUT, b"garbage", AmData::Region(data.full()), t).await.ok();
-    let bad_put = PutHeader { session_id: sa, put_id: 999, index: 0 }.encode();
+    let bad_put = PutHeader { put_id: 999, index: 0 }.encode();
     ep.am_send(AM_PUT, &bad_put, AmData::Region(data.full()), t).await.ok();
-    let p2 = g.begin_put(begin(sa, vec![key(3)], vec![100])).await.unwrap().into_inner();
-    let wrong = PutHeader { session_id: sa, put_id: p2.put_id, index: 0 }.encode();
+    let p2 = g.begin_put(begin(&sa, vec![key(3)], vec![100])).await.unwrap().into_inner();
+    let wrong = PutHeader { put_id: p2.put_id, index: 0 }.encode();
     ep.am_send(AM_PUT, &wrong, AmData::Region(data.full()), t).await.ok(); // 4096 bytes, not 100
-    let forged = PutHeader { session_id: sb, put_id: p2.put_id, index: 0 }.encode();
-    ep.am_send(AM_PUT, &forged, AmData::Region(data.slice(0, 100).unwrap()), t).await.ok();
+                                                                           // Session B sends into A's put over its own endpoint: held to B, so there is no such put.
+    let forged = PutHeader { put_id: p2.put_id, index: 0 }.encode();
+    let b_data = MemRegion::alloc_host(&b.ctx, 100).unwrap();
+    b.ep().am_send(AM_PUT, &forged, AmData::Region(b_data.full()), t).await.ok();
     assert!(wait_until(Duration::from_secs(5), || {
         server.metric("prefixd_rejected_messages_total{reason=\"bad_header\"}") >= 1.0
             && server.metric("prefixd_rejected_messages_total{reason=\"no_reservation\"}") >= 2.0
             && server.metric("prefixd_rejected_messages_total{reason=\"wrong_size\"}") >= 1.0
     }));
-    g.abort_put(AbortPutRequest { session_id: sa, put_id: p2.put_id }).await.unwrap();
+    g.abort_put(abort(&sa, p2.put_id)).await.unwrap();
 
     // Nothing changed, and the server still serves: the leased chunk reads back intact.
     assert_eq!(snapshot(&mut g).await, before);
-    g.release(ReleaseRequest { session_id: sa, lease_id: lease.lease_id }).await.unwrap();
+    g.release(release(&sa, lease.lease_id)).await.unwrap();
     let client = ::prefixd_client::Client::connect_with(
         &server.grpc,
         ::prefixd_client::ClientOptions { net_devices: Some("lo".into()), ..Default::default() },
@@ -237,4 +199,158 @@ async fn hostile_requests_get_clear_errors_and_change_nothing() {
     assert_eq!(client.get_chunks("ns", &[k], &[dest.full()]).await.unwrap(), 1);
     assert_eq!(dest.to_vec(0, 4096).unwrap(), random_bytes(4096, 9));
     assert_eq!(server.http_get("/healthz").0, 200);
+}
+
+/// The ConnectRequest of 4e6c6e7 carried the client's packed UCX worker address (field 1), and
+/// the server built an endpoint from it: one byte 0xff aborted the process in UCX's address
+/// parser. Field 1 is now reserved and no endpoint is ever made from client bytes, so such
+/// requests are answered normally and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_worker_addresses_cannot_crash_the_server() {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct LegacyConnectRequest {
+        #[prost(bytes = "vec", tag = "1")]
+        worker_address: Vec<u8>,
+        #[prost(string, tag = "5")]
+        client_name: String,
+    }
+    let server = Server::start(&[]);
+    let channel = Channel::from_shared(server.grpc.clone()).unwrap().connect().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/prefixd.v1.Prefixd/Connect");
+    for garbage in [vec![0xff], random_bytes(64, 1), random_bytes(4096, 2), vec![0; 300]] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let req = LegacyConnectRequest { worker_address: garbage, client_name: "legacy".into() };
+        let codec = tonic_prost::ProstCodec::<LegacyConnectRequest, ConnectResponse>::default();
+        let r = grpc.unary(tonic::Request::new(req), path.clone(), codec).await;
+        let resp = r.expect("answered like any Connect").into_inner();
+        assert_eq!(resp.session_token.len(), 16, "a session is opened; the address is ignored");
+    }
+    assert_eq!(server.http_get("/healthz").0, 200, "the server is alive");
+    let client = ::prefixd_client::Client::connect_with(
+        &server.grpc,
+        ::prefixd_client::ClientOptions { net_devices: Some("lo".into()), ..Default::default() },
+    )
+    .await
+    .expect("and serves new clients");
+    assert!(client.health().await.unwrap());
+}
+
+/// Active-message injection (4e6c6e7): a header named a session id, guessable from a counter,
+/// so one client's chunk could replace another's. Now every data-plane message is held to the
+/// session bound to the endpoint it arrived on; a forged put is dropped and the victim's own
+/// bytes are what get committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_plane_messages_are_bound_to_their_endpoint() {
+    let server = Server::start(&["--host-pool", "8MiB"]);
+    let channel = Channel::from_shared(server.grpc.clone()).unwrap().connect().await.unwrap();
+    let mut g = PrefixdClient::new(channel);
+    let victim = RawSession::open(&server.grpc, true, true).await.unwrap();
+    let attacker = RawSession::open(&server.grpc, true, true).await.unwrap();
+    let t = Duration::from_secs(10);
+    let good = MemRegion::alloc_host(&victim.ctx, 4096).unwrap();
+    good.write(0, &random_bytes(4096, 1)).unwrap();
+    let evil = MemRegion::alloc_host(&attacker.ctx, 4096).unwrap();
+    evil.write(0, &random_bytes(4096, 666)).unwrap();
+
+    let put = g.begin_put(begin(&victim.token(), vec![key(9)], vec![4096])).await.unwrap().into_inner();
+    let h = PutHeader { put_id: put.put_id, index: 0 }.encode();
+    // The attacker knows the put id (say it guessed it) and sends first, over its own endpoint.
+    attacker.ep().am_send(AM_PUT, &h, AmData::Region(evil.full()), t).await.ok();
+    assert!(wait_until(Duration::from_secs(5), || {
+        server.metric("prefixd_rejected_messages_total{reason=\"no_reservation\"}") >= 1.0
+    }));
+    victim.ep().am_send(AM_PUT, &h, AmData::Region(good.full()), t).await.unwrap();
+    let commit = CommitPutRequest { session_token: victim.token(), put_id: put.put_id };
+    assert_eq!(g.commit_put(commit).await.unwrap().into_inner().committed, 1);
+
+    // A connection that never said hello carries nothing either.
+    let stranger = RawSession::open(&server.grpc, true, false).await.unwrap();
+    let sep = stranger.worker.connect_addr(stranger.data_addr(), ucx_bindings::ErrorMode::Peer).await.unwrap();
+    let p2 = g.begin_put(begin(&stranger.token(), vec![key(10)], vec![4096])).await.unwrap().into_inner();
+    let h2 = PutHeader { put_id: p2.put_id, index: 0 }.encode();
+    let stranger_data = MemRegion::alloc_host(&stranger.ctx, 4096).unwrap();
+    sep.am_send(AM_PUT, &h2, AmData::Region(stranger_data.full()), t).await.ok();
+    assert!(wait_until(Duration::from_secs(5), || {
+        server.metric("prefixd_rejected_messages_total{reason=\"unbound_endpoint\"}") >= 1.0
+    }));
+
+    // Hellos that must not bind: an unknown token, and a second endpoint for a bound session.
+    let wrong = ::prefixd_client::bind_data_endpoint(
+        &attacker.worker,
+        attacker.data_addr(),
+        prefixd_proto::v1::DataPath::ActiveMessage,
+        &[0x42; 16],
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(wrong.is_err(), "an unknown token binds nothing");
+    let steal = RawSession::open(&server.grpc, true, false).await.unwrap();
+    let stolen = ::prefixd_client::bind_data_endpoint(
+        &steal.worker,
+        steal.data_addr(),
+        prefixd_proto::v1::DataPath::ActiveMessage,
+        &victim.token(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(stolen.is_err(), "a session's endpoint is bound once");
+    assert!(server.metric("prefixd_rejected_messages_total{reason=\"hello_unknown_session\"}") >= 1.0);
+    assert!(server.metric("prefixd_rejected_messages_total{reason=\"hello_already_bound\"}") >= 1.0);
+
+    // The victim reads its own bytes.
+    let client = ::prefixd_client::Client::connect_with(
+        &server.grpc,
+        ::prefixd_client::ClientOptions { net_devices: Some("lo".into()), force_remote: true, ..Default::default() },
+    )
+    .await
+    .unwrap();
+    let dest = client.alloc(4096).unwrap();
+    let k = ::prefixd_client::ChunkKey::from_slice(&key(9)).unwrap();
+    assert_eq!(client.get_chunks("ns", &[k], &[dest.full()]).await.unwrap(), 1);
+    assert_eq!(dest.to_vec(0, 4096).unwrap(), random_bytes(4096, 1), "the victim's bytes, not the attacker's");
+}
+
+/// A `Fetch` the client gives up on (4e6c6e7 leaked its lease forever: the unpin ran after an
+/// await that never returned once tonic dropped the call). The lease now ends at its TTL and
+/// the chunk can be deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_fetch_does_not_leak_its_lease() {
+    let server = Server::start(&["--host-pool", "64MiB", "--lease-ttl", "1s", "--transfer-timeout", "2s"]);
+    let channel = Channel::from_shared(server.grpc.clone()).unwrap().connect().await.unwrap();
+    let mut g = PrefixdClient::new(channel);
+    let s = RawSession::open(&server.grpc, true, true).await.unwrap();
+    // Hold every incoming chunk without receiving it: the server's sends wait on us.
+    let mut held = s.worker.listen_am(prefixd_proto::dataplane::AM_FETCH).await.unwrap();
+    let data = MemRegion::alloc_host(&s.ctx, 1 << 20).unwrap();
+    let keys: Vec<Vec<u8>> = (20..36).map(key).collect();
+    let put = g.begin_put(begin(&s.token(), keys.clone(), vec![1 << 20; 16])).await.unwrap().into_inner();
+    for i in 0..16 {
+        let h = PutHeader { put_id: put.put_id, index: i }.encode();
+        s.ep().am_send(AM_PUT, &h, AmData::Region(data.full()), Duration::from_secs(10)).await.unwrap();
+    }
+    g.commit_put(CommitPutRequest { session_token: s.token(), put_id: put.put_id }).await.unwrap();
+    let lease = g.lookup(lookup(&s.token(), keys.clone(), true)).await.unwrap().into_inner();
+    assert_eq!(lease.hit_chunks, 16);
+    let mut req = tonic::Request::new(FetchRequest {
+        session_token: s.token(),
+        lease_id: lease.lease_id,
+        indices: vec![],
+        tag: 5,
+    });
+    req.set_timeout(Duration::from_millis(300));
+    assert!(g.fetch(req).await.is_err(), "the client gives up on the call");
+    assert!(held.recv().await.is_some(), "a chunk had been announced");
+    drop(held);
+    // TTL (1 s) + grace + the transfer timeout of the abandoned sends (2 s).
+    assert!(
+        wait_until(Duration::from_secs(8), || {
+            let s = server.metric("prefixd_active_leases");
+            s == 0.0
+        }),
+        "the lease is gone"
+    );
+    let del = DeleteRequest { namespace: "ns".into(), keys, session_token: s.token() };
+    let r = g.delete(del).await.unwrap().into_inner();
+    assert_eq!((r.deleted, r.leased), (16, 0), "nothing pins the chunks any more");
 }

@@ -2,9 +2,6 @@
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ConnectRequest {
-    /// The client's UCX worker address (ucp_worker_query), 1..=65536 bytes.
-    #[prost(bytes = "vec", tag = "1")]
-    pub worker_address: ::prost::alloc::vec::Vec<u8>,
     /// The client's host identity (Linux boot id). Equal to the server's means same host.
     #[prost(string, tag = "2")]
     pub host_id: ::prost::alloc::string::String,
@@ -38,12 +35,9 @@ pub struct PoolDescriptor {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ConnectResponse {
-    /// Names the session in every later call and active message. Random; not a credential.
+    /// Names the session in logs and metrics. Random; not a credential.
     #[prost(uint64, tag = "1")]
     pub session_id: u64,
-    /// The server's UCX worker address.
-    #[prost(bytes = "vec", tag = "2")]
-    pub worker_address: ::prost::alloc::vec::Vec<u8>,
     /// Transports both sides can use (intersection of the two lists).
     #[prost(string, repeated, tag = "3")]
     pub transports: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
@@ -74,12 +68,23 @@ pub struct ConnectResponse {
     /// client can map the pool and gather/scatter paged chunks with one batched copy. Empty otherwise.
     #[prost(bytes = "vec", tag = "11")]
     pub gpu_pool_ipc_handle: ::prost::alloc::vec::Vec<u8>,
+    /// The session's credential (16 random bytes): every later call names the session with it,
+    /// and the client's AM_HELLO sends it over the data endpoint to bind that endpoint.
+    #[prost(bytes = "vec", tag = "12")]
+    pub session_token: ::prost::alloc::vec::Vec<u8>,
+    /// Port of the server's UCX listener (UCX client-server mode) for the session's data endpoint.
+    #[prost(uint32, tag = "13")]
+    pub data_port: u32,
+    /// Host of that listener; empty means the host the client reached this gRPC server at.
+    #[prost(string, tag = "14")]
+    pub data_host: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DisconnectRequest {
-    #[prost(uint64, tag = "1")]
-    pub session_id: u64,
+    /// The session token from ConnectResponse.
+    #[prost(bytes = "vec", tag = "1")]
+    pub session_token: ::prost::alloc::vec::Vec<u8>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -87,8 +92,9 @@ pub struct DisconnectResponse {}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct BeginPutRequest {
-    #[prost(uint64, tag = "1")]
-    pub session_id: u64,
+    /// The session token from ConnectResponse.
+    #[prost(bytes = "vec", tag = "1")]
+    pub session_token: ::prost::alloc::vec::Vec<u8>,
     /// Namespace: model + KV layout + dtype + TP rank/size (+ tenant). Keys never match across.
     #[prost(string, tag = "2")]
     pub namespace: ::prost::alloc::string::String,
@@ -126,10 +132,11 @@ pub struct BeginPutResponse {
     pub expires_in_ms: u64,
 }
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CommitPutRequest {
-    #[prost(uint64, tag = "1")]
-    pub session_id: u64,
+    /// The session token from ConnectResponse.
+    #[prost(bytes = "vec", tag = "1")]
+    pub session_token: ::prost::alloc::vec::Vec<u8>,
     #[prost(uint64, tag = "2")]
     pub put_id: u64,
 }
@@ -141,10 +148,11 @@ pub struct CommitPutResponse {
     pub committed: u32,
 }
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AbortPutRequest {
-    #[prost(uint64, tag = "1")]
-    pub session_id: u64,
+    /// The session token from ConnectResponse.
+    #[prost(bytes = "vec", tag = "1")]
+    pub session_token: ::prost::alloc::vec::Vec<u8>,
     #[prost(uint64, tag = "2")]
     pub put_id: u64,
 }
@@ -158,9 +166,9 @@ pub struct AbortPutResponse {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LookupRequest {
-    /// Required when lease is set; 0 otherwise allowed.
-    #[prost(uint64, tag = "1")]
-    pub session_id: u64,
+    /// The session token from ConnectResponse; required when lease is set, may be empty otherwise.
+    #[prost(bytes = "vec", tag = "1")]
+    pub session_token: ::prost::alloc::vec::Vec<u8>,
     #[prost(string, tag = "2")]
     pub namespace: ::prost::alloc::string::String,
     #[prost(bytes = "vec", repeated, tag = "3")]
@@ -207,8 +215,9 @@ pub struct LookupResponse {
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct FetchRequest {
-    #[prost(uint64, tag = "1")]
-    pub session_id: u64,
+    /// The session token from ConnectResponse.
+    #[prost(bytes = "vec", tag = "1")]
+    pub session_token: ::prost::alloc::vec::Vec<u8>,
     #[prost(uint64, tag = "2")]
     pub lease_id: u64,
     /// Which chunks of the lease to send (indices into LookupResponse.chunks); empty means all.
@@ -226,10 +235,11 @@ pub struct FetchResponse {
     pub bytes: u64,
 }
 #[allow(clippy::all)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReleaseRequest {
-    #[prost(uint64, tag = "1")]
-    pub session_id: u64,
+    /// The session token from ConnectResponse.
+    #[prost(bytes = "vec", tag = "1")]
+    pub session_token: ::prost::alloc::vec::Vec<u8>,
     #[prost(uint64, tag = "2")]
     pub lease_id: u64,
 }
@@ -243,6 +253,9 @@ pub struct DeleteRequest {
     pub namespace: ::prost::alloc::string::String,
     #[prost(bytes = "vec", repeated, tag = "2")]
     pub keys: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    /// The session token from ConnectResponse.
+    #[prost(bytes = "vec", tag = "3")]
+    pub session_token: ::prost::alloc::vec::Vec<u8>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

@@ -9,7 +9,7 @@
 
 use prefixd_client::{Client, ClientOptions};
 use prefixd_proto::v1::prefixd_client::PrefixdClient;
-use prefixd_proto::v1::{BeginPutRequest, ConnectRequest, LookupRequest};
+use prefixd_proto::v1::{BeginPutRequest, LookupRequest};
 use std::io::Write;
 use tokio::io::AsyncBufReadExt;
 
@@ -30,24 +30,13 @@ async fn main() -> anyhow::Result<()> {
     match mode {
         "hold-put" | "hold-lease" => {
             // Raw protocol: a session whose process will die without a word.
-            let ctx = ucx_bindings::ContextBuilder::new().transports("sm,tcp")?.net_devices("lo").build()?;
-            let worker = ucx_bindings::Worker::new(&ctx, "chaos")?;
+            let s = prefixd_tests::RawSession::open(&endpoint, true, true).await?;
             let channel = tonic::transport::Channel::from_shared(endpoint)?.connect().await?;
             let mut grpc = PrefixdClient::new(channel);
-            let s = grpc
-                .connect(ConnectRequest {
-                    worker_address: worker.address().to_vec(),
-                    host_id: "elsewhere".into(),
-                    transports: vec![],
-                    force_remote: true,
-                    client_name: "chaos".into(),
-                })
-                .await?
-                .into_inner();
             if mode == "hold-put" {
                 let keys = vec![vec![0xAB; 32], vec![0xCD; 32]];
                 grpc.begin_put(BeginPutRequest {
-                    session_id: s.session_id,
+                    session_token: s.token(),
                     namespace: ns,
                     keys,
                     sizes: vec![1 << 20, 1 << 20],
@@ -62,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
                 let keys = opts.keys.chunk_keys(&tokens);
                 let r = grpc
                     .lookup(LookupRequest {
-                        session_id: s.session_id,
+                        session_token: s.token(),
                         namespace: ns,
                         keys: keys.iter().map(|k| k.0.to_vec()).collect(),
                         lease: true,
