@@ -51,9 +51,10 @@ case $cmd in
     cargo clippy --workspace --all-targets --quiet -- -D warnings
     say "cargo test"
     cargo test --workspace
-    say "python package: pip install ./python[test], then pytest python/tests"
-    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "./python[test]"
-    python3 -m pytest -q python/tests
+    say "python package: pip install ./python[test] and vLLM ${VLLM_VERSION:-0.26.0} (the connector's tests), then pytest python/tests"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "./python[test]" \
+      "vllm==${VLLM_VERSION:-0.26.0}"
+    PREFIXD_REQUIRE_VLLM=1 python3 -m pytest -q python/tests
     ;;
   bench-ucx)
     ensure_cargo; ensure_ucx

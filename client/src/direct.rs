@@ -101,6 +101,32 @@ impl SharedHostPool {
         })
     }
 
+    /// Copies between host fragments and the pool range at `addr` (the fragments in order make
+    /// up the range): `to_pool` writes the pool.
+    pub(crate) fn copy_fragments(&self, addr: u64, frags: &[crate::Fragment], to_pool: bool) -> Result<(), String> {
+        let total: usize = frags.iter().map(|f| f.len).sum();
+        if !self.contains(addr, total) {
+            return Err(format!("{addr:#x}+{total} is outside the shared host pool"));
+        }
+        let mut off = (addr - self.base) as usize;
+        for f in frags {
+            // SAFETY: in range (checked above for the whole run).
+            let pool = unsafe { self.mem.as_ptr().add(off) };
+            // SAFETY: the pool range is reserved or leased for us, the fragment is host memory
+            // the caller vouches for (checked against its tensors), `len` bytes each; raw copies
+            // make no Rust references, and the pool mapping never overlaps the caller's memory.
+            unsafe {
+                if to_pool {
+                    std::ptr::copy_nonoverlapping(f.ptr as *const u8, pool, f.len)
+                } else {
+                    std::ptr::copy_nonoverlapping(pool, f.ptr as *mut u8, f.len)
+                }
+            };
+            off += f.len;
+        }
+        Ok(())
+    }
+
     /// Copies between `local` and the pool at `addr`: `to_pool` writes the pool.
     pub(crate) fn copy(&self, addr: u64, local: &RegionSlice, to_pool: bool) -> Result<(), String> {
         if !self.contains(addr, local.len()) {

@@ -15,7 +15,7 @@
 mod direct;
 mod paged;
 
-pub use paged::Fragment;
+pub use paged::{CopyStream, Fragment, Memory};
 
 use prefixd_proto::dataplane::{FetchHeader, HelloAck, PutHeader, AM_FETCH, AM_HELLO, AM_HELLO_ACK, AM_PUT};
 pub use prefixd_proto::keys::{parse_tokens, ChunkKey, KeyConfig};
@@ -56,6 +56,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// The session is gone (server down or restarted, session reaped, data endpoint failed):
+    /// a new [`Client`] may succeed where this one never will again.
+    pub fn is_session_lost(&self) -> bool {
+        match self {
+            Error::Connect { .. } => true,
+            Error::Server { code: tonic::Code::Unavailable, .. } => true,
+            Error::Server { code: tonic::Code::NotFound, message } => message.starts_with("unknown session"),
+            Error::Transfer(ucx_bindings::Error::EndpointClosed { .. } | ucx_bindings::Error::WorkerStopped) => true,
+            _ => false,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::InvalidArgument(_) => false,
@@ -156,6 +168,9 @@ pub struct Client {
     /// Same host with a GPU pool: its IPC handle, base and length, opened on first paged use.
     gpu_ipc: Option<(Vec<u8>, u64, u64)>,
     gpu_map: std::sync::OnceLock<Result<paged::GpuPoolMapping, String>>,
+    /// Active-message sessions: where paged gets land before their scatter (kept, and grown,
+    /// across calls: registering memory costs more than the copy).
+    staging: tokio::sync::Mutex<Option<paged::Staging>>,
     routes: FetchRoutes,
     next_tag: AtomicU64,
     opts: ClientOptions,
@@ -319,6 +334,7 @@ impl Client {
             shared,
             gpu_ipc,
             gpu_map: std::sync::OnceLock::new(),
+            staging: tokio::sync::Mutex::new(None),
             routes,
             next_tag: AtomicU64::new(1),
             opts,
@@ -367,8 +383,8 @@ impl Client {
     }
 
     /// Stores chunks given as fragment lists (a chunk's bytes are its fragments in order): every
-    /// needed chunk's fragments are gathered into its slot with one batched copy. Same-host
-    /// sessions only; fragments in CUDA or page-locked host memory.
+    /// needed chunk's fragments are gathered into its slot with one kernel launch, on our own
+    /// stream. Same-host sessions only; fragments in CUDA or page-locked host memory.
     pub async fn put_paged(
         &self,
         namespace: &str,
@@ -376,33 +392,47 @@ impl Client {
         parent: Option<ChunkKey>,
         chunks: &[Vec<Fragment>],
     ) -> Result<PutOutcome> {
+        self.put_paged_on(namespace, keys, parent, chunks, Memory::Device, CopyStream::Wait).await
+    }
+
+    /// As [`Client::put_paged`], with the fragments' memory and the stream named: the gather is
+    /// queued on `on` (ordered after the engine's work there: no synchronize of the engine) and
+    /// waited for before the commit. Host fragments are copied into the mapped host pool (or,
+    /// for a GPU-tier slot, with one copy each).
+    pub async fn put_paged_on(
+        &self,
+        namespace: &str,
+        keys: &[ChunkKey],
+        parent: Option<ChunkKey>,
+        chunks: &[Vec<Fragment>],
+        memory: Memory,
+        on: CopyStream,
+    ) -> Result<PutOutcome> {
         let ctx_ptr = self.check_paged(keys, chunks)?;
         let sizes: Vec<u64> = chunks.iter().map(|c| c.iter().map(|f| f.len as u64).sum()).collect();
         let put = self.begin_put(namespace, keys, &sizes, parent).await?;
-        let copy = || -> Result<()> {
-            // The pools' local addresses are made in the caller's context (this thread may not
-            // have it current, e.g. a fresh Python thread).
-            direct::bind_context_of(ctx_ptr).map_err(Error::InvalidArgument)?;
-            let (mut dsts, mut srcs, mut lens) = (Vec::new(), Vec::new(), Vec::new());
-            for ((slot, frags), size) in put.begin.slots.iter().zip(chunks).zip(&sizes) {
-                if slot.present {
-                    continue;
-                }
-                let mut dst = self.local_address(slot.address, *size, ctx_ptr)?;
-                for f in frags {
-                    dsts.push(dst);
-                    srcs.push(f.ptr);
-                    lens.push(f.len);
-                    dst += f.len as u64;
-                }
-            }
-            paged::batch_copy(ctx_ptr, dsts, srcs, lens).map_err(Error::InvalidArgument)?;
-            if Instant::now() > put.deadline {
-                return Err(Error::Expired("reservation"));
-            }
-            Ok(())
+        let slots: Vec<(u64, u64)> =
+            put.begin.slots.iter().zip(&sizes).filter(|(s, _)| !s.present).map(|(s, &n)| (s.address, n)).collect();
+        let frags: Vec<&Vec<Fragment>> =
+            put.begin.slots.iter().zip(chunks).filter(|(s, _)| !s.present).map(|(_, f)| f).collect();
+        let copied = match memory {
+            Memory::Device => self.device_copy(&slots, &frags, ctx_ptr, true, on).and_then(|()| match on {
+                CopyStream::Caller(stream) => paged::synchronize(ctx_ptr, stream).map_err(Error::InvalidArgument),
+                CopyStream::Wait => Ok(()),
+            }),
+            Memory::Host => self.host_copy(&slots, &frags, true),
         };
-        match copy() {
+        let copied =
+            copied.and_then(
+                |()| {
+                    if Instant::now() > put.deadline {
+                        Err(Error::Expired("reservation"))
+                    } else {
+                        Ok(())
+                    }
+                },
+            );
+        match copied {
             Ok(()) => put.commit().await,
             Err(e) => {
                 put.abort().await;
@@ -411,42 +441,189 @@ impl Client {
         }
     }
 
-    /// Reads the longest cached prefix of `keys` into fragment lists (scatter, one batched
-    /// copy); returns the number of chunks read. Each chunk's fragments must add up to its size.
+    /// Reads the longest cached prefix of `keys` into fragment lists (scatter, one kernel
+    /// launch); returns the number of chunks read. Each chunk's fragments must add up to its size.
     pub async fn get_paged(&self, namespace: &str, keys: &[ChunkKey], chunks: &[Vec<Fragment>]) -> Result<usize> {
-        let ctx_ptr = self.check_paged(keys, chunks)?;
+        self.check_paged(keys, chunks)?;
+        let lease = self.lease_keys(namespace, keys).await?;
+        let result = if lease.chunks.is_empty() {
+            Ok(0) // a miss: nothing to copy, no lease to outrun
+        } else {
+            self.scatter(&lease.chunks, &chunks[..lease.chunks.len()], Memory::Device, CopyStream::Wait)
+                .and_then(|()| if Instant::now() > lease.expires { Err(Error::Expired("lease")) } else { Ok(()) })
+                .map(|()| lease.chunks.len())
+        };
+        self.release_lease(lease.id);
+        result
+    }
+
+    /// Leases the longest cached prefix of `keys`: the chunks stay where they are (no eviction,
+    /// no move) until [`Client::release_lease`] or the lease's expiry. Same-host (RMA) sessions
+    /// get each chunk's address, which [`Client::scatter`] reads, from this process or from any
+    /// other client process of the same host.
+    pub async fn lease_keys(&self, namespace: &str, keys: &[ChunkKey]) -> Result<Lease> {
+        let (r, started) = self.lease(namespace, keys).await?;
+        let expires = started + Duration::from_millis(r.lease_expires_in_ms);
+        let chunks = r
+            .chunks
+            .iter()
+            .map(|c| LeasedChunk { address: c.address, length: c.length, gpu_tier: c.tier == "gpu" })
+            .collect();
+        Ok(Lease { id: r.lease_id, chunks, expires })
+    }
+
+    /// Ends a lease (in the background: the bytes are already read, and a lost release only
+    /// means the lease runs out at its TTL).
+    pub fn release_lease(&self, lease_id: u64) {
+        if lease_id != 0 {
+            let mut grpc = self.grpc.clone();
+            let session_token = self.token.clone();
+            tokio::spawn(async move {
+                let _ = grpc.release(ReleaseRequest { session_token, lease_id }).await;
+            });
+        }
+    }
+
+    /// Copies leased chunks (from [`Client::lease_keys`], possibly another client's lease on the
+    /// same server) into fragment lists: device fragments by one kernel launch queued on `on`
+    /// (returns once queued for `CopyStream::Caller`: the caller's stream orders the readers);
+    /// host fragments by direct copies from the mapped pools. Same-host sessions only.
+    pub fn scatter(
+        &self,
+        chunks: &[LeasedChunk],
+        frags: &[Vec<Fragment>],
+        memory: Memory,
+        on: CopyStream,
+    ) -> Result<()> {
+        if self.path != DataPath::Rma {
+            return Err(Error::InvalidArgument(
+                "reading leased chunks directly needs a same-host (RMA) session".into(),
+            ));
+        }
+        if chunks.len() != frags.len() {
+            return Err(Error::InvalidArgument(format!("{} chunks but {} fragment lists", chunks.len(), frags.len())));
+        }
+        for (i, (c, f)) in chunks.iter().zip(frags).enumerate() {
+            let total: u64 = f.iter().map(|f| f.len as u64).sum();
+            if total != c.length {
+                return Err(Error::InvalidArgument(format!(
+                    "chunk {i}: fragments add up to {total} bytes; the chunk is {} bytes",
+                    c.length
+                )));
+            }
+        }
+        let Some(ctx_ptr) = frags.iter().flatten().next().map(|f| f.ptr) else {
+            return Ok(());
+        };
+        let ranges: Vec<(u64, u64)> = chunks.iter().map(|c| (c.address, c.length)).collect();
+        let frags: Vec<&Vec<Fragment>> = frags.iter().collect();
+        match memory {
+            Memory::Device => self.device_copy(&ranges, &frags, ctx_ptr, false, on),
+            Memory::Host => self.host_copy(&ranges, &frags, false),
+        }
+    }
+
+    /// Queues one kernel copying between pool ranges (`(address, length)`, server addresses)
+    /// and device fragments: into the pool (`to_pool`) or out of it.
+    fn device_copy(
+        &self,
+        ranges: &[(u64, u64)],
+        frags: &[&Vec<Fragment>],
+        ctx_ptr: u64,
+        to_pool: bool,
+        on: CopyStream,
+    ) -> Result<()> {
+        // The pools' local addresses are made in the caller's context (this thread may not have
+        // it current, e.g. a fresh Python thread).
+        direct::bind_context_of(ctx_ptr).map_err(Error::InvalidArgument)?;
+        let n: usize = frags.iter().map(|f| f.len()).sum();
+        let (mut dsts, mut srcs, mut lens) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for (&(addr, len), fs) in ranges.iter().zip(frags) {
+            let mut at = self.local_address(addr, len, ctx_ptr)?;
+            for f in fs.iter() {
+                let (d, s) = if to_pool { (at, f.ptr) } else { (f.ptr, at) };
+                dsts.push(d);
+                srcs.push(s);
+                lens.push(f.len);
+                at += f.len as u64;
+            }
+        }
+        paged::batch_copy(ctx_ptr, dsts, srcs, lens, on).map_err(Error::InvalidArgument)
+    }
+
+    /// Copies between host-pool ranges and host fragments, by memcpy through the mapped pool.
+    /// (GPU-tier chunks and host fragments do not meet here: a client of host memory talks to a
+    /// server whose chunks are in host memory, or uses the whole-chunk calls.)
+    fn host_copy(&self, ranges: &[(u64, u64)], frags: &[&Vec<Fragment>], to_pool: bool) -> Result<()> {
+        for (&(addr, len), fs) in ranges.iter().zip(frags) {
+            let pool = self.shared.as_ref().filter(|p| p.contains(addr, len as usize)).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{addr:#x}+{len} is not in the mapped host pool: host fragments move only to and from it"
+                ))
+            })?;
+            pool.copy_fragments(addr, fs, to_pool).map_err(Error::InvalidArgument)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the longest cached prefix of `keys` into fragment lists on any session; returns
+    /// the chunks read. Same-host sessions scatter straight from the pools; others fetch the
+    /// chunks (active messages) into a staging buffer and scatter from there.
+    pub async fn get_paged_any(
+        &self,
+        namespace: &str,
+        keys: &[ChunkKey],
+        chunks: &[Vec<Fragment>],
+        memory: Memory,
+    ) -> Result<usize> {
+        if keys.len() != chunks.len() {
+            return Err(Error::InvalidArgument(format!("{} keys but {} fragment lists", keys.len(), chunks.len())));
+        }
+        if self.path == DataPath::Rma {
+            let lease = self.lease_keys(namespace, keys).await?;
+            let n = lease.chunks.len();
+            let r = self.scatter(&lease.chunks, &chunks[..n], memory, CopyStream::Wait).and_then(|()| {
+                if Instant::now() > lease.expires {
+                    Err(Error::Expired("lease"))
+                } else {
+                    Ok(())
+                }
+            });
+            self.release_lease(lease.id);
+            return r.map(|()| n);
+        }
         let (lease, started) = self.lease(namespace, keys).await?;
-        let deadline = started + Duration::from_millis(lease.lease_expires_in_ms);
-        let result = (|| -> Result<usize> {
-            direct::bind_context_of(ctx_ptr).map_err(Error::InvalidArgument)?;
-            let (mut dsts, mut srcs, mut lens) = (Vec::new(), Vec::new(), Vec::new());
-            for (i, (c, frags)) in lease.chunks.iter().zip(chunks).enumerate() {
-                let total: u64 = frags.iter().map(|f| f.len as u64).sum();
+        let n = lease.hit_chunks as usize;
+        let result = async {
+            let mut sizes = Vec::with_capacity(n);
+            for (i, (c, f)) in lease.chunks.iter().zip(chunks).enumerate() {
+                let total: u64 = f.iter().map(|f| f.len as u64).sum();
                 if total != c.length {
                     return Err(Error::InvalidArgument(format!(
                         "chunk {i}: fragments add up to {total} bytes; the chunk is {} bytes",
                         c.length
                     )));
                 }
-                let mut src = self.local_address(c.address, c.length, ctx_ptr)?;
-                for f in frags {
-                    dsts.push(f.ptr);
-                    srcs.push(src);
-                    lens.push(f.len);
-                    src += f.len as u64;
-                }
+                sizes.push(c.length as usize);
             }
-            if lease.chunks.is_empty() {
-                return Ok(0); // a miss: nothing to copy, no lease to outrun
+            let total: usize = sizes.iter().sum();
+            if total == 0 {
+                return Ok(());
             }
-            paged::batch_copy(ctx_ptr, dsts, srcs, lens).map_err(Error::InvalidArgument)?;
-            if Instant::now() > deadline {
-                return Err(Error::Expired("lease"));
+            let mut staging = self.staging.lock().await;
+            let st = paged::Staging::ensure(&mut staging, total, || self.alloc(total))?;
+            let mut slices = Vec::with_capacity(n);
+            let mut off = 0;
+            for &len in &sizes {
+                slices.push(st.region.slice(off, len)?);
+                off += len;
             }
-            Ok(lease.hit_chunks as usize)
-        })();
-        self.release(lease.lease_id).await;
-        result
+            self.read_leased(&lease, started, &slices).await?;
+            st.scatter(&chunks[..n], memory).map_err(Error::InvalidArgument)
+        }
+        .await;
+        self.release_lease(lease.lease_id);
+        result.map(|()| n)
     }
 
     /// Whether host-tier chunks move by direct copies through the mapped pool (same host).
@@ -551,7 +728,7 @@ impl Client {
             Ok(staging.to_vec(0, total as usize)?)
         }
         .await;
-        self.release(lease.lease_id).await;
+        self.release_lease(lease.lease_id);
         let bytes = result?;
         Ok((lease.hit_chunks as usize * self.opts.keys.chunk_tokens, bytes))
     }
@@ -684,7 +861,7 @@ impl Client {
             self.read_leased(&lease, started, &dest[..hits]).await
         }
         .await;
-        self.release(lease.lease_id).await;
+        self.release_lease(lease.lease_id);
         result.map(|()| hits)
     }
 
@@ -702,18 +879,6 @@ impl Client {
             lease,
             lease_ttl_ms: 0,
             chunk_tokens: self.opts.keys.chunk_tokens as u32,
-        }
-    }
-
-    /// Releases a lease without waiting for the answer: the bytes are already here, and a lost
-    /// release only means the lease runs out at its TTL.
-    async fn release(&self, lease_id: u64) {
-        if lease_id != 0 {
-            let mut grpc = self.grpc.clone();
-            let session_token = self.token.clone();
-            tokio::spawn(async move {
-                let _ = grpc.release(ReleaseRequest { session_token, lease_id }).await;
-            });
         }
     }
 
@@ -835,6 +1000,27 @@ impl Client {
         self.grpc.clone().disconnect(DisconnectRequest { session_token: self.token.clone() }).await?;
         Ok(())
     }
+}
+
+/// Chunks pinned for reading: see [`Client::lease_keys`].
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// 0 when nothing hit (there is nothing to release).
+    pub id: u64,
+    /// The hit chunks, in key order.
+    pub chunks: Vec<LeasedChunk>,
+    /// After this, reading the chunks is no longer safe (their slots may be reused).
+    pub expires: Instant,
+}
+
+/// Where one leased chunk lives in the server's pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeasedChunk {
+    /// The chunk's address in the server's address space (RMA sessions; 0 otherwise).
+    pub address: u64,
+    pub length: u64,
+    /// In the GPU pool (else the host pool).
+    pub gpu_tier: bool,
 }
 
 /// A put between [`Client::begin_put`] and its commit or abort. Dropping it without either

@@ -1,8 +1,13 @@
 //! Paged chunks: a chunk whose bytes are many fragments, as in vLLM's paged KV layout (per layer,
 //! K and V, 16-token blocks: 1152 fragments of 32 KiB for a 256-token chunk of a Qwen3-4B-shaped
 //! model). One UCX operation or one copy launch per fragment wastes most of NVLink, so the whole
-//! gather (put) or scatter (get) is one `cuMemcpyBatchAsync` through mappings of the server's
-//! pools: the GPU pool through its CUDA IPC handle, the host pool through its memfd.
+//! gather (put) or scatter (get) is one kernel launch through mappings of the server's pools:
+//! the GPU pool through its CUDA IPC handle, the host pool through its memfd (page-locked and
+//! mapped for devices).
+//!
+//! Copies run on a stream: the caller's, so that they are ordered with the engine's own work
+//! without stalling it (no legacy default stream, no device-wide synchronize), or one of ours
+//! that the call waits for.
 
 use cudarc::driver::sys as cu;
 
@@ -150,49 +155,120 @@ DONE:
 }
 "#;
 
-/// The loaded kernel of one CUDA context (a module belongs to the context it was loaded in).
-#[derive(Clone, Copy)]
-struct Kernel(cu::CUfunction);
-// SAFETY: a CUfunction handle may be launched from any thread with its context current.
-unsafe impl Send for Kernel {}
+/// Where a paged call's fragments live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    /// CUDA device memory (or page-locked host memory mapped for devices).
+    Device,
+    /// Ordinary host memory.
+    Host,
+}
 
-/// The kernel for the current context, loaded on first use there (one per GPU a process uses).
-fn kernel() -> Result<cu::CUfunction, String> {
-    static LOADED: std::sync::Mutex<Vec<(usize, Result<Kernel, String>)>> = std::sync::Mutex::new(Vec::new());
+/// Where a paged copy runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyStream {
+    /// On the caller's CUDA stream (a `CUstream` handle, as `torch.cuda.Stream.cuda_stream`
+    /// gives it): ordered after the work already queued there, and the call returns once the
+    /// copy is queued. The caller's stream orders whatever reads the data next.
+    Caller(u64),
+    /// On a stream of the client's own; the call returns when the copy is complete.
+    Wait,
+}
+
+/// What a CUDA context needs for queued copies: the kernel (a module belongs to the context it
+/// was loaded in) and page-locked buffers for the fragment tables, so that queuing a table
+/// upload never waits for the stream (an upload from pageable memory may).
+struct ContextCopier {
+    kernel: cu::CUfunction,
+    /// Page-locked table buffers, each free again once its event has completed.
+    slabs: Vec<Slab>,
+    /// A stream of our own, for `CopyStream::Wait`.
+    own_stream: cu::CUstream,
+}
+
+struct Slab {
+    host: *mut u64,
+    /// In u64 words.
+    cap: usize,
+    /// Recorded after the upload out of this slab.
+    done: cu::CUevent,
+}
+
+// SAFETY: CUDA handles (function, stream, events) and page-locked host memory may be used from
+// any thread with their context current; the mutex around the table serializes every use.
+unsafe impl Send for ContextCopier {}
+
+/// Largest table buffer kept (in u64 words): 18k fragments of an 8k-token prompt use 55k words.
+const SLAB_WORDS_MIN: usize = 64 << 10;
+
+static COPIERS: std::sync::Mutex<Vec<(usize, Result<ContextCopier, String>)>> = std::sync::Mutex::new(Vec::new());
+
+fn current_context() -> Result<cu::CUcontext, String> {
     let mut ctx: cu::CUcontext = std::ptr::null_mut();
     // SAFETY: valid out-pointer; the caller made a context current.
     ok("cuCtxGetCurrent", unsafe { cu::cuCtxGetCurrent(&mut ctx) })?;
-    let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, k)) = loaded.iter().find(|(c, _)| *c == ctx as usize) {
-        return k.as_ref().map(|k| k.0).map_err(|e| e.clone());
-    }
-    let load = || -> Result<Kernel, String> {
+    Ok(ctx)
+}
+
+impl ContextCopier {
+    fn load() -> Result<ContextCopier, String> {
         let ptx = std::ffi::CString::new(GATHER_PTX).map_err(|e| e.to_string())?;
         let mut module: cu::CUmodule = std::ptr::null_mut();
         // SAFETY: NUL-terminated PTX text; valid out-pointer; the module is never unloaded.
         ok("cuModuleLoadData", unsafe { cu::cuModuleLoadData(&mut module, ptx.as_ptr().cast()) })?;
-        let mut f: cu::CUfunction = std::ptr::null_mut();
+        let mut kernel: cu::CUfunction = std::ptr::null_mut();
         // SAFETY: a loaded module and a NUL-terminated name present in it.
-        ok("cuModuleGetFunction", unsafe { cu::cuModuleGetFunction(&mut f, module, c"gather".as_ptr()) })?;
-        Ok(Kernel(f))
-    };
-    let k = load();
-    loaded.push((ctx as usize, k.clone()));
-    k.map(|k| k.0)
-}
+        ok("cuModuleGetFunction", unsafe { cu::cuModuleGetFunction(&mut kernel, module, c"gather".as_ptr()) })?;
+        let mut own_stream: cu::CUstream = std::ptr::null_mut();
+        // SAFETY: a context is current; valid out-pointer; CU_STREAM_NON_BLOCKING (1): never
+        // implicitly ordered with the legacy default stream.
+        ok("cuStreamCreate", unsafe { cu::cuStreamCreate(&mut own_stream, 1) })?;
+        Ok(ContextCopier { kernel, slabs: Vec::new(), own_stream })
+    }
 
-/// Gathers/scatters with the kernel: every address and length must be 16-byte aligned.
-fn kernel_copy(dsts: &[u64], srcs: &[u64], sizes: &[usize]) -> Result<(), String> {
-    let f = kernel()?;
-    let n = dsts.len();
-    let table: Vec<u64> = dsts.iter().chain(srcs).copied().chain(sizes.iter().map(|&s| s as u64)).collect();
-    let bytes = table.len() * 8;
-    let mut dev: cu::CUdeviceptr = 0;
-    // SAFETY: a context is current (the caller bound it); valid out-pointer.
-    ok("cuMemAlloc", unsafe { cu::cuMemAlloc_v2(&mut dev, bytes) })?;
-    let run = || -> Result<(), String> {
-        // SAFETY: dev holds `bytes` bytes; the table is that long.
-        ok("cuMemcpyHtoD", unsafe { cu::cuMemcpyHtoD_v2(dev, table.as_ptr().cast(), bytes) })?;
+    /// A page-locked slab of at least `words` u64s whose previous upload has completed.
+    fn slab(&mut self, words: usize) -> Result<usize, String> {
+        for (i, s) in self.slabs.iter().enumerate() {
+            // SAFETY: an event we created; querying has no other effect.
+            if s.cap >= words && unsafe { cu::cuEventQuery(s.done) } == cu::CUresult::CUDA_SUCCESS {
+                return Ok(i);
+            }
+        }
+        let cap = words.max(SLAB_WORDS_MIN).next_power_of_two();
+        let mut host: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; PORTABLE (1). Freed never: slabs live as long as the process.
+        ok("cuMemHostAlloc", unsafe { cu::cuMemHostAlloc(&mut host, cap * 8, 1) })?;
+        let mut done: cu::CUevent = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; DISABLE_TIMING (2). A fresh event counts as completed.
+        ok("cuEventCreate", unsafe { cu::cuEventCreate(&mut done, 2) })?;
+        self.slabs.push(Slab { host: host.cast(), cap, done });
+        Ok(self.slabs.len() - 1)
+    }
+
+    /// Queues the copy on `stream`: the table upload, the kernel, and the table's release, all
+    /// stream-ordered. Every address and length must be 16-byte aligned.
+    fn queue(&mut self, stream: cu::CUstream, dsts: &[u64], srcs: &[u64], sizes: &[usize]) -> Result<(), String> {
+        let n = dsts.len();
+        let words = 3 * n;
+        let i = self.slab(words)?;
+        let slab = &self.slabs[i];
+        // SAFETY: the slab holds at least `words` u64s and no queued upload reads it any more
+        // (its event completed); we are the only writer (the COPIERS mutex is held).
+        let table = unsafe { std::slice::from_raw_parts_mut(slab.host, words) };
+        table[..n].copy_from_slice(dsts);
+        table[n..2 * n].copy_from_slice(srcs);
+        for (t, &s) in table[2 * n..].iter_mut().zip(sizes) {
+            *t = s as u64;
+        }
+        let bytes = words * 8;
+        let mut dev: cu::CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; a live stream of the current context (stream-ordered
+        // allocation from the device's default pool, released below in the same order).
+        ok("cuMemAllocAsync", unsafe { cu::cuMemAllocAsync(&mut dev, bytes, stream) })?;
+        // SAFETY: `dev` holds `bytes`; the page-locked source stays untouched until `done`.
+        ok("cuMemcpyHtoDAsync", unsafe { cu::cuMemcpyHtoDAsync_v2(dev, slab.host.cast(), bytes, stream) })?;
+        // SAFETY: an event of ours, recorded on a live stream.
+        ok("cuEventRecord", unsafe { cu::cuEventRecord(slab.done, stream) })?;
         let (mut pd, mut ps, mut pl, mut pn) = (dev, dev + 8 * n as u64, dev + 16 * n as u64, n as u64);
         let mut params: [*mut std::ffi::c_void; 4] = [
             (&mut pd as *mut u64).cast(),
@@ -201,45 +277,44 @@ fn kernel_copy(dsts: &[u64], srcs: &[u64], sizes: &[usize]) -> Result<(), String
             (&mut pn as *mut u64).cast(),
         ];
         let grid = n.min(8192) as u32;
-        // SAFETY: the kernel's four u64 parameters point at live locals; the tables describe
-        // ranges the caller vouches for (fragments, reserved or leased slots); default stream,
-        // synchronised below.
-        ok("cuLaunchKernel", unsafe {
-            cu::cuLaunchKernel(
-                f,
-                grid,
-                1,
-                1,
-                256,
-                1,
-                1,
-                0,
-                std::ptr::null_mut(),
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        })?;
-        // SAFETY: waits for the launch above.
-        ok("cuCtxSynchronize", unsafe { cu::cuCtxSynchronize() })
-    };
-    let r = run();
-    // SAFETY: allocated above, freed once after the kernel finished (or failed).
-    unsafe { cu::cuMemFree_v2(dev) };
-    r
+        // SAFETY: the kernel's four u64 parameters point at live locals (copied at launch); the
+        // tables describe ranges the caller vouches for (fragments, reserved or leased slots).
+        let launched = ok("cuLaunchKernel", unsafe {
+            cu::cuLaunchKernel(self.kernel, grid, 1, 1, 256, 1, 1, 0, stream, params.as_mut_ptr(), std::ptr::null_mut())
+        });
+        // SAFETY: allocated above on this stream; freed once, after the kernel in stream order.
+        let freed = ok("cuMemFreeAsync", unsafe { cu::cuMemFreeAsync(dev, stream) });
+        launched.and(freed)
+    }
 }
 
-/// Copy engines a batch is spread over: one stream feeds one engine at a time, and an H100 has
-/// several, so the batch is cut into this many parts on as many streams.
-const STREAMS: usize = 8;
+/// Runs `f` with the copier of the current context (loaded on first use there).
+fn with_copier<T>(f: impl FnOnce(&mut ContextCopier) -> Result<T, String>) -> Result<T, String> {
+    let ctx = current_context()? as usize;
+    let mut copiers = COPIERS.lock().unwrap_or_else(|p| p.into_inner());
+    if !copiers.iter().any(|(c, _)| *c == ctx) {
+        copiers.push((ctx, ContextCopier::load()));
+    }
+    match copiers.iter_mut().find(|(c, _)| *c == ctx) {
+        Some((_, Ok(c))) => f(c),
+        Some((_, Err(e))) => Err(e.clone()),
+        None => Err("no copier".into()),
+    }
+}
 
-/// Copies `sizes[i]` bytes from `srcs[i]` to `dsts[i]` for every i, as batches on fresh
-/// streams, and waits. `ctx_ptr` is any device pointer of the caller's, to find its context.
-/// The caller must have finished writing the sources (e.g. synchronised its own stream).
+/// Copies `sizes[i]` bytes from `srcs[i]` to `dsts[i]` for every i, on `on` (see
+/// [`CopyStream`]). `ctx_ptr` is any device pointer of the caller's, to find its context. The
+/// sources must be complete in the order of `on` (for `Wait`: complete now).
+///
+/// The gather kernel when everything is 16-byte aligned (the usual KV layout: SM copies
+/// through the peer mapping run near NVLink speed even for 32 KiB fragments, where copy-engine
+/// batches stall on per-copy overhead); copy-engine batches otherwise.
 pub(crate) fn batch_copy(
     ctx_ptr: u64,
-    mut dsts: Vec<u64>,
-    mut srcs: Vec<u64>,
-    mut sizes: Vec<usize>,
+    dsts: Vec<u64>,
+    srcs: Vec<u64>,
+    sizes: Vec<usize>,
+    on: CopyStream,
 ) -> Result<(), String> {
     if dsts.is_empty() {
         return Ok(());
@@ -248,61 +323,148 @@ pub(crate) fn batch_copy(
         return Err("batch copy: mismatched lists".into());
     }
     crate::direct::bind_context_of(ctx_ptr)?;
-    // The kernel when everything is 16-byte aligned (the usual KV layout); copy-engine batches
-    // otherwise, or when the kernel cannot load.
     let aligned = dsts.iter().chain(&srcs).all(|a| a % 16 == 0) && sizes.iter().all(|s| s % 16 == 0);
-    if aligned {
-        match kernel_copy(&dsts, &srcs, &sizes) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.starts_with("cuModule") => {} // no kernel here: fall back
-            Err(e) => return Err(e),
-        }
-    }
-    let per = dsts.len().div_ceil(STREAMS);
-    let mut streams = Vec::new();
-    let mut first_err = None;
-    for start in (0..dsts.len()).step_by(per) {
-        let end = (start + per).min(dsts.len());
-        let mut stream: cu::CUstream = std::ptr::null_mut();
-        // SAFETY: a context is current; valid out-pointer; CU_STREAM_NON_BLOCKING (1).
-        if let Err(e) = ok("cuStreamCreate", unsafe { cu::cuStreamCreate(&mut stream, 1) }) {
-            first_err.get_or_insert(e);
-            break;
-        }
-        streams.push(stream);
-        // SAFETY: plain C struct; zeroed location hints mean "no hint".
-        let mut attr: cu::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
-        // Sources are complete before the call (the caller's duty): any order may read them.
-        attr.srcAccessOrder = cu::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_ANY;
-        let mut attr_idx = [0usize];
-        // SAFETY: three arrays with `end - start` entries from `start`; every range is a fragment
-        // or a pool slot the caller vouches for (reserved or leased); one attribute from index 0;
-        // a live stream.
-        let r = unsafe {
-            cu::cuMemcpyBatchAsync_v2(
-                dsts.as_mut_ptr().add(start),
-                srcs.as_mut_ptr().add(start),
-                sizes.as_mut_ptr().add(start),
-                end - start,
-                &mut attr,
-                attr_idx.as_mut_ptr(),
-                1,
-                stream,
-            )
+    with_copier(|c| {
+        let stream = match on {
+            CopyStream::Caller(s) => s as cu::CUstream,
+            CopyStream::Wait => c.own_stream,
         };
-        if let Err(e) = ok("cuMemcpyBatchAsync", r) {
-            first_err.get_or_insert(e);
-            break;
+        if aligned {
+            c.queue(stream, &dsts, &srcs, &sizes)?;
+        } else {
+            engine_batch(stream, dsts, srcs, sizes)?;
+        }
+        if on == CopyStream::Wait {
+            // SAFETY: a live stream; waits for the copy just queued.
+            ok("cuStreamSynchronize", unsafe { cu::cuStreamSynchronize(stream) })?;
+        }
+        Ok(())
+    })
+}
+
+/// Waits until every copy queued so far on the caller's `stream` is complete.
+pub(crate) fn synchronize(ctx_ptr: u64, stream: u64) -> Result<(), String> {
+    crate::direct::bind_context_of(ctx_ptr)?;
+    // SAFETY: a stream handle of the caller's, in the context just made current.
+    ok("cuStreamSynchronize", unsafe { cu::cuStreamSynchronize(stream as cu::CUstream) })
+}
+
+/// Unaligned fragments: one copy-engine batch on `stream` (slower per fragment than the kernel).
+fn engine_batch(
+    stream: cu::CUstream,
+    mut dsts: Vec<u64>,
+    mut srcs: Vec<u64>,
+    mut sizes: Vec<usize>,
+) -> Result<(), String> {
+    // SAFETY: plain C struct; zeroed location hints mean "no hint".
+    let mut attr: cu::CUmemcpyAttributes = unsafe { std::mem::zeroed() };
+    // Sources are complete in stream order: any order may read them.
+    attr.srcAccessOrder = cu::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
+    let mut attr_idx = [0usize];
+    // SAFETY: three arrays of the same length (checked by the caller), copied by the driver
+    // during the call; every range is a fragment or a pool slot the caller vouches for; one
+    // attribute from index 0; a live stream.
+    let r = unsafe {
+        cu::cuMemcpyBatchAsync_v2(
+            dsts.as_mut_ptr(),
+            srcs.as_mut_ptr(),
+            sizes.as_mut_ptr(),
+            dsts.len(),
+            &mut attr,
+            attr_idx.as_mut_ptr(),
+            1,
+            stream,
+        )
+    };
+    ok("cuMemcpyBatchAsync", r)
+}
+
+/// A registered host buffer that fetched chunks land in before their scatter into fragments,
+/// page-locked and mapped for devices on first use with device fragments.
+#[derive(Debug)]
+pub(crate) struct Staging {
+    pub region: std::sync::Arc<ucx_bindings::MemRegion>,
+    /// The region's device address, once registered with CUDA (and whether we registered it).
+    device: Option<u64>,
+}
+
+// SAFETY: the region is Send + Sync; `device` is a plain address.
+unsafe impl Send for Staging {}
+
+impl Staging {
+    /// The staging buffer in `slot`, at least `len` bytes (a larger one replaces a smaller).
+    pub(crate) fn ensure(
+        slot: &mut Option<Staging>,
+        len: usize,
+        alloc: impl FnOnce() -> crate::Result<std::sync::Arc<ucx_bindings::MemRegion>>,
+    ) -> crate::Result<&mut Staging> {
+        if !slot.as_ref().is_some_and(|s| s.region.len() >= len) {
+            *slot = None; // unregisters the old buffer before a new one is made
+            *slot = Some(Staging { region: alloc()?, device: None });
+        }
+        slot.as_mut().ok_or_else(|| crate::Error::InvalidArgument("no staging buffer".into()))
+    }
+
+    /// Copies the staged chunks (back to back from offset 0) into their fragments.
+    pub(crate) fn scatter(&mut self, chunks: &[Vec<Fragment>], memory: Memory) -> Result<(), String> {
+        let base = self.region.as_ptr() as u64;
+        match memory {
+            Memory::Host => {
+                let mut off = 0usize;
+                for f in chunks.iter().flatten() {
+                    // SAFETY: `off..off+len` lies in the region (the chunks were received back to
+                    // back into it); the fragment is host memory the caller vouches for; the two
+                    // never overlap (the region is ours alone).
+                    unsafe { std::ptr::copy_nonoverlapping((base as *const u8).add(off), f.ptr as *mut u8, f.len) };
+                    off += f.len;
+                }
+                Ok(())
+            }
+            Memory::Device => {
+                let Some(first) = chunks.iter().flatten().next() else { return Ok(()) };
+                crate::direct::bind_context_of(first.ptr)?;
+                let dev = match self.device {
+                    Some(d) => d,
+                    None => {
+                        // SAFETY: the region lives as long as self (unregistered before it goes);
+                        // PORTABLE | DEVICEMAP.
+                        ok("cuMemHostRegister", unsafe {
+                            cu::cuMemHostRegister_v2(self.region.as_ptr().cast(), self.region.len(), 1 | 2)
+                        })?;
+                        let mut d: cu::CUdeviceptr = 0;
+                        // SAFETY: registered just above; valid out-pointer; flags 0.
+                        ok("cuMemHostGetDevicePointer", unsafe {
+                            cu::cuMemHostGetDevicePointer_v2(&mut d, self.region.as_ptr().cast(), 0)
+                        })?;
+                        self.device = Some(d);
+                        d
+                    }
+                };
+                let n: usize = chunks.iter().map(|c| c.len()).sum();
+                let (mut dsts, mut srcs, mut lens) =
+                    (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+                let mut off = 0u64;
+                for f in chunks.iter().flatten() {
+                    dsts.push(f.ptr);
+                    srcs.push(dev + off);
+                    lens.push(f.len);
+                    off += f.len as u64;
+                }
+                batch_copy(first.ptr, dsts, srcs, lens, CopyStream::Wait)
+            }
         }
     }
-    for stream in streams {
-        // SAFETY: a live stream; synchronising also covers a failed launch; destroyed once.
-        let sync = unsafe { cu::cuStreamSynchronize(stream) };
-        // SAFETY: as above.
-        unsafe { cu::cuStreamDestroy_v2(stream) };
-        if let Err(e) = ok("cuStreamSynchronize", sync) {
-            first_err.get_or_insert(e);
+
+    fn unregister(&self) {
+        if self.device.is_some() {
+            // SAFETY: registered in `scatter`, once; the region is still mapped.
+            unsafe { cu::cuMemHostUnregister(self.region.as_ptr().cast()) };
         }
     }
-    first_err.map_or(Ok(()), Err)
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        self.unregister();
+    }
 }

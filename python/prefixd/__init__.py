@@ -19,7 +19,7 @@ from ._loader import load_ucx as _load_ucx
 
 _load_ucx()
 
-from ._native import PrefixdError, RetryableError, __version__  # noqa: E402
+from ._native import PrefixdError, RetryableError, SessionLostError, __version__  # noqa: E402
 from ._native import chunk_keys as _chunk_keys  # noqa: E402
 from .client import Client, PutResult  # noqa: E402
 from .fragments import Fragments  # noqa: E402
@@ -31,4 +31,13 @@ def chunk_keys(tokens, *, seed="0", block_tokens=16, chunk_tokens=256):
     return [bytes(k) for k in _chunk_keys(list(tokens), seed, block_tokens, chunk_tokens)]
 
 
-__all__ = ["Client", "PutResult", "Fragments", "chunk_keys", "PrefixdError", "RetryableError", "__version__"]
+__all__ = [
+    "Client",
+    "PutResult",
+    "Fragments",
+    "chunk_keys",
+    "PrefixdError",
+    "RetryableError",
+    "SessionLostError",
+    "__version__",
+]

@@ -87,9 +87,16 @@ impl Bounds {
         i > 0 && end <= self.ranges[i - 1].1
     }
 
-    /// Splits `addrs` (little-endian u64s, `chunks` x F) into per-chunk fragment lists, each
-    /// fragment checked to lie inside one range.
-    pub(crate) fn fragments(&self, addrs: &[u8], chunks: usize, fragment_bytes: usize) -> PyResult<Vec<Vec<Fragment>>> {
+    /// Splits `addrs` (little-endian u64s) into per-chunk fragment lists, each fragment checked
+    /// to lie inside one range: `counts[i]` fragments for chunk i, or (no counts) `chunks`
+    /// chunks of equal count.
+    pub(crate) fn fragments(
+        &self,
+        addrs: &[u8],
+        chunks: usize,
+        fragment_bytes: usize,
+        counts: Option<&[usize]>,
+    ) -> PyResult<Vec<Vec<Fragment>>> {
         if fragment_bytes == 0 {
             return Err(PyValueError::new_err("fragment_bytes must be positive"));
         }
@@ -97,16 +104,30 @@ impl Bounds {
             return Err(PyValueError::new_err("no keys"));
         }
         let n = addrs.len() / 8;
-        if addrs.len() % 8 != 0 || n == 0 || n % chunks != 0 {
-            return Err(PyValueError::new_err(format!(
-                "{n} fragment addresses do not split evenly over {chunks} chunks"
-            )));
+        if addrs.len() % 8 != 0 || n == 0 {
+            return Err(PyValueError::new_err(format!("{} bytes of addresses: not whole u64s", addrs.len())));
         }
-        let per = n / chunks;
+        let counts: Vec<usize> = match counts {
+            Some(c) => {
+                if c.len() != chunks || c.iter().sum::<usize>() != n || c.contains(&0) {
+                    return Err(PyValueError::new_err(format!(
+                        "fragment counts {c:?} do not describe {chunks} chunks of {n} addresses"
+                    )));
+                }
+                c.to_vec()
+            }
+            None if n % chunks == 0 => vec![n / chunks; chunks],
+            None => {
+                return Err(PyValueError::new_err(format!(
+                    "{n} fragment addresses do not split evenly over {chunks} chunks"
+                )))
+            }
+        };
         let mut out = Vec::with_capacity(chunks);
-        for (c, chunk) in addrs.chunks_exact(per * 8).enumerate() {
-            let mut frags = Vec::with_capacity(per);
-            for (j, a) in chunk.chunks_exact(8).enumerate() {
+        let mut words = addrs.chunks_exact(8);
+        for (c, &count) in counts.iter().enumerate() {
+            let mut frags = Vec::with_capacity(count);
+            for (j, a) in words.by_ref().take(count).enumerate() {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(a);
                 let ptr = u64::from_le_bytes(b);

@@ -13,8 +13,17 @@ pyo3::create_exception!(
      a lease or reservation ran out, or a transfer timed out."
 );
 
+pyo3::create_exception!(
+    prefixd,
+    SessionLostError,
+    RetryableError,
+    "The session is gone (the server is down or restarted, the session was reaped, or its data \
+     endpoint failed): this client will not recover, a new one may."
+);
+
 pub(crate) fn to_py(e: prefixd_client::Error) -> PyErr {
     match e {
+        e if e.is_session_lost() => SessionLostError::new_err(e.to_string()),
         prefixd_client::Error::InvalidArgument(m) => PyValueError::new_err(m),
         prefixd_client::Error::Transfer(e @ prefixd_client::ucx_bindings::Error::InvalidArgument(_)) => {
             PyValueError::new_err(e.to_string())

@@ -13,7 +13,9 @@ mod errors;
 
 use buffers::{Bounds, Buffer};
 use errors::to_py;
-use prefixd_client::{ChunkKey, Client, ClientOptions, Fragment, KeyConfig, PutOutcome, WorkerInit};
+use prefixd_client::{
+    ChunkKey, Client, ClientOptions, CopyStream, Fragment, KeyConfig, LeasedChunk, Memory, PutOutcome, WorkerInit,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -61,15 +63,32 @@ fn parse_paged(
     addrs: &[u8],
     fragment_bytes: usize,
     bounds: &[(u64, usize, i32)],
+    counts: Option<&[usize]>,
 ) -> PyResult<Paged> {
     let keys = parse_keys(keys)?;
     let bounds = Bounds::new(bounds)?;
-    let chunks = bounds.fragments(addrs, keys.len(), fragment_bytes)?;
+    let chunks = bounds.fragments(addrs, keys.len(), fragment_bytes, counts)?;
     Ok((keys, chunks, bounds.on_device()))
 }
 
 fn outcome(o: PutOutcome) -> (usize, usize, usize) {
     (o.chunks, o.stored, o.skipped)
+}
+
+/// A lease as Python sees it: (lease id, [(address, length, gpu_tier)], seconds left).
+type LeaseTuple = (u64, Vec<(u64, u64, bool)>, f64);
+
+/// A CUDA stream handle from Python (`torch.cuda.Stream.cuda_stream`): queue on it; none: wait.
+fn copy_stream(stream: Option<u64>) -> CopyStream {
+    stream.map_or(CopyStream::Wait, CopyStream::Caller)
+}
+
+fn memory(on_device: bool) -> Memory {
+    if on_device {
+        Memory::Device
+    } else {
+        Memory::Host
+    }
 }
 
 /// Chunk keys of `tokens` (full chunks only): vLLM's sha256_cbor block-hash chain, as the Rust
@@ -249,8 +268,10 @@ impl NativeClient {
     }
 
     /// Stores chunks made of fragments: `addrs` holds len(keys) x F little-endian u64
-    /// addresses, each the start of `fragment_bytes` bytes inside one of `bounds`.
-    #[pyo3(signature = (namespace, keys, addrs, fragment_bytes, bounds, parent = None))]
+    /// addresses, each the start of `fragment_bytes` bytes inside one of `bounds`. Device
+    /// fragments: the gather is queued on `stream` when given (after the work already queued
+    /// there), and waited for before the commit.
+    #[pyo3(signature = (namespace, keys, addrs, fragment_bytes, bounds, parent = None, stream = None, counts = None))]
     #[allow(clippy::too_many_arguments)] // the Python signature, one argument per part of the call
     fn put_paged(
         &self,
@@ -261,11 +282,17 @@ impl NativeClient {
         fragment_bytes: usize,
         bounds: Vec<(u64, usize, i32)>,
         parent: Option<Vec<u8>>,
+        stream: Option<u64>,
+        counts: Option<Vec<usize>>,
     ) -> PyResult<(usize, usize, usize)> {
-        let (keys, chunks, on_device) = parse_paged(keys, &addrs, fragment_bytes, &bounds)?;
+        let (keys, chunks, on_device) = parse_paged(keys, &addrs, fragment_bytes, &bounds, counts.as_deref())?;
         let parent = parse_keys(parent.into_iter().collect())?.pop();
-        if on_device {
-            self.call(py, move |c| async move { c.put_paged(&namespace, &keys, parent, &chunks).await.map(outcome) })
+        let direct_host = !on_device && self.get()?.direct_host_pool();
+        if on_device || direct_host {
+            let (mem, on) = (memory(on_device), copy_stream(stream));
+            self.call(py, move |c| async move {
+                c.put_paged_on(&namespace, &keys, parent, &chunks, mem, on).await.map(outcome)
+            })
         } else {
             self.call(
                 py,
@@ -285,12 +312,84 @@ impl NativeClient {
         fragment_bytes: usize,
         bounds: Vec<(u64, usize, i32)>,
     ) -> PyResult<usize> {
-        let (keys, chunks, on_device) = parse_paged(keys, &addrs, fragment_bytes, &bounds)?;
+        let (keys, chunks, on_device) = parse_paged(keys, &addrs, fragment_bytes, &bounds, None)?;
         if on_device {
             self.call(py, move |c| async move { c.get_paged(&namespace, &keys, &chunks).await })
         } else {
             self.call(py, move |c| async move { buffers::get_host_fragments(&c, &namespace, &keys, &chunks).await })
         }
+    }
+
+    /// Reads the longest cached prefix of `keys` into fragments on any session (same host:
+    /// straight from the pools; otherwise fetched, staged and scattered); returns the chunks read.
+    #[pyo3(signature = (namespace, keys, addrs, fragment_bytes, bounds, counts = None))]
+    #[allow(clippy::too_many_arguments)] // the Python signature, one argument per part of the call
+    fn get_paged_any(
+        &self,
+        py: Python<'_>,
+        namespace: String,
+        keys: Vec<Vec<u8>>,
+        addrs: Vec<u8>,
+        fragment_bytes: usize,
+        bounds: Vec<(u64, usize, i32)>,
+        counts: Option<Vec<usize>>,
+    ) -> PyResult<usize> {
+        let (keys, chunks, on_device) = parse_paged(keys, &addrs, fragment_bytes, &bounds, counts.as_deref())?;
+        let mem = memory(on_device);
+        self.call(py, move |c| async move { c.get_paged_any(&namespace, &keys, &chunks, mem).await })
+    }
+
+    /// Leases the longest cached prefix of `keys`: (lease id, [(address, length, gpu_tier)],
+    /// seconds until it expires). Same-host sessions get addresses that `scatter` reads, from
+    /// any client process of this host. Lease id 0: nothing hit.
+    fn lease(
+        &self,
+        py: Python<'_>,
+        namespace: String,
+        keys: Vec<Vec<u8>>,
+    ) -> PyResult<LeaseTuple> {
+        let keys = parse_keys(keys)?;
+        let lease = self.call(py, |c| async move { c.lease_keys(&namespace, &keys).await })?;
+        let left = lease.expires.saturating_duration_since(std::time::Instant::now()).as_secs_f64();
+        Ok((lease.id, lease.chunks.iter().map(|c| (c.address, c.length, c.gpu_tier)).collect(), left))
+    }
+
+    /// Ends a lease (without waiting for the server's answer).
+    fn release(&self, py: Python<'_>, lease_id: u64) -> PyResult<()> {
+        let c = self.get()?;
+        let rt = runtime()?;
+        py.detach(|| {
+            let _guard = rt.enter();
+            c.release_lease(lease_id);
+        });
+        Ok(())
+    }
+
+    /// Copies leased chunks (`chunks`: (address, length) from `lease`, this client's or another
+    /// one's on the same server) into fragments (as in `put_paged`). Device fragments: queued on
+    /// `stream` when given (returns at once; that stream orders the readers), else waited for.
+    #[pyo3(signature = (chunks, addrs, fragment_bytes, bounds, stream = None, counts = None))]
+    #[allow(clippy::too_many_arguments)] // the Python signature, one argument per part of the call
+    fn scatter(
+        &self,
+        py: Python<'_>,
+        chunks: Vec<(u64, u64)>,
+        addrs: Vec<u8>,
+        fragment_bytes: usize,
+        bounds: Vec<(u64, usize, i32)>,
+        stream: Option<u64>,
+        counts: Option<Vec<usize>>,
+    ) -> PyResult<()> {
+        let bounds = Bounds::new(&bounds)?;
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let frags = bounds.fragments(&addrs, chunks.len(), fragment_bytes, counts.as_deref())?;
+        let leased: Vec<LeasedChunk> =
+            chunks.iter().map(|&(address, length)| LeasedChunk { address, length, gpu_tier: false }).collect();
+        let (mem, on) = (memory(bounds.on_device()), copy_stream(stream));
+        let c = self.get()?;
+        py.detach(|| c.scatter(&leased, &frags, mem, on)).map_err(to_py)
     }
 
     /// The server's counters and pools, as a dict.
@@ -357,6 +456,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(chunk_keys, m)?)?;
     m.add("PrefixdError", m.py().get_type::<errors::PrefixdError>())?;
     m.add("RetryableError", m.py().get_type::<errors::RetryableError>())?;
+    m.add("SessionLostError", m.py().get_type::<errors::SessionLostError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

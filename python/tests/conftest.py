@@ -25,10 +25,10 @@ def _server_binary():
 
 
 class Server:
-    def __init__(self, *args):
+    def __init__(self, *args, listen="127.0.0.1:0"):
         self.log = tempfile.NamedTemporaryFile(prefix="prefixd-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [_server_binary(), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+            [_server_binary(), "--listen", listen, "--metrics-listen", "127.0.0.1:0",
              "--net-devices", "lo", *args],
             stdout=subprocess.PIPE, stderr=self.log, text=True,
         )

@@ -1,0 +1,392 @@
+"""The scheduler half of the connector: decides what to load and what to store.
+
+It runs inside vLLM's engine loop, so nothing here may stall it:
+- Lookups start when a request arrives (`on_new_request`) on a thread of their own and lease the
+  hit chunks on the local sidecar (leased chunks cannot be evicted or moved before they are read);
+  `get_num_new_matched_tokens` waits for one at most `lookup_inline_ms`, otherwise answers "ask me
+  again" (None), and counts a lookup still pending after `lookup_timeout_ms` as a miss.
+- Local loads are synchronous in vLLM's terms (the worker queues one kernel on the compute stream
+  before the forward), with the lease's chunk addresses in the step's metadata; the lease is
+  released when the workers report that step (its output reaches the scheduler only after the
+  forward ran), or when the request finishes, or at the lease's TTL.
+- Loads from another node's sidecar (named in `kv_transfer_params`) are asynchronous: the worker
+  fetches them on a thread and reports them finished.
+- Stores are planned per step: every chunk whose blocks are all computed, then the prompt's tail.
+  A request that stored anything keeps its blocks (`request_finished` returns True) until the
+  workers report its stores done.
+
+Failures are misses: a sidecar that is down, a lookup that times out, a lease that runs out all
+end in recomputing, logged once per kind and counted.
+"""
+
+import functools
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import chunks as chunking
+from .config import namespace
+from .state import Counters, ReconnectingClient
+
+log = logging.getLogger("prefixd.vllm")
+
+
+@dataclass
+class LoadSpec:
+    """One request's load, as the worker needs it (picklable: it crosses processes)."""
+
+    req_id: str
+    # Per chunk: its key, vLLM block ids to fill (a block already computed locally is written to
+    # the worker's sink instead: -1), and for local loads its (address, length) in the pools.
+    keys: list
+    block_ids: list
+    locations: list | None
+    lease_expires: float  # wall clock; 0 for remote loads
+    remote: str | None  # the sidecar to fetch from (None: local, read by address)
+    namespace: str
+
+
+@dataclass
+class StoreSpec:
+    req_id: str
+    keys: list
+    parent: bytes | None
+    block_ids: list  # per chunk
+
+
+@dataclass
+class _Lookup:
+    future: object
+    started: float
+    chunks: list
+    remote: str | None
+    expected: int  # chunks the prefill announced (P/D), 0 if none
+    first_seen: float  # when the request was first looked up (the P/D wait counts from here)
+    result: tuple | None = None  # (hits, leases, locations) once consumed
+    local: int = 0  # tokens vLLM had computed locally when the match was made
+
+
+@dataclass
+class _Tracked:
+    """A request the scheduler plans stores for."""
+
+    request: object
+    block_ids: list = field(default_factory=list)
+    stored_blocks: int = 0
+    stored_chunks: int = 0
+    parent: bytes | None = None
+
+
+def _remote_source(params, cfg):
+    """The sidecar named by a prefill instance's kv_transfer_params, when the load must go over
+    the remote path (another node's sidecar, or forced); None for a local load."""
+    p = (params or {}).get("prefixd") if isinstance(params, dict) else None
+    if not isinstance(p, dict):
+        return None, 0
+    endpoint = p.get("endpoint")
+    expected = int(p.get("chunks") or 0)
+    if not isinstance(endpoint, str):
+        return None, expected
+    if cfg.force_remote or endpoint != cfg.advertise:
+        return endpoint, expected
+    return None, expected
+
+
+def _timed(method):
+    """Adds the method's time to the scheduler time the connector costs (reported in stats)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.scheduler_seconds += time.perf_counter() - t0
+
+    return wrapper
+
+
+class SchedulerSide:
+    def __init__(self, vllm_config, cfg, role_loads, role_stores):
+        self.cfg = cfg
+        self.block_size = vllm_config.cache_config.block_size
+        self.loads_enabled = role_loads
+        self.stores_enabled = role_stores
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        self.namespaces = [namespace(vllm_config, cfg, r, tp) for r in range(tp)]
+        self.counters = Counters()
+        self.local = ReconnectingClient(cfg, cfg.endpoint, "vllm-scheduler", self.counters, transports="sm,tcp")
+        self._remotes = {}
+        self._remotes_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefixd-lookup")
+        self._lookups = {}
+        self._loads = {}  # req_id -> LoadSpec, until emitted in metadata
+        self._leases = {}  # req_id -> [(client, lease id, namespace)], until the load is read
+        self._tracked = {}  # req_id -> _Tracked (producers)
+        self._storing = set()  # req ids with at least one store planned
+        self.scheduler_seconds = 0.0
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def _remote_client(self, endpoint):
+        with self._remotes_lock:
+            c = self._remotes.get(endpoint)
+            if c is None:
+                c = ReconnectingClient(
+                    self.cfg,
+                    endpoint,
+                    "vllm-scheduler-remote",
+                    self.counters,
+                    transports=self.cfg.remote_transports,
+                    force_remote=True,
+                )
+                self._remotes[endpoint] = c
+            return c
+
+    def _do_lookup(self, plan, remote):
+        """Runs on a lookup thread: (hits, leases, locations)."""
+        keys = [c.key for c in plan]
+        if remote is not None:
+            hits = self._remote_client(remote).call("lookup", self.namespaces[0], keys)
+            return hits, [], None
+        leases = []
+        hits = len(keys)
+        locations = None
+        try:
+            for i, ns in enumerate(self.namespaces):
+                lease_id, chunks, left = self.local.call("lease", ns, keys[:hits])
+                if lease_id:
+                    leases.append((self.local, lease_id, ns))
+                hits = min(hits, len(chunks))
+                if i == 0:
+                    locations = chunks
+                    expires = time.time() + left
+            if hits == 0:
+                self._release(leases)
+                return 0, [], None
+            return hits, leases, (locations[:hits], expires)
+        except BaseException:
+            self._release(leases)
+            raise
+
+    def _release(self, leases):
+        for client, lease_id, _ns in leases:
+            client.release(lease_id)
+
+    def _start(self, request, first_seen=None):
+        params = getattr(request, "kv_transfer_params", None)
+        remote, expected = _remote_source(params, self.cfg)
+        plan = chunking.plan(request.block_hashes, len(request.block_hashes), self.cfg.chunk_blocks)
+        if not plan:
+            return None
+        now = time.monotonic()
+        future = self._pool.submit(self._do_lookup, plan, remote)
+        look = _Lookup(future, now, plan, remote, expected, first_seen if first_seen is not None else now)
+        self._lookups[request.request_id] = look
+        return look
+
+    @_timed
+    def on_new_request(self, request):
+        if self.loads_enabled:
+            self._start(request)
+        if self.stores_enabled:
+            self._tracked.setdefault(request.request_id, _Tracked(request))
+
+    @_timed
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        if not self.loads_enabled:
+            return 0, False
+        look = self._lookups.get(request.request_id) or self._start(request)
+        if look is None:
+            return 0, False
+        if look.result is None:
+            if not look.future.done():
+                waited = (time.monotonic() - look.started) * 1000
+                if waited < self.cfg.lookup_timeout_ms:
+                    try:
+                        look.future.result(timeout=self.cfg.lookup_inline_ms / 1000)
+                    except Exception:
+                        pass
+                if not look.future.done():
+                    if waited < self.cfg.lookup_timeout_ms:
+                        return None, False
+                    self.counters.bump("lookup_timeout", f"lookup of {request.request_id} took over "
+                                       f"{self.cfg.lookup_timeout_ms:.0f} ms: counted as a miss")
+                    look.result = (0, [], None)
+            if look.result is None:
+                try:
+                    look.result = look.future.result()
+                except Exception as e:
+                    self.counters.bump("lookup_failed", f"lookup failed, recomputing: {e}")
+                    look.result = (0, [], None)
+            hits = look.result[0]
+            # P/D: the prefill announced chunks it has not committed yet: ask again.
+            if look.expected and hits < look.expected:
+                if (time.monotonic() - look.first_seen) * 1000 < self.cfg.pd_wait_ms:
+                    self._release(look.result[1])
+                    self._start(request, first_seen=look.first_seen)
+                    return None, False
+                self.counters.bump(
+                    "pd_incomplete",
+                    f"{request.request_id}: {hits} of {look.expected} announced chunks after "
+                    f"{self.cfg.pd_wait_ms:.0f} ms; recomputing the rest",
+                )
+        hits, leases, located = look.result
+        look.local = num_computed_tokens
+        blocks = chunking.blocks_hit(look.chunks, hits)
+        tokens = blocks * self.block_size
+        # vLLM computes at least the last prompt token itself.
+        tokens = min(tokens, request.num_tokens - 1)
+        new = tokens - num_computed_tokens
+        if new <= 0:
+            self._forget(request.request_id)
+            self.counters.add("lookup_miss_tokens", max(0, request.num_tokens - num_computed_tokens))
+            return 0, False
+        self.counters.add("lookup_hit_tokens", new)
+        return new, look.remote is not None
+
+    @_timed
+    def update_state_after_alloc(self, request, blocks, num_external_tokens):
+        if self.stores_enabled:
+            t = self._tracked.setdefault(request.request_id, _Tracked(request))
+            t.block_ids = list(blocks.get_block_ids()[0])
+        if num_external_tokens == 0:
+            return
+        look = self._lookups.pop(request.request_id, None)
+        if look is None or look.result is None:
+            return
+        hits, leases, located = look.result
+        block_ids = list(blocks.get_block_ids()[0])
+        local_blocks = look.local // self.block_size
+        want_blocks = -(-(local_blocks * self.block_size + num_external_tokens) // self.block_size)
+        keys, per_chunk, locs = [], [], []
+        for i, c in enumerate(look.chunks[:hits]):
+            if c.first >= want_blocks:
+                break
+            ids = [block_ids[b] if local_blocks <= b < want_blocks else -1 for b in range(c.first, c.first + c.blocks)]
+            keys.append(c.key)
+            per_chunk.append(ids)
+            if located is not None:
+                locs.append(located[0][i][:2])
+        spec = LoadSpec(
+            req_id=request.request_id,
+            keys=keys,
+            block_ids=per_chunk,
+            locations=locs if look.remote is None else None,
+            lease_expires=located[1] if located is not None else 0.0,
+            remote=look.remote,
+            namespace=self.namespaces[0],
+        )
+        self._loads[request.request_id] = spec
+        if leases:
+            self._leases[request.request_id] = leases
+        log.info(
+            "prefixd: %s loads %d tokens (%d chunks%s) after %d local",
+            request.request_id,
+            num_external_tokens,
+            len(keys),
+            f" from {look.remote}" if look.remote else "",
+            local_blocks * self.block_size,
+        )
+
+    def _forget(self, req_id):
+        look = self._lookups.pop(req_id, None)
+        if look is not None and look.result is not None:
+            self._release(look.result[1])
+        elif look is not None:
+            look.future.add_done_callback(lambda f: self._release(f.result()[1]) if not f.exception() else None)
+
+    # -- stores -------------------------------------------------------------------------------
+
+    def _plan_stores(self, scheduler_output):
+        cached = scheduler_output.scheduled_cached_reqs
+        for nr in scheduler_output.scheduled_new_reqs:
+            t = self._tracked.get(nr.req_id)
+            if t is not None:
+                t.block_ids = list(nr.block_ids[0])
+        for i, req_id in enumerate(cached.req_ids):
+            t = self._tracked.get(req_id)
+            new = cached.new_block_ids[i]
+            if t is None or new is None:
+                continue
+            if req_id in cached.resumed_req_ids:
+                t.block_ids = list(new[0])
+            else:
+                t.block_ids.extend(new[0])
+        stores = []
+        for req_id, n in scheduler_output.num_scheduled_tokens.items():
+            t = self._tracked.get(req_id)
+            if t is None:
+                continue
+            r = t.request
+            computed = r.num_computed_tokens + n
+            prompt_blocks = min(r.num_prompt_tokens // self.block_size, len(r.block_hashes))
+            done_blocks = min(computed // self.block_size, prompt_blocks, len(t.block_ids))
+            plan = chunking.plan(r.block_hashes, prompt_blocks, self.cfg.chunk_blocks)
+            keys, ids = [], []
+            parent = t.parent
+            for c in plan:
+                if c.first < t.stored_blocks:
+                    continue
+                full = c.blocks == self.cfg.chunk_blocks
+                if c.last >= done_blocks or not (full or done_blocks == prompt_blocks):
+                    break
+                keys.append(c.key)
+                ids.append(t.block_ids[c.first : c.first + c.blocks])
+                t.stored_blocks = c.first + c.blocks
+            if keys:
+                stores.append(StoreSpec(req_id, keys, parent, ids))
+                # The next chunk extends the last full one (a tail chunk is a leaf).
+                t.parent = keys[-1]
+                t.stored_chunks += len(keys)
+                self._storing.add(req_id)
+        return stores
+
+    # -- per step -----------------------------------------------------------------------------
+
+    @_timed
+    def build_connector_meta(self, scheduler_output):
+        from .connector import PrefixdConnectorMetadata
+
+        loads = list(self._loads.values())
+        self._loads.clear()
+        stores = self._plan_stores(scheduler_output) if self.stores_enabled else []
+        self.counters.add("steps")
+        return PrefixdConnectorMetadata(loads=loads, stores=stores)
+
+    @_timed
+    def update_connector_output(self, connector_output):
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        for req_id in getattr(meta, "loaded", ()) or ():
+            self._release(self._leases.pop(req_id, []))
+
+    @_timed
+    def request_finished(self, request, block_ids):
+        req_id = request.request_id
+        self._forget(req_id)
+        for lease in self._leases.pop(req_id, []):
+            self._release([lease])
+        t = self._tracked.pop(req_id, None)
+        delay = req_id in self._storing
+        self._storing.discard(req_id)
+        params = None
+        if t is not None and t.stored_chunks:
+            params = {"prefixd": {"endpoint": self.cfg.advertise, "chunks": t.stored_chunks}}
+        return delay, params
+
+    def stats(self):
+        """Counts since the last call; `scheduler_seconds` is the time the connector's scheduler
+        hooks took (divide by `steps` for the cost per step)."""
+        d = self.counters.take()
+        if self.scheduler_seconds:
+            d["scheduler_seconds"] = self.scheduler_seconds
+            self.scheduler_seconds = 0.0
+        return d
+
+    def shutdown(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.local.close()
+        for c in self._remotes.values():
+            c.close()

@@ -1,0 +1,382 @@
+"""The worker half of the connector: moves KV between vLLM's paged cache and prefixd.
+
+- Local loads (`start_load_kv`): one kernel, queued on the compute stream before the forward,
+  scatters the leased chunks from prefixd's pools (GPU pool through its CUDA IPC mapping, host
+  pool mapped for the device) into the request's blocks. Nothing waits: the stream orders the
+  forward after the copy. Blocks vLLM already had are written to a sink instead.
+- Remote loads (another node's sidecar): fetched on a thread (active messages into a staging
+  buffer, then one kernel), reported in `get_finished` when done.
+- Stores (`wait_for_save`): a store stream waits for the compute stream (GPU-side, no host
+  synchronize), and a thread reserves slots, queues the gather kernel on that stream, waits for
+  it and commits. The engine's next step never waits for a store; the request keeps its blocks
+  until the store is done (`get_finished` reports it).
+
+CPU tensors (vLLM's own allocation on the host, as in the CPU tests) move by direct copies to
+and from the mapped host pool, synchronously.
+
+Any failure of a load marks its blocks failed (`get_block_ids_with_load_errors`): vLLM then
+recomputes them; it never reads other bytes.
+"""
+
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import layout as kvlayout
+from .config import namespace
+from .state import Counters, ReconnectingClient, Unavailable
+
+log = logging.getLogger("prefixd.vllm")
+
+# A lease this close to its end is not read any more (the slot could be reused mid-copy).
+LEASE_MARGIN_S = 0.5
+
+
+class _Debug:
+    """Per-block sha256 of what was stored and loaded (PREFIXD_VLLM_DEBUG_DIR), for checking
+    that the decode side reads bit for bit what the prefill side computed."""
+
+    def __init__(self, directory, role):
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, f"{role}-{os.getpid()}.txt")
+        self.lock = threading.Lock()
+
+    def write(self, what, key, block_index, digest):
+        with self.lock, open(self.path, "a") as f:
+            f.write(f"{what} {key.hex()} {block_index} {digest}\n")
+
+
+class WorkerSide:
+    def __init__(self, vllm_config, kv_cache_config, cfg, role_loads, role_stores):
+        self.cfg = cfg
+        try:
+            from vllm.distributed.parallel_state import (
+                get_tensor_model_parallel_rank,
+                get_tensor_model_parallel_world_size,
+            )
+
+            rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        except Exception:  # no distributed state (a unit test building the worker alone)
+            rank, size = 0, vllm_config.parallel_config.tensor_parallel_size
+        self.namespace = namespace(vllm_config, cfg, rank, size)
+        self.num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else None
+        self.loads_enabled = role_loads
+        self.stores_enabled = role_stores
+        self.counters = Counters()
+        self.layout = None
+        self.local = None
+        self._kv = None
+        self._sink = None
+        self._bounds = None
+        self._store_stream = None
+        self._remotes = {}
+        self._lock = threading.Lock()
+        self._errors = set()
+        self._recv_done = set()
+        self._pending_stores = {}  # req_id -> store jobs not done yet
+        self._stored_reqs = set()  # req ids with store jobs, until reported
+        self._finished = set()  # finished req ids still waiting for their stores
+        self._send_done = set()
+        self._timings = []  # (start event, end event, bytes) of queued local loads
+        self._loaded = set()  # requests whose local loads this step queued (their leases can go)
+        self._store_q = queue.Queue()
+        self._store_thread = None
+        self._remote_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefixd-remote-load")
+        debug_dir = cfg.debug_dir
+        self.debug = _Debug(debug_dir, "worker") if debug_dir else None
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches):
+        import torch
+
+        first = next(iter(kv_caches.values()))
+        num_blocks = self.num_blocks
+        if num_blocks is None:
+            num_blocks = first.shape[0]
+        self._kv = kv_caches
+        self.layout = kvlayout.kv_layout(kv_caches, num_blocks)
+        on_gpu = self.layout.device >= 0
+        # Fragments of blocks a load must not touch (vLLM computed them itself) land here.
+        self._sink = torch.empty(self.layout.run_bytes, dtype=torch.uint8, device=first.device)
+        self._bounds = list(self.layout.bounds) + [(self._sink.data_ptr(), self._sink.numel(), self.layout.device)]
+        device = self.layout.device if on_gpu else None
+        transports = self.cfg.transports
+        self.local = ReconnectingClient(
+            self.cfg, self.cfg.endpoint, "vllm-worker", self.counters, transports=transports, device=device
+        )
+        if on_gpu:
+            self._store_stream = torch.cuda.Stream(device=first.device)
+        if self.stores_enabled:
+            self._store_thread = threading.Thread(target=self._store_loop, name="prefixd-store", daemon=True)
+            self._store_thread.start()
+        log.info(
+            "prefixd: %d layers, %d run(s) of %d bytes per block (%d bytes a block), %s, namespace %s",
+            len(self.layout.layers),
+            self.layout.runs_per_block,
+            self.layout.run_bytes,
+            self.layout.block_bytes,
+            f"cuda:{device}" if on_gpu else "host memory",
+            self.namespace,
+        )
+
+    def _table(self, per_chunk_block_ids):
+        """Packed fragment addresses and per-chunk counts; block id -1 goes to the sink."""
+        parts = []
+        for ids in per_chunk_block_ids:
+            ids = np.asarray(ids, dtype=np.int64)
+            addr = self.layout.fragments(np.where(ids < 0, 0, ids))
+            if (ids < 0).any():
+                per_block = self.layout.runs_per_block
+                mask = np.broadcast_to((ids < 0)[None, :, None], (len(self.layout.layers), len(ids), per_block))
+                addr = np.where(mask.reshape(-1), np.uint64(self._sink.data_ptr()), addr)
+            parts.append(addr)
+        counts = [int(p.size) for p in parts]
+        return np.concatenate(parts).astype("<u8").tobytes(), counts
+
+    def _stream(self):
+        if self.layout.device < 0:
+            return None
+        import torch
+
+        return torch.cuda.current_stream().cuda_stream
+
+    # -- loads --------------------------------------------------------------------------------
+
+    def start_load_kv(self, meta):
+        if meta is None or self.layout is None:
+            return
+        for spec in meta.loads:
+            if spec.remote is not None:
+                self._remote_pool.submit(self._load_remote, spec)
+            else:
+                self._load_local(spec)
+
+    def _fail(self, spec, kind, message):
+        ids = {b for chunk in spec.block_ids for b in chunk if b >= 0}
+        with self._lock:
+            self._errors.update(ids)
+        self.counters.bump(kind, f"{spec.req_id}: {message}; its {len(ids)} blocks will be recomputed")
+
+    def take_loaded(self):
+        with self._lock:
+            loaded, self._loaded = self._loaded, set()
+        return loaded
+
+    def _load_local(self, spec):
+        with self._lock:
+            self._loaded.add(spec.req_id)  # read or failed: either way the lease is done with
+        if time.time() > spec.lease_expires - LEASE_MARGIN_S:
+            self._fail(spec, "lease_expired", "the lease on its chunks ran out before the load")
+            return
+        addrs, counts = self._table(spec.block_ids)
+        nbytes = sum(counts) * self.layout.run_bytes
+        try:
+            stream = self._stream()
+            timing = None
+            if stream is not None:
+                import torch
+
+                timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                timing[0].record()
+            self.local.call(
+                "scatter",
+                [tuple(loc) for loc in spec.locations],
+                addrs,
+                self.layout.run_bytes,
+                self._bounds,
+                stream=stream,
+                counts=counts,
+            )
+            if timing is not None:
+                timing[1].record()
+                with self._lock:
+                    self._timings.append((timing[0], timing[1], nbytes))
+            self.counters.add("loaded_chunks", len(spec.keys))
+            self.counters.add("loaded_bytes", nbytes)
+            self.counters.add("loads")
+        except Unavailable as e:
+            self._fail(spec, "load_unavailable", f"prefixd unreachable ({e})")
+            return
+        except Exception as e:  # a short read, a bad mapping, a lost session: all misses
+            self._fail(spec, "load_failed", f"load failed ({e})")
+            return
+        if self.debug is not None:
+            self._debug_hash("load", spec.keys, spec.block_ids)
+
+    def _remote_client(self, endpoint):
+        with self._lock:
+            c = self._remotes.get(endpoint)
+            if c is None:
+                device = self.layout.device if self.layout.device >= 0 else None
+                c = ReconnectingClient(
+                    self.cfg,
+                    endpoint,
+                    "vllm-worker-remote",
+                    self.counters,
+                    transports=self.cfg.remote_transports,
+                    device=device,
+                    force_remote=True,
+                )
+                self._remotes[endpoint] = c
+            return c
+
+    def _load_remote(self, spec):
+        try:
+            t0 = time.perf_counter()
+            addrs, counts = self._table(spec.block_ids)
+            hits = self._remote_client(spec.remote).call(
+                "get_paged_any", spec.namespace, spec.keys, addrs, self.layout.run_bytes, self._bounds, counts=counts
+            )
+            if hits < len(spec.keys):
+                missing = type(spec)(**{**spec.__dict__, "block_ids": spec.block_ids[hits:]})
+                self._fail(missing, "remote_short_read", f"{hits} of {len(spec.keys)} chunks at {spec.remote}")
+            nbytes = sum(counts[:hits]) * self.layout.run_bytes
+            self.counters.add("remote_loaded_bytes", nbytes)
+            self.counters.add("remote_load_seconds", time.perf_counter() - t0)
+            self.counters.add("remote_loads")
+            if self.debug is not None:
+                self._debug_hash("load", spec.keys[:hits], spec.block_ids[:hits])
+        except Exception as e:
+            self._fail(spec, "remote_load_failed", f"load from {spec.remote} failed ({e})")
+        finally:
+            with self._lock:
+                self._recv_done.add(spec.req_id)
+
+    # -- stores -------------------------------------------------------------------------------
+
+    def wait_for_save(self, meta):
+        if meta is None or self.layout is None or not meta.stores:
+            return
+        stream = None
+        if self._store_stream is not None:
+            import torch
+
+            # GPU-side ordering only: later work on the store stream runs after what the compute
+            # stream has queued so far (this step's forward, which wrote the blocks).
+            self._store_stream.wait_stream(torch.cuda.current_stream())
+            stream = self._store_stream.cuda_stream
+        with self._lock:
+            for spec in meta.stores:
+                self._pending_stores[spec.req_id] = self._pending_stores.get(spec.req_id, 0) + 1
+                self._stored_reqs.add(spec.req_id)
+        for spec in meta.stores:
+            self._store_q.put((spec, stream))
+
+    def _store_loop(self):
+        while True:
+            job = self._store_q.get()
+            if job is None:
+                return
+            spec, stream = job
+            t0 = time.perf_counter()
+            try:
+                addrs, counts = self._table(spec.block_ids)
+                _chunks, stored, skipped = self.local.call(
+                    "put_paged",
+                    self.namespace,
+                    spec.keys,
+                    addrs,
+                    self.layout.run_bytes,
+                    self._bounds,
+                    spec.parent,
+                    stream,
+                    counts,
+                )
+                self.counters.add("stored_chunks", stored)
+                self.counters.add("skipped_chunks", skipped)
+                self.counters.add("stored_bytes", sum(counts) * self.layout.run_bytes)
+                self.counters.add("store_seconds", time.perf_counter() - t0)
+                if self.debug is not None:
+                    self._debug_hash("store", spec.keys, spec.block_ids)
+            except Unavailable as e:
+                self.counters.bump("store_unavailable", f"{spec.req_id}: prefixd unreachable, not stored ({e})")
+            except Exception as e:
+                self.counters.bump("store_failed", f"{spec.req_id}: store failed ({e})")
+            finally:
+                with self._lock:
+                    left = self._pending_stores.get(spec.req_id, 1) - 1
+                    if left > 0:
+                        self._pending_stores[spec.req_id] = left
+                    else:
+                        self._pending_stores.pop(spec.req_id, None)
+                        if spec.req_id in self._finished:
+                            self._finished.discard(spec.req_id)
+                            self._stored_reqs.discard(spec.req_id)
+                            self._send_done.add(spec.req_id)
+
+    # -- per step -----------------------------------------------------------------------------
+
+    def get_finished(self, finished_req_ids):
+        with self._lock:
+            for r in finished_req_ids or ():
+                if r not in self._stored_reqs:
+                    continue
+                if self._pending_stores.get(r, 0) == 0:
+                    self._stored_reqs.discard(r)
+                    self._send_done.add(r)
+                else:
+                    self._finished.add(r)
+            sending, self._send_done = self._send_done, set()
+            recving, self._recv_done = self._recv_done, set()
+        return (sending or None), (recving or None)
+
+    def get_block_ids_with_load_errors(self):
+        with self._lock:
+            errors, self._errors = self._errors, set()
+        return errors
+
+    def stats(self):
+        done, keep = [], []
+        with self._lock:
+            for t in self._timings:
+                (done if t[1].query() else keep).append(t)
+            self._timings = keep
+        for start, end, nbytes in done:
+            self.counters.add("load_seconds", start.elapsed_time(end) / 1000)
+        return self.counters.take()
+
+    def _debug_hash(self, what, keys, per_chunk_block_ids):
+        """sha256 of every block's bytes (layer-major, as stored), read back from the KV cache."""
+        import torch
+
+        if self.layout.device >= 0:
+            stream = torch.cuda.current_stream() if what == "load" else self._store_stream
+            stream.synchronize()
+        for key, ids in zip(keys, per_chunk_block_ids):
+            for j, b in enumerate(ids):
+                if b < 0:
+                    continue
+                h = hashlib.sha256()
+                for name, t in self._kv.items():
+                    page = _block_bytes(t, self.layout, list(self._kv).index(name), b)
+                    h.update(page)
+                self.debug.write(what, key, j, h.hexdigest())
+
+    def shutdown(self):
+        if self._store_thread is not None:
+            self._store_q.put(None)
+            self._store_thread.join(timeout=30)
+        self._remote_pool.shutdown(wait=False, cancel_futures=True)
+        if self.local is not None:
+            self.local.close()
+        for c in self._remotes.values():
+            c.close()
+
+
+def _block_bytes(t, layout, layer, block):
+    """The bytes of one block of one layer, runs in order, as the copies move them."""
+    import torch
+
+    storage = t.untyped_storage()
+    whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
+    runs = layout.layers[layer]
+    base = runs.base - storage.data_ptr() + block * runs.stride
+    parts = [whole[base + off : base + off + runs.run_bytes] for off in runs.runs]
+    return torch.cat(parts).cpu().numpy().tobytes()

@@ -1,0 +1,455 @@
+"""The vLLM connector against the real vLLM package (CPU: no forward pass runs) and a real
+prefixd process: vLLM's own Scheduler, its KV-cache layout code, its block hashes.
+
+The model forward is the only thing stood in for: the test writes random bytes into the blocks
+the scheduler handed out, as attention would have. Everything else is vLLM's and prefixd's.
+
+Needs vLLM (0.26.0 in CI: `scripts/dev.sh test` installs it). Without it these tests skip, unless
+PREFIXD_REQUIRE_VLLM=1 (set by `scripts/dev.sh test`), where they fail.
+"""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+if os.environ.get("PREFIXD_REQUIRE_VLLM") != "1":
+    pytest.importorskip("vllm")
+import torch  # noqa: E402
+
+import prefixd  # noqa: E402
+from conftest import REPO, Server  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+from vllm.config import (  # noqa: E402
+    AttentionConfig,
+    CacheConfig,
+    DeviceConfig,
+    KVTransferConfig,
+    ModelConfig,
+    SchedulerConfig,
+    VllmConfig,
+    set_current_vllm_config,
+)
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
+from vllm.utils.hashing import sha256_cbor  # noqa: E402
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, KVConnectorOutput, ModelRunnerOutput  # noqa: E402
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
+from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
+
+from prefixd.vllm import PrefixdConnector  # noqa: E402
+
+BLOCK = 16
+LAYERS = 2
+KV_HEADS = 2
+HEAD = 16
+NUM_BLOCKS = 128
+EOS = 2
+SEED = "123"  # PYTHONHASHSEED of both "instances"
+
+os.environ["PYTHONHASHSEED"] = SEED
+init_none_hash(sha256_cbor)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Qwen3 config (no weights: nothing runs the model here)."""
+    d = tmp_path_factory.mktemp("qwen3-tiny")
+    cfg = {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+        "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": EOS, "head_dim": HEAD,
+        "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 128,
+        "max_position_embeddings": 8192, "max_window_layers": LAYERS, "num_attention_heads": 4,
+        "num_hidden_layers": LAYERS, "num_key_value_heads": KV_HEADS, "rms_norm_eps": 1e-6,
+        "rope_scaling": None, "rope_theta": 10000, "sliding_window": None, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 4000,
+    }
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def vllm_config(model_dir, role, extra, policy="recompute"):
+    return VllmConfig(
+        model_config=ModelConfig(model=model_dir, tokenizer=model_dir, skip_tokenizer_init=True,
+                                 dtype="bfloat16", seed=42),
+        scheduler_config=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=4096, max_model_len=8192,
+                                         enable_chunked_prefill=True, is_encoder_decoder=False,
+                                         async_scheduling=False),
+        cache_config=CacheConfig(block_size=BLOCK, gpu_memory_utilization=0.9, cache_dtype="auto",
+                                 enable_prefix_caching=True, prefix_caching_hash_algo="sha256_cbor"),
+        kv_transfer_config=KVTransferConfig(kv_connector="PrefixdConnector", kv_connector_module_path="prefixd.vllm",
+                                            kv_role=role, kv_connector_extra_config=extra,
+                                            kv_load_failure_policy=policy),
+        device_config=DeviceConfig("cpu"),
+        attention_config=AttentionConfig(backend=None),
+    )
+
+
+def layer_names():
+    return [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+
+
+def kv_cache_config():
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD, dtype=torch.bfloat16)
+    return KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+                         kv_cache_groups=[KVCacheGroupSpec(layer_names(), spec)])
+
+
+def kv_caches(vc):
+    """One KV tensor per layer, made by vLLM's own code (FlashAttention's shape and stride order,
+    the model runner's reshape of a raw allocation)."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+    from vllm.v1.worker.gpu.attn_utils import _reshape_attention_kv_cache
+
+    spec = kv_cache_config().kv_cache_groups[0].kv_cache_spec
+    with set_current_vllm_config(vc):
+        shape = FlashAttentionBackend.get_kv_cache_shape(NUM_BLOCKS, BLOCK, KV_HEADS, HEAD)
+        order = FlashAttentionBackend.get_kv_cache_stride_order()
+    out = {}
+    for name in layer_names():
+        raw = torch.zeros(NUM_BLOCKS * spec.page_size_bytes, dtype=torch.int8)
+        out[name] = _reshape_attention_kv_cache(raw, spec, shape, order, NUM_BLOCKS, None)
+    return out
+
+
+def scheduler(vc):
+    kcc = kv_cache_config()
+    vc.cache_config.num_gpu_blocks = NUM_BLOCKS
+    return Scheduler(vllm_config=vc, kv_cache_config=kcc, log_stats=True,
+                     structured_output_manager=StructuredOutputManager(vc), block_size=BLOCK)
+
+
+def worker(vc):
+    with set_current_vllm_config(vc):
+        c = PrefixdConnector(vc, KVConnectorRole.WORKER, kv_cache_config())
+        c.register_kv_caches(kv_caches(vc))
+    return c
+
+
+def request(rid, tokens, max_tokens=1, params=None):
+    r = Request(request_id=rid, prompt_token_ids=list(tokens), sampling_params=SamplingParams(max_tokens=max_tokens),
+                pooling_params=None, block_hasher=get_request_block_hasher(BLOCK, sha256_cbor))
+    r.kv_transfer_params = params
+    return r
+
+
+def block_bytes(conn, block_id):
+    """One block of every layer, as raw bytes (the runs the connector moves)."""
+    w = conn._worker
+    return b"".join(_page(t, w.layout.layers[i], block_id) for i, t in enumerate(w._kv.values()))
+
+
+def _page(t, runs, b):
+    storage = t.untyped_storage()
+    whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+    base = runs.base - storage.data_ptr() + b * runs.stride
+    return b"".join(bytes(whole[base + o: base + o + runs.run_bytes].numpy()) for o in runs.runs)
+
+
+def fill_blocks(conn, block_ids, seed):
+    """What attention would have written: random bytes in these blocks of every layer."""
+    g = torch.Generator().manual_seed(seed)
+    w = conn._worker
+    for i, t in enumerate(w._kv.values()):
+        runs = w.layout.layers[i]
+        storage = t.untyped_storage()
+        whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+        for b in block_ids:
+            base = runs.base - storage.data_ptr() + b * runs.stride
+            for o in runs.runs:
+                whole[base + o: base + o + runs.run_bytes] = torch.randint(0, 256, (runs.run_bytes,), generator=g,
+                                                                           dtype=torch.uint8)
+
+
+def step(sched, conn, out, req_ids=(), eos=False, finished_recving=None):
+    """One engine step: the worker's connector calls around a forward that does nothing, then
+    the scheduler's update. Returns the EngineCoreOutputs."""
+    md = out.kv_connector_metadata
+    conn.bind_connector_metadata(md)
+    conn.start_load_kv(None)
+    conn.wait_for_save()
+    sending, recving = conn.get_finished(out.finished_req_ids)
+    if finished_recving:
+        recving = (recving or set()) | finished_recving
+    errors = conn.get_block_ids_with_load_errors()
+    worker_meta = conn.build_connector_worker_meta()
+    conn.clear_connector_metadata()
+    ids = [r for r in req_ids if r in out.num_scheduled_tokens]
+    mro = ModelRunnerOutput(
+        req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+        sampled_token_ids=[[EOS if eos else 7] for _ in ids], logprobs=None, prompt_logprobs_dict={},
+        pooler_output=None,
+        kv_connector_output=KVConnectorOutput(finished_sending=sending, finished_recving=recving,
+                                              invalid_block_ids=errors, kv_connector_worker_meta=worker_meta),
+    )
+    return sched.update_from_output(out, mro), errors
+
+
+def schedule_new(sched, limit=10.0):
+    """schedule() until a request is scheduled (the connector may answer "ask me again" while
+    its lookup is in flight: the first one also connects)."""
+    t0 = time.monotonic()
+    while True:
+        out = sched.schedule()
+        if out.scheduled_new_reqs or time.monotonic() - t0 > limit:
+            return out
+        # As the engine does: every schedule() is answered by an update_from_output().
+        sched.update_from_output(out, EMPTY_MODEL_RUNNER_OUTPUT)
+        time.sleep(0.005)
+
+
+def prefill(model_dir, endpoint, tokens, rid="p", seed=1, extra=None):
+    """A producer instance computes `tokens` (max_tokens=1) and stores them; returns
+    (kv_transfer_params, {block index: bytes}, connector)."""
+    vc = vllm_config(model_dir, "kv_producer", {"endpoint": endpoint, **(extra or {})})
+    sched, conn = scheduler(vc), worker(vc)
+    req = request(rid, tokens)
+    sched.add_request(req)
+    out = sched.schedule()
+    assert out.num_scheduled_tokens == {rid: len(tokens)}
+    blocks = list(out.scheduled_new_reqs[0].block_ids[0])
+    fill_blocks(conn, blocks, seed)
+    content = {i: block_bytes(conn, b) for i, b in enumerate(blocks)}
+    outputs, _ = step(sched, conn, out, [rid], eos=True)
+    params = next(o.kv_transfer_params for eo in outputs.values() for o in eo.outputs if o.request_id == rid)
+    # The request finished; its blocks stay with the scheduler until the store is reported done.
+    assert rid in sched.requests, "blocks are held while the store runs"
+    for _ in range(200):
+        if rid not in sched.requests:
+            break
+        time.sleep(0.01)
+        step(sched, conn, sched.schedule())
+    assert rid not in sched.requests, "the store finished and the blocks were freed"
+    return params, content, conn
+
+
+def test_connector_loads_from_its_configuration(model_dir, server):
+    vc = vllm_config(model_dir, "kv_both", {"endpoint": server.endpoint})
+    c = KVConnectorFactory.create_connector(config=vc, role=KVConnectorRole.SCHEDULER,
+                                            kv_cache_config=kv_cache_config())
+    assert isinstance(c, PrefixdConnector)
+    ns = c._sched.namespaces[0]
+    assert "bfloat16" in ns and "bs16" in ns and "tp0of1" in ns and "sha256_cbor" in ns
+    with pytest.raises(ValueError, match="unknown kv_connector_extra_config keys"):
+        PrefixdConnector(vllm_config(model_dir, "kv_both", {"endpont": "x"}), KVConnectorRole.SCHEDULER,
+                         kv_cache_config())
+    with pytest.raises(ValueError, match="not an http"):
+        PrefixdConnector(vllm_config(model_dir, "kv_both", {"endpoint": "127.0.0.1:50051"}),
+                         KVConnectorRole.SCHEDULER, kv_cache_config())
+    c.shutdown()
+
+
+def test_chunk_keys_are_vllms_block_hashes_and_match_prefixctl(tmp_path):
+    """With sha256_cbor and PYTHONHASHSEED, vLLM's block hashes at chunk ends are what
+    `prefixctl keys` prints (and the connector keys chunks by vLLM's hashes, never its own)."""
+    from prefixd.vllm import chunks
+
+    tokens = [(i * 7919) % 4000 for i in range(1000)]
+    r = request("k", tokens)
+    plan = chunks.plan(r.block_hashes, len(r.block_hashes), 16)
+    assert [c.key for c in plan[:3]] == [bytes(r.block_hashes[i]) for i in (15, 31, 47)]
+    assert plan[-1].key == bytes(r.block_hashes[61]) and plan[-1].blocks == 14, "the tail chunk"
+    prefixctl = REPO / "target" / "debug" / "prefixctl"
+    if not prefixctl.exists():
+        subprocess.run(["cargo", "build", "--quiet", "-p", "prefixd-client", "--bin", "prefixctl"], cwd=REPO,
+                       check=True)
+    (tmp_path / "t.txt").write_text(" ".join(map(str, tokens)))
+    out = subprocess.run([str(prefixctl), "keys", "--tokens", str(tmp_path / "t.txt"), "--hash-seed", SEED],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [c.key.hex() for c in plan if c.blocks == 16]
+    assert prefixd.chunk_keys(tokens, seed=SEED) == [c.key for c in plan if c.blocks == 16]
+
+
+def test_prefill_stores_and_decode_loads_the_whole_prompt(model_dir, server):
+    """P computes a 300-token prompt (18 full blocks: a full chunk and a 2-block tail) and stores
+    it; D's real Scheduler gets 288 tokens matched (all but the last partial block) and D's
+    worker fills exactly those blocks with P's bytes."""
+    tokens = [(i * 31 + 5) % 4000 for i in range(300)]
+    params, content, _ = prefill(model_dir, server.endpoint, tokens, rid="p1", seed=11)
+    assert params == {"prefixd": {"endpoint": server.endpoint, "chunks": 2}}
+
+    vc = vllm_config(model_dir, "kv_consumer", {"endpoint": server.endpoint})
+    sched, conn = scheduler(vc), worker(vc)
+    req = request("d1", tokens, max_tokens=4, params=params)
+    sched.add_request(req)
+    out = schedule_new(sched)
+    new = out.scheduled_new_reqs[0]
+    assert new.num_computed_tokens == 288, "everything but the last partial block came from prefixd"
+    assert out.num_scheduled_tokens["d1"] == 12
+    md = out.kv_connector_metadata
+    assert [len(ids) for ids in md.loads[0].block_ids] == [16, 2]
+    blocks = new.block_ids[0]
+    step(sched, conn, out, ["d1"])
+    for i in range(18):
+        assert block_bytes(conn, blocks[i]) == content[i], f"block {i} differs from what P computed"
+    assert sched.connector_prefix_cache_stats is not None
+    conn.shutdown()
+
+
+def test_prompt_shorter_than_a_chunk_crosses_whole(model_dir, server):
+    """The seed's benchmark: 128-token prompts, shorter than one chunk. All 8 blocks cross;
+    vLLM recomputes only the last token."""
+    tokens = [(i * 17 + 3) % 4000 for i in range(128)]
+    params, content, _ = prefill(model_dir, server.endpoint, tokens, rid="p2", seed=12)
+    assert params["prefixd"]["chunks"] == 1
+    vc = vllm_config(model_dir, "kv_consumer", {"endpoint": server.endpoint})
+    sched, conn = scheduler(vc), worker(vc)
+    sched.add_request(request("d2", tokens, params=params))
+    out = schedule_new(sched)
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 127
+    blocks = out.scheduled_new_reqs[0].block_ids[0]
+    step(sched, conn, out, ["d2"])
+    assert [block_bytes(conn, blocks[i]) for i in range(8)] == [content[i] for i in range(8)]
+    conn.shutdown()
+
+
+def test_decode_waits_for_announced_chunks_then_recomputes(model_dir, server):
+    """D learns from P's kv_transfer_params that 2 chunks are coming; while they are not there,
+    the scheduler is asked again (None: the request waits, nothing stalls); after pd_wait_ms it
+    takes what is there (here nothing) and recomputes."""
+    tokens = [(i * 13 + 1) % 4000 for i in range(300)]
+    vc = vllm_config(model_dir, "kv_consumer", {"endpoint": server.endpoint, "pd_wait_ms": 300})
+    sched = scheduler(vc)
+    sched.add_request(request("d3", tokens, params={"prefixd": {"endpoint": server.endpoint, "chunks": 2}}))
+    t0 = time.monotonic()
+    out = sched.schedule()
+    assert not out.num_scheduled_tokens, "the request waits for the announced chunks"
+    while not out.num_scheduled_tokens:
+        assert time.monotonic() - t0 < 5
+        sched.update_from_output(out, EMPTY_MODEL_RUNNER_OUTPUT)
+        time.sleep(0.02)
+        out = sched.schedule()
+    assert time.monotonic() - t0 >= 0.3
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 0
+    assert out.num_scheduled_tokens["d3"] == 300
+    assert sched.connector._sched.counters.snapshot().get("pd_incomplete") == 1
+    sched.connector.shutdown()
+
+
+def test_prefixd_down_means_recompute(model_dir):
+    """No sidecar at the endpoint: lookups miss, loads and stores fail quietly, vLLM computes."""
+    dead = "http://127.0.0.1:9"
+    vc = vllm_config(model_dir, "kv_both", {"endpoint": dead, "reconnect_s": 0.05})
+    sched, conn = scheduler(vc), worker(vc)
+    sched.add_request(request("x", list(range(300)), max_tokens=1))
+    out = schedule_new(sched)
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 0
+    assert out.num_scheduled_tokens["x"] == 300
+    fill_blocks(conn, out.scheduled_new_reqs[0].block_ids[0], 3)
+    outputs, errors = step(sched, conn, out, ["x"], eos=True)
+    assert not errors
+    for _ in range(100):  # the failed store still releases the blocks
+        if "x" not in sched.requests:
+            break
+        time.sleep(0.01)
+        step(sched, conn, sched.schedule())
+    assert "x" not in sched.requests
+    counts = {**sched.connector._sched.counters.snapshot(), **conn._worker.counters.snapshot()}
+    assert counts.get("connect_failed", 0) >= 1
+    assert counts.get("lookup_failed", 0) + counts.get("store_unavailable", 0) >= 1
+    conn.shutdown()
+
+
+def test_expired_lease_is_a_load_error_and_vllm_recomputes(model_dir, tmp_path):
+    """The lease the scheduler took has run out by the time the worker would read: the blocks
+    are reported failed, and with the recompute policy vLLM computes them itself."""
+    srv = Server("--host-pool", "64MiB", "--lease-ttl", "1s")
+    try:
+        tokens = [(i * 29 + 7) % 4000 for i in range(300)]
+        params, _, _ = prefill(model_dir, srv.endpoint, tokens, rid="p4", seed=14)
+        vc = vllm_config(model_dir, "kv_consumer", {"endpoint": srv.endpoint})
+        sched, conn = scheduler(vc), worker(vc)
+        sched.add_request(request("d4", tokens, params=params))
+        out = schedule_new(sched)
+        assert out.scheduled_new_reqs[0].num_computed_tokens == 288
+        time.sleep(1.2)  # past the lease (the worker stops reading 0.5 s before its end)
+        _, errors = step(sched, conn, out, ["d4"])
+        assert len(errors) == 18
+        assert sched.requests["d4"].num_computed_tokens == 0, "vLLM rolled back to recompute"
+        assert conn._worker.counters.snapshot().get("lease_expired") == 1
+        conn.shutdown()
+    finally:
+        srv.stop()
+
+
+def test_remote_sidecar_over_the_active_message_path(model_dir, server):
+    """Across nodes: D's connector pulls from the sidecar P named (forced onto the remote path:
+    active messages over tcp), asynchronously; vLLM waits for it and then schedules the rest."""
+    tokens = [(i * 23 + 9) % 4000 for i in range(520)]
+    params, content, _ = prefill(model_dir, server.endpoint, tokens, rid="p5", seed=15)
+    vc = vllm_config(model_dir, "kv_consumer", {"endpoint": server.endpoint, "force_remote": True})
+    sched, conn = scheduler(vc), worker(vc)
+    sched.add_request(request("d5", tokens, params=params))
+    t0 = time.monotonic()
+    while sched.requests["d5"].status != RequestStatus.WAITING_FOR_REMOTE_KVS:
+        assert time.monotonic() - t0 < 10, "the remote lookup never answered"
+        out = sched.schedule()
+        assert not out.num_scheduled_tokens, "an asynchronous load: nothing computed yet"
+        if sched.requests["d5"].status != RequestStatus.WAITING_FOR_REMOTE_KVS:
+            step(sched, conn, out)
+            time.sleep(0.005)
+    blocks = list(sched.kv_cache_manager.get_blocks("d5").get_block_ids()[0])
+    step(sched, conn, out)
+    for _ in range(500):
+        out = sched.schedule()
+        if out.num_scheduled_tokens:
+            break
+        step(sched, conn, out)
+        time.sleep(0.01)
+    assert out.num_scheduled_tokens["d5"] == 520 - 512
+    step(sched, conn, out, ["d5"])
+    for i in range(32):
+        assert block_bytes(conn, blocks[i]) == content[i], f"block {i}"
+    assert conn._worker.counters.snapshot().get("remote_loads") == 1
+    conn.shutdown()
+
+
+def test_sidecar_restart_is_survived(model_dir, tmp_path):
+    """prefixd restarts: the connector's session is gone; the next lookups miss, then it
+    reconnects by itself and hits again."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    srv = Server("--host-pool", "64MiB")
+    srv.stop()
+    srv = _server_on(port)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        vc = vllm_config(model_dir, "kv_consumer", {"endpoint": endpoint, "reconnect_s": 0.1})
+        sched = scheduler(vc)
+        tokens = [(i * 3 + 2) % 4000 for i in range(300)]
+        sched.add_request(request("r1", tokens))
+        assert schedule_new(sched).scheduled_new_reqs[0].num_computed_tokens == 0  # nothing stored yet
+        srv.stop()
+        srv = _server_on(port)
+        prefill(model_dir, endpoint, tokens, rid="p6", seed=16)
+        hit = 0
+        for i in range(50):
+            sched.add_request(request(f"r2-{i}", tokens))
+            out = schedule_new(sched)
+            hit = out.scheduled_new_reqs[0].num_computed_tokens if out.scheduled_new_reqs else 0
+            if hit:
+                break
+            time.sleep(0.05)
+        assert hit == 288
+        assert sched.connector._sched.counters.snapshot().get("session_lost", 0) >= 1
+    finally:
+        srv.stop()
+
+
+def _server_on(port):
+    for _ in range(50):
+        try:
+            return Server("--host-pool", "64MiB", listen=f"127.0.0.1:{port}")
+        except RuntimeError:
+            time.sleep(0.1)
+    raise RuntimeError(f"no prefixd on port {port}")
+
