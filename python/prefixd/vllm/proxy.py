@@ -14,7 +14,6 @@ Several --prefill/--decode URLs are used round-robin. Needs aiohttp (a vLLM depe
 """
 
 import argparse
-import asyncio
 import itertools
 import json
 import logging

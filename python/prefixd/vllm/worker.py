@@ -40,12 +40,18 @@ LEASE_MARGIN_S = 0.5
 
 class _Debug:
     """Per-block sha256 of what was stored and loaded (PREFIXD_VLLM_DEBUG_DIR), for checking
-    that the decode side reads bit for bit what the prefill side computed."""
+    that the decode side reads bit for bit what the prefill side computed. Hashing reads every
+    block back (and waits for the streams), so it runs only while a file named `on` exists in
+    the directory: a check can switch it on and off around its own requests."""
 
     def __init__(self, directory, role):
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, f"{role}-{os.getpid()}.txt")
+        self.switch = os.path.join(directory, "on")
         self.lock = threading.Lock()
+
+    def active(self):
+        return os.path.exists(self.switch)
 
     def write(self, what, key, block_index, digest):
         with self.lock, open(self.path, "a") as f:
@@ -207,7 +213,7 @@ class WorkerSide:
         except Exception as e:  # a short read, a bad mapping, a lost session: all misses
             self._fail(spec, "load_failed", f"load failed ({e})")
             return
-        if self.debug is not None:
+        if self.debug is not None and self.debug.active():
             self._debug_hash("load", spec.keys, spec.block_ids)
 
     def _remote_client(self, endpoint):
@@ -241,7 +247,7 @@ class WorkerSide:
             self.counters.add("remote_loaded_bytes", nbytes)
             self.counters.add("remote_load_seconds", time.perf_counter() - t0)
             self.counters.add("remote_loads")
-            if self.debug is not None:
+            if self.debug is not None and self.debug.active():
                 self._debug_hash("load", spec.keys[:hits], spec.block_ids[:hits])
         except Exception as e:
             self._fail(spec, "remote_load_failed", f"load from {spec.remote} failed ({e})")
@@ -293,7 +299,7 @@ class WorkerSide:
                 self.counters.add("skipped_chunks", skipped)
                 self.counters.add("stored_bytes", sum(counts) * self.layout.run_bytes)
                 self.counters.add("store_seconds", time.perf_counter() - t0)
-                if self.debug is not None:
+                if self.debug is not None and self.debug.active():
                     self._debug_hash("store", spec.keys, spec.block_ids)
             except Unavailable as e:
                 self.counters.bump("store_unavailable", f"{spec.req_id}: prefixd unreachable, not stored ({e})")
