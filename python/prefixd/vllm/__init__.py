@@ -10,10 +10,17 @@ One flag turns it on (the whole configuration is one JSON):
 
 Roles: `kv_producer` (a prefill instance) stores, `kv_consumer` (a decode instance) loads,
 `kv_both` does both (a prefix cache shared by instances). See `prefixd.vllm.connector` for how
-it works and README.md ("prefixd in vLLM") for the whole setup. Importing this package imports
-vLLM; `import prefixd` alone does not.
+it works and README.md ("prefixd in vLLM") for the whole setup. The connector's names import
+vLLM on first use; `import prefixd` and the proxy (`python -m prefixd.vllm.proxy`) never do.
 """
 
-from .connector import PrefixdConnector, PrefixdConnectorMetadata, PrefixdStats
+__all__ = ["PrefixdConnector", "PrefixdConnectorMetadata", "PrefixdStats", "PrefixdWorkerMetadata"]
 
-__all__ = ["PrefixdConnector", "PrefixdConnectorMetadata", "PrefixdStats"]
+
+def __getattr__(name):
+    # vLLM's factory does getattr(import_module("prefixd.vllm"), "PrefixdConnector").
+    if name in __all__:
+        from . import connector
+
+        return getattr(connector, name)
+    raise AttributeError(f"module 'prefixd.vllm' has no attribute {name!r}")
