@@ -10,6 +10,10 @@
 //! ```
 //! Eviction candidates are exactly the Ready entries with no lease and no children (leaves), so
 //! a prefix is trimmed from its end: lookups walk from the front and stop at the first miss.
+//! Demotion (a copy to the next slower tier) leaves the entry where lookups find it, so its
+//! candidates are every Ready, unleased entry of the tier, least recent first, leaves or not: a
+//! GPU tier must not fill up with the inner chunks of long prompts while new chunks go to host
+//! memory (measured on 2x H200: every 8k-token prompt after the first twenty read at PCIe speed).
 
 use crate::alloc::Allocator;
 use crate::error::{IndexError, Result};
@@ -76,7 +80,7 @@ struct Entry {
     /// Entries (Reserved or Ready) whose parent is this one.
     children: u32,
     leases: u32,
-    /// Recency stamp; the key into `evictable` while evictable.
+    /// Recency stamp; the key into its tier's orders while evictable or demotable.
     tick: u64,
 }
 
@@ -200,13 +204,23 @@ pub struct Expired {
     pub leases: usize,
 }
 
+/// One tier's candidates, least recent first.
+#[derive(Debug, Default)]
+struct TierOrder {
+    /// Ready, unleased leaves: may be evicted.
+    evictable: BTreeSet<(u64, EntryKey)>,
+    /// Ready, unleased entries: may be moved to a slower tier.
+    demotable: BTreeSet<(u64, EntryKey)>,
+}
+
 #[derive(Debug)]
 pub struct Index {
     cfg: IndexConfig,
     pools: Vec<(Tier, Allocator)>,
     ns_ids: HashMap<String, NsId>,
     entries: HashMap<EntryKey, Entry>,
-    evictable: BTreeSet<(u64, EntryKey)>,
+    /// Parallel to `pools`.
+    orders: Vec<TierOrder>,
     puts: HashMap<PutId, Put>,
     leases: HashMap<LeaseId, Lease>,
     tick: u64,
@@ -218,13 +232,14 @@ pub struct Index {
 
 impl Index {
     pub fn new(cfg: IndexConfig) -> Self {
-        let pools = cfg.tiers.iter().map(|&(t, cap)| (t, Allocator::new(cap))).collect();
+        let pools: Vec<(Tier, Allocator)> = cfg.tiers.iter().map(|&(t, cap)| (t, Allocator::new(cap))).collect();
+        let orders = pools.iter().map(|_| TierOrder::default()).collect();
         Index {
             cfg,
             pools,
             ns_ids: HashMap::new(),
             entries: HashMap::new(),
-            evictable: BTreeSet::new(),
+            orders,
             puts: HashMap::new(),
             leases: HashMap::new(),
             tick: 0,
@@ -290,30 +305,63 @@ impl Index {
         self.pools.iter_mut().find(|(t, _)| *t == tier).map(|(_, a)| a)
     }
 
-    fn is_evictable(e: &Entry) -> bool {
-        e.state == State::Ready && e.leases == 0 && e.children == 0
+    fn is_demotable(e: &Entry) -> bool {
+        e.state == State::Ready && e.leases == 0
     }
 
-    /// Re-files an entry in the eviction set after any change to it.
-    fn refile(&mut self, k: EntryKey) {
+    fn is_evictable(e: &Entry) -> bool {
+        Self::is_demotable(e) && e.children == 0
+    }
+
+    fn tier_index(&self, tier: Tier) -> Option<usize> {
+        self.pools.iter().position(|(t, _)| *t == tier)
+    }
+
+    /// Takes an entry out of its tier's orders (before any change to its tier, tick or state).
+    fn unfile(&mut self, k: EntryKey) {
+        let Some((tier, tick)) = self.entries.get(&k).map(|e| (e.tier, e.tick)) else {
+            return;
+        };
+        if let Some(i) = self.tier_index(tier) {
+            self.orders[i].evictable.remove(&(tick, k));
+            self.orders[i].demotable.remove(&(tick, k));
+        }
+    }
+
+    /// Files an entry in its tier's orders as its state allows.
+    fn file(&mut self, k: EntryKey) {
         let Some(e) = self.entries.get(&k) else {
             return;
         };
-        self.evictable.remove(&(e.tick, k));
-        if Self::is_evictable(e) {
-            self.evictable.insert((e.tick, k));
+        let (tick, evictable, demotable) = (e.tick, Self::is_evictable(e), Self::is_demotable(e));
+        if let Some(i) = self.tier_index(e.tier) {
+            if evictable {
+                self.orders[i].evictable.insert((tick, k));
+            }
+            if demotable {
+                self.orders[i].demotable.insert((tick, k));
+            }
         }
+    }
+
+    /// Re-files an entry in its tier's orders after a change to its state.
+    fn refile(&mut self, k: EntryKey) {
+        self.unfile(k);
+        self.file(k);
     }
 
     fn touch(&mut self, k: EntryKey) {
         let tick = self.next_tick();
+        self.unfile(k);
         if let Some(e) = self.entries.get_mut(&k) {
-            let old = e.tick;
             e.tick = tick;
-            if self.evictable.remove(&(old, k)) {
-                self.evictable.insert((tick, k));
-            }
         }
+        self.file(k);
+    }
+
+    /// The least recent evictable entry of a tier.
+    fn eviction_victim(&self, tier: Tier) -> Option<EntryKey> {
+        self.orders[self.tier_index(tier)?].evictable.first().map(|(_, k)| *k)
     }
 
     fn add_child(&mut self, ns: NsId, parent: Option<ChunkKey>, delta: i32) {
@@ -327,8 +375,8 @@ impl Index {
 
     /// Removes an entry, frees its bytes and unlinks it from its parent and children.
     fn remove_entry(&mut self, k: EntryKey) -> Option<Entry> {
+        self.unfile(k);
         let e = self.entries.remove(&k)?;
-        self.evictable.remove(&(e.tick, k));
         if let Some(pool) = self.pool_mut(e.tier) {
             pool.free(e.offset, e.len);
         }
@@ -353,9 +401,7 @@ impl Index {
             if let Some(off) = self.pool_mut(tier)?.alloc(len) {
                 return Some(off);
             }
-            let victim =
-                self.evictable.iter().find(|(_, k)| self.entries.get(k).is_some_and(|e| e.tier == tier)).copied();
-            let (_, k) = victim?;
+            let k = self.eviction_victim(tier)?;
             self.remove_entry(k);
             self.counters.evictions += 1;
         }
@@ -377,15 +423,17 @@ impl Index {
             if let Some(off) = self.pool_mut(tier)?.alloc(len) {
                 return Some(off);
             }
-            let (_, k) =
-                self.evictable.iter().find(|(_, k)| self.entries.get(k).is_some_and(|e| e.tier == tier)).copied()?;
+            let i = self.tier_index(tier)?;
+            let (_, k) = *self.orders[i].demotable.first()?;
             let (from_off, vlen) = self.entries.get(&k).map(|e| (e.offset, e.len))?;
             match self.alloc_evicting(lower, vlen) {
                 Some(to_off) => {
+                    self.unfile(k);
                     if let Some(e) = self.entries.get_mut(&k) {
                         e.tier = lower;
                         e.offset = to_off;
                     }
+                    self.file(k);
                     self.pool_mut(tier)?.free(from_off, vlen);
                     self.moves.push(Move {
                         from: Location { tier, offset: from_off, len: vlen },
@@ -435,9 +483,7 @@ impl Index {
                 continue;
             }
             while used(self) > low {
-                let victim =
-                    self.evictable.iter().find(|(_, k)| self.entries.get(k).is_some_and(|e| e.tier == tier)).copied();
-                let Some((_, k)) = victim else { break };
+                let Some(k) = self.eviction_victim(tier) else { break };
                 self.remove_entry(k);
                 self.counters.evictions += 1;
                 evicted += 1;
@@ -880,9 +926,14 @@ impl Index {
             }
         }
         for (k, e) in &self.entries {
-            let should = Self::is_evictable(e);
-            if should != self.evictable.contains(&(e.tick, *k)) {
+            let Some(i) = self.tier_index(e.tier) else {
+                return Err(format!("{:?} in a tier without a pool", k.1));
+            };
+            if Self::is_evictable(e) != self.orders[i].evictable.contains(&(e.tick, *k)) {
                 return Err(format!("evictable set disagrees for {:?}", k.1));
+            }
+            if Self::is_demotable(e) != self.orders[i].demotable.contains(&(e.tick, *k)) {
+                return Err(format!("demotable set disagrees for {:?}", k.1));
             }
             let children = self.entries.iter().filter(|(ck, c)| ck.0 == k.0 && c.parent == Some(k.1)).count() as u32;
             if children != e.children {
@@ -903,8 +954,10 @@ impl Index {
                 }
             }
         }
-        if self.evictable.len() > self.entries.len() {
-            return Err("evictable set holds removed entries".into());
+        let filed: usize = self.orders.iter().map(|o| o.demotable.len()).sum();
+        let should: usize = self.entries.values().filter(|e| Self::is_demotable(e)).count();
+        if filed != should {
+            return Err(format!("{filed} entries filed as demotable, {should} are"));
         }
         Ok(())
     }

@@ -10,6 +10,7 @@
 //! `--drain-timeout` passes) the gRPC server stops accepting, finishes in-flight calls, and the
 //! process exits 0. SIGINT exits at once (130).
 
+mod bounce;
 mod config;
 mod dataplane;
 mod errors;

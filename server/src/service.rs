@@ -256,12 +256,7 @@ impl Service {
         let mut jobs = Vec::with_capacity(indices.len());
         for &i in &indices {
             let loc = st.index().lease_chunk(r.lease_id, session.id, i, Instant::now()).map_err(index_status)?;
-            let slice = st
-                .pool(loc.tier)
-                .ok_or_else(|| Status::internal("chunk in a tier without a pool"))?
-                .slice(loc.offset as usize, loc.len as usize)
-                .map_err(|e| Status::internal(format!("pool slice: {e}")))?;
-            jobs.push((i, slice));
+            jobs.push((i, loc));
         }
         let timeout = st.cfg.transfer_timeout;
         let mut inflight = std::collections::VecDeque::new();
@@ -269,18 +264,23 @@ impl Service {
         let join = |r: Result<ucx_bindings::Result<u64>, tokio::task::JoinError>| -> Result<u64, Status> {
             r.map_err(|e| Status::internal(e.to_string()))?.map_err(ucx_status)
         };
-        for (i, slice) in jobs {
+        for (i, loc) in jobs {
             if inflight.len() >= FETCH_WINDOW {
                 if let Some(h) = inflight.pop_front() {
                     bytes += join(h.await)?;
                 }
             }
-            let (ep, pin) = (ep.clone(), pin.clone());
+            let (slice, bounced) = self.fetch_source(loc)?;
+            let (ep, pin, st2) = (ep.clone(), pin.clone(), st.clone());
             let header = FetchHeader { tag: r.tag, lease_id: r.lease_id, index: i }.encode();
             inflight.push_back(tokio::spawn(async move {
                 let _pin = pin;
                 let len = slice.len() as u64;
-                ep.am_send(AM_FETCH, &header, AmData::Region(slice), timeout).await.map(|()| len)
+                let r = ep.am_send(AM_FETCH, &header, AmData::Region(slice), timeout).await.map(|()| len);
+                if let Some(b) = bounced {
+                    st2.bounce.give(b); // the send has completed: UCX no longer reads it
+                }
+                r
             }));
         }
         for h in inflight {
@@ -288,6 +288,34 @@ impl Service {
         }
         st.metrics.transfer_bytes.with_label_values(&["out", "am", session.transport()]).inc_by(bytes);
         Ok(FetchResponse { bytes })
+    }
+}
+
+impl Service {
+    /// What an AM_FETCH of chunk `loc` sends from: its pool slot, or, for a GPU-tier chunk, a
+    /// host copy of it (see `bounce`), returned with the buffer to give back after the send.
+    fn fetch_source(
+        &self,
+        loc: prefixd_cache::Location,
+    ) -> Result<(ucx_bindings::RegionSlice, Option<Arc<ucx_bindings::MemRegion>>), Status> {
+        let st = &self.state;
+        let pool = st.pool(loc.tier).ok_or_else(|| Status::internal("chunk in a tier without a pool"))?;
+        let (cuda, Tier::Gpu) = (&st.cuda, loc.tier) else {
+            let slice = pool
+                .slice(loc.offset as usize, loc.len as usize)
+                .map_err(|e| Status::internal(format!("pool slice: {e}")))?;
+            return Ok((slice, None));
+        };
+        let cuda = cuda.as_ref().ok_or_else(|| Status::internal("a GPU-tier chunk without CUDA"))?;
+        let len = loc.len as usize;
+        let b = st.bounce.take(&st.ctx, len).map_err(ucx_status)?;
+        let src = st.pool_base(Tier::Gpu) + loc.offset;
+        // SAFETY: the destination is a fresh or returned bounce buffer of at least `len` bytes that
+        // nothing else uses; the source is a slot of the GPU pool pinned by the caller's lease.
+        unsafe { cuda.copy_dtoh(b.as_ptr(), src, len) }
+            .map_err(|e| Status::internal(format!("copying a GPU-tier chunk for the remote path: {e}")))?;
+        let slice = b.slice(0, len).map_err(|e| Status::internal(format!("bounce slice: {e}")))?;
+        Ok((slice, Some(b)))
     }
 }
 

@@ -76,6 +76,8 @@ pub struct State {
     pub cuda: Option<Arc<Cuda>>,
     pub sessions: Sessions,
     pub metrics: Metrics,
+    /// Host buffers GPU-tier chunks pass through to active-message clients.
+    pub bounce: crate::bounce::BouncePool,
     pub host_id: String,
     /// Transports the server's context can use.
     pub transports: Vec<String>,
@@ -201,6 +203,7 @@ impl State {
             cuda,
             sessions: Sessions::default(),
             metrics,
+            bounce: crate::bounce::BouncePool::new(16),
             host_id: host_id(),
             transports,
             arrivals: Notify::new(),

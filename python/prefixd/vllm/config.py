@@ -22,7 +22,7 @@ _DEFAULTS = {
     "lookup_inline_ms": 2,
     "pd_wait_ms": 2000,
     "transports": None,
-    "remote_transports": "tcp",
+    "remote_transports": None,
     "tenant": "",
     "timeout_s": 10.0,
     "reconnect_s": 1.0,
@@ -40,7 +40,8 @@ class ConnectorConfig:
     wait for a lookup before it asks vLLM to come back next step. `pd_wait_ms`: how long a decode
     instance waits for chunks its prefill instance announced but has not committed yet.
     `transports`: UCX transports of the local session (default cuda_ipc,cuda_copy,sm,tcp with a GPU).
-    `remote_transports`: of sessions to other nodes' sidecars. `tenant`: added to the namespace.
+    `remote_transports`: of sessions to other nodes' sidecars (default: tcp, plus cuda_copy with
+    a GPU, for UCX to stage device memory). `tenant`: added to the namespace.
     `timeout_s`: of every call. `reconnect_s`: least time between reconnect attempts after a
     failure. `debug_dir`: write the sha256 of every stored and loaded chunk there (or set
     PREFIXD_VLLM_DEBUG_DIR)."""
@@ -53,7 +54,7 @@ class ConnectorConfig:
     lookup_inline_ms: float
     pd_wait_ms: float
     transports: str | None
-    remote_transports: str
+    remote_transports: str | None
     tenant: str
     timeout_s: float
     reconnect_s: float

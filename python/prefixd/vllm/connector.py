@@ -25,7 +25,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from .config import ConnectorConfig
 
-log = logging.getLogger("prefixd.vllm")
+# Under vLLM's logger, so that its handlers (and level) show the connector's lines too.
+log = logging.getLogger("vllm.prefixd")
 
 
 @dataclass

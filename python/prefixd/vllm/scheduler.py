@@ -30,7 +30,11 @@ from . import chunks as chunking
 from .config import namespace
 from .state import Counters, ReconnectingClient
 
-log = logging.getLogger("prefixd.vllm")
+# Under vLLM's logger, so that its handlers (and level) show the connector's lines too.
+log = logging.getLogger("vllm.prefixd")
+
+# While a prefill's announced chunks are not all there, look again this often.
+PD_RETRY_S = 0.005
 
 
 @dataclass
@@ -120,7 +124,8 @@ class SchedulerSide:
         self.local = ReconnectingClient(cfg, cfg.endpoint, "vllm-scheduler", self.counters, transports="sm,tcp")
         self._remotes = {}
         self._remotes_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefixd-lookup")
+        # Lookups of one step's new requests run side by side (each is one RPC of ~0.5 ms).
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="prefixd-lookup")
         self._lookups = {}
         self._loads = {}  # req_id -> LoadSpec, until emitted in metadata
         self._leases = {}  # req_id -> [(client, lease id, namespace)], until the load is read
@@ -139,7 +144,7 @@ class SchedulerSide:
                     endpoint,
                     "vllm-scheduler-remote",
                     self.counters,
-                    transports=self.cfg.remote_transports,
+                    transports=self.cfg.remote_transports or "tcp",
                     force_remote=True,
                 )
                 self._remotes[endpoint] = c
@@ -222,11 +227,14 @@ class SchedulerSide:
                     self.counters.bump("lookup_failed", f"lookup failed, recomputing: {e}")
                     look.result = (0, [], None)
             hits = look.result[0]
-            # P/D: the prefill announced chunks it has not committed yet: ask again.
+            # P/D: the prefill announced chunks it has not committed yet: ask again, at most
+            # every PD_RETRY_S (the engine loop comes back far more often than that).
             if look.expected and hits < look.expected:
-                if (time.monotonic() - look.first_seen) * 1000 < self.cfg.pd_wait_ms:
-                    self._release(look.result[1])
-                    self._start(request, first_seen=look.first_seen)
+                now = time.monotonic()
+                if (now - look.first_seen) * 1000 < self.cfg.pd_wait_ms:
+                    if now - look.started >= PD_RETRY_S:
+                        self._release(look.result[1])
+                        self._start(request, first_seen=look.first_seen)
                     return None, False
                 self.counters.bump(
                     "pd_incomplete",

@@ -5,7 +5,8 @@ import logging
 import threading
 import time
 
-log = logging.getLogger("prefixd.vllm")
+# Under vLLM's logger, so that its handlers (and level) show the connector's lines too.
+log = logging.getLogger("vllm.prefixd")
 
 
 class Counters:

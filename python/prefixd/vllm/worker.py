@@ -32,10 +32,14 @@ from . import layout as kvlayout
 from .config import namespace
 from .state import Counters, ReconnectingClient, Unavailable
 
-log = logging.getLogger("prefixd.vllm")
+# Under vLLM's logger, so that its handlers (and level) show the connector's lines too.
+log = logging.getLogger("vllm.prefixd")
 
 # A lease this close to its end is not read any more (the slot could be reused mid-copy).
 LEASE_MARGIN_S = 0.5
+# Stores run on this many threads (and streams), a request always on the same one (its chunks
+# then reach prefixd in order, each extending the one before).
+STORE_SHARDS = 4
 
 
 class _Debug:
@@ -80,7 +84,7 @@ class WorkerSide:
         self._kv = None
         self._sink = None
         self._bounds = None
-        self._store_stream = None
+        self._store_streams = []
         self._remotes = {}
         self._lock = threading.Lock()
         self._errors = set()
@@ -91,8 +95,8 @@ class WorkerSide:
         self._send_done = set()
         self._timings = []  # (start event, end event, bytes) of queued local loads
         self._loaded = set()  # requests whose local loads this step queued (their leases can go)
-        self._store_q = queue.Queue()
-        self._store_thread = None
+        self._store_qs = [queue.Queue() for _ in range(STORE_SHARDS)]
+        self._store_threads = []
         self._remote_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefixd-remote-load")
         debug_dir = cfg.debug_dir
         self.debug = _Debug(debug_dir, "worker") if debug_dir else None
@@ -118,10 +122,12 @@ class WorkerSide:
             self.cfg, self.cfg.endpoint, "vllm-worker", self.counters, transports=transports, device=device
         )
         if on_gpu:
-            self._store_stream = torch.cuda.Stream(device=first.device)
+            self._store_streams = [torch.cuda.Stream(device=first.device) for _ in range(STORE_SHARDS)]
         if self.stores_enabled:
-            self._store_thread = threading.Thread(target=self._store_loop, name="prefixd-store", daemon=True)
-            self._store_thread.start()
+            for i in range(STORE_SHARDS):
+                t = threading.Thread(target=self._store_loop, args=(i,), name=f"prefixd-store-{i}", daemon=True)
+                t.start()
+                self._store_threads.append(t)
         log.info(
             "prefixd: %d layers, %d run(s) of %d bytes per block (%d bytes a block), %s, namespace %s",
             len(self.layout.layers),
@@ -226,7 +232,7 @@ class WorkerSide:
                     endpoint,
                     "vllm-worker-remote",
                     self.counters,
-                    transports=self.cfg.remote_transports,
+                    transports=self.cfg.remote_transports or ("cuda_copy,tcp" if device is not None else "tcp"),
                     device=device,
                     force_remote=True,
                 )
@@ -260,24 +266,28 @@ class WorkerSide:
     def wait_for_save(self, meta):
         if meta is None or self.layout is None or not meta.stores:
             return
-        stream = None
-        if self._store_stream is not None:
-            import torch
-
-            # GPU-side ordering only: later work on the store stream runs after what the compute
-            # stream has queued so far (this step's forward, which wrote the blocks).
-            self._store_stream.wait_stream(torch.cuda.current_stream())
-            stream = self._store_stream.cuda_stream
+        shards = {}
+        for spec in meta.stores:
+            shards.setdefault(hash(spec.req_id) % STORE_SHARDS, []).append(spec)
         with self._lock:
             for spec in meta.stores:
                 self._pending_stores[spec.req_id] = self._pending_stores.get(spec.req_id, 0) + 1
                 self._stored_reqs.add(spec.req_id)
-        for spec in meta.stores:
-            self._store_q.put((spec, stream))
+        for i, specs in shards.items():
+            stream = None
+            if self._store_streams:
+                import torch
 
-    def _store_loop(self):
+                # GPU-side ordering only: later work on the store stream runs after what the
+                # compute stream has queued so far (this step's forward, which wrote the blocks).
+                self._store_streams[i].wait_stream(torch.cuda.current_stream())
+                stream = self._store_streams[i].cuda_stream
+            for spec in specs:
+                self._store_qs[i].put((spec, stream))
+
+    def _store_loop(self, shard):
         while True:
-            job = self._store_q.get()
+            job = self._store_qs[shard].get()
             if job is None:
                 return
             spec, stream = job
@@ -300,7 +310,7 @@ class WorkerSide:
                 self.counters.add("stored_bytes", sum(counts) * self.layout.run_bytes)
                 self.counters.add("store_seconds", time.perf_counter() - t0)
                 if self.debug is not None and self.debug.active():
-                    self._debug_hash("store", spec.keys, spec.block_ids)
+                    self._debug_hash("store", spec.keys, spec.block_ids, shard)
             except Unavailable as e:
                 self.counters.bump("store_unavailable", f"{spec.req_id}: prefixd unreachable, not stored ({e})")
             except Exception as e:
@@ -348,12 +358,12 @@ class WorkerSide:
             self.counters.add("load_seconds", start.elapsed_time(end) / 1000)
         return self.counters.take()
 
-    def _debug_hash(self, what, keys, per_chunk_block_ids):
+    def _debug_hash(self, what, keys, per_chunk_block_ids, shard=0):
         """sha256 of every block's bytes (layer-major, as stored), read back from the KV cache."""
         import torch
 
         if self.layout.device >= 0:
-            stream = torch.cuda.current_stream() if what == "load" else self._store_stream
+            stream = torch.cuda.current_stream() if what == "load" else self._store_streams[shard]
             stream.synchronize()
         for key, ids in zip(keys, per_chunk_block_ids):
             for j, b in enumerate(ids):
@@ -366,9 +376,10 @@ class WorkerSide:
                 self.debug.write(what, key, j, h.hexdigest())
 
     def shutdown(self):
-        if self._store_thread is not None:
-            self._store_q.put(None)
-            self._store_thread.join(timeout=30)
+        for q in self._store_qs:
+            q.put(None)
+        for t in self._store_threads:
+            t.join(timeout=30)
         self._remote_pool.shutdown(wait=False, cancel_futures=True)
         if self.local is not None:
             self.local.close()
