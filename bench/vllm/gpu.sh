@@ -97,7 +97,9 @@ while (( $# )); do
     pd)
       # The decode instance keeps no prefix cache of its own: every prompt's KV comes through
       # prefixd (a local hit would hide the path under test).
-      PREFIXD_VLLM_DEBUG_DIR=/tmp/vpd/debug DECODE_FLAGS=--no-enable-prefix-caching start_pd
+      # The checked run hashes every block on both sides (slow): give announced chunks time.
+      PREFIXD_VLLM_DEBUG_DIR=/tmp/vpd/debug DECODE_FLAGS=--no-enable-prefix-caching \
+        CONNECTOR_EXTRA='"pd_wait_ms": 10000' start_pd
       ;;
     correct)
       timeout 580 python3 bench/vllm/check.py --proxy http://127.0.0.1:9100 --prefill http://127.0.0.1:7100 \

@@ -17,6 +17,7 @@
 
 use crate::alloc::Allocator;
 use crate::error::{IndexError, Result};
+use crate::namespaces::{Namespaces, NsId};
 use crate::tier::Tier;
 use prefixd_proto::keys::ChunkKey;
 use std::collections::{BTreeSet, HashMap};
@@ -35,8 +36,17 @@ pub struct IndexConfig {
     pub max_chunk_size: u64,
     /// Most keys in one request.
     pub max_keys: usize,
-    /// Most distinct namespaces.
+    /// Most namespaces alive at once (holding chunks, puts or leases).
     pub max_namespaces: usize,
+    /// Most bytes one session may hold reserved (begun, uncommitted puts): no single client can
+    /// take the whole pool.
+    pub max_reserved_bytes_per_session: u64,
+    /// Most leases one session may hold at once.
+    pub max_leases_per_session: usize,
+    /// Most bytes one session may hold leased.
+    pub max_leased_bytes_per_session: u64,
+    /// Most chunk references all leases together may hold (each costs a key in memory).
+    pub max_lease_keys: usize,
     /// Start background eviction above this fraction of a pool ...
     pub high_watermark: f64,
     /// ... and stop below this one.
@@ -54,6 +64,10 @@ impl Default for IndexConfig {
             max_chunk_size: 256 << 20,
             max_keys: prefixd_proto::limits::MAX_KEYS_PER_REQUEST,
             max_namespaces: 65536,
+            max_reserved_bytes_per_session: u64::MAX,
+            max_leases_per_session: 4096,
+            max_leased_bytes_per_session: u64::MAX,
+            max_lease_keys: 1 << 20,
             high_watermark: 0.95,
             low_watermark: 0.85,
             grace: Duration::from_secs(2),
@@ -61,7 +75,6 @@ impl Default for IndexConfig {
     }
 }
 
-type NsId = u32;
 type EntryKey = (NsId, ChunkKey);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +162,19 @@ struct Put {
     inflight: u32,
     /// Aborted or expired while receives were in flight: freed when the last one ends.
     doomed: bool,
+    /// A doomed put's slots, taken out of the index at once (their keys are free for other
+    /// producers) but still allocated until the last receive into them ends.
+    zombies: Vec<(Tier, u64, u64)>,
+    /// Bytes this put holds reserved (allocator footprints), counted against its session.
+    reserved_bytes: u64,
+}
+
+/// What one session holds, for the per-session limits.
+#[derive(Debug, Clone, Copy, Default)]
+struct SessionUsage {
+    reserved_bytes: u64,
+    leased_bytes: u64,
+    leases: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +194,8 @@ struct Lease {
     inflight: u32,
     /// Released or expired while sends were in flight: released when the last one ends.
     doomed: bool,
+    /// Bytes of the leased chunks, counted against the session.
+    bytes: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -217,8 +245,11 @@ struct TierOrder {
 pub struct Index {
     cfg: IndexConfig,
     pools: Vec<(Tier, Allocator)>,
-    ns_ids: HashMap<String, NsId>,
+    namespaces: Namespaces,
     entries: HashMap<EntryKey, Entry>,
+    usage: HashMap<SessionId, SessionUsage>,
+    /// Chunk references held by all leases.
+    lease_keys: usize,
     /// Parallel to `pools`.
     orders: Vec<TierOrder>,
     puts: HashMap<PutId, Put>,
@@ -235,10 +266,11 @@ impl Index {
         let pools: Vec<(Tier, Allocator)> = cfg.tiers.iter().map(|&(t, cap)| (t, Allocator::new(cap))).collect();
         let orders = pools.iter().map(|_| TierOrder::default()).collect();
         Index {
-            cfg,
             pools,
-            ns_ids: HashMap::new(),
+            namespaces: Namespaces::new(cfg.max_namespaces),
             entries: HashMap::new(),
+            usage: HashMap::new(),
+            lease_keys: 0,
             orders,
             puts: HashMap::new(),
             leases: HashMap::new(),
@@ -246,6 +278,7 @@ impl Index {
             next_id: 1,
             counters: Counters::default(),
             moves: Vec::new(),
+            cfg,
         }
     }
 
@@ -286,19 +319,18 @@ impl Index {
     }
 
     fn ns_lookup(&self, ns: &str) -> Option<NsId> {
-        self.ns_ids.get(ns).copied()
+        self.namespaces.lookup(ns)
     }
 
-    fn ns_intern(&mut self, ns: &str) -> Result<NsId> {
-        if let Some(id) = self.ns_ids.get(ns) {
-            return Ok(*id);
+    fn usage_mut(&mut self, session: SessionId) -> &mut SessionUsage {
+        self.usage.entry(session).or_default()
+    }
+
+    /// Forgets a session's usage record once it holds nothing.
+    fn tidy_usage(&mut self, session: SessionId) {
+        if self.usage.get(&session).is_some_and(|u| u.reserved_bytes == 0 && u.leases == 0) {
+            self.usage.remove(&session);
         }
-        if self.ns_ids.len() >= self.cfg.max_namespaces {
-            return Err(IndexError::exhausted(format!("more than {} namespaces", self.cfg.max_namespaces)));
-        }
-        let id = self.ns_ids.len() as NsId;
-        self.ns_ids.insert(ns.to_owned(), id);
-        Ok(id)
     }
 
     fn pool_mut(&mut self, tier: Tier) -> Option<&mut Allocator> {
@@ -375,11 +407,19 @@ impl Index {
 
     /// Removes an entry, frees its bytes and unlinks it from its parent and children.
     fn remove_entry(&mut self, k: EntryKey) -> Option<Entry> {
-        self.unfile(k);
-        let e = self.entries.remove(&k)?;
+        let e = self.detach_entry(k)?;
         if let Some(pool) = self.pool_mut(e.tier) {
             pool.free(e.offset, e.len);
         }
+        Some(e)
+    }
+
+    /// Takes an entry out of the index (unlinked from parent and children) but leaves its bytes
+    /// allocated: the caller frees them, now or once nothing writes them any more.
+    fn detach_entry(&mut self, k: EntryKey) -> Option<Entry> {
+        self.unfile(k);
+        let e = self.entries.remove(&k)?;
+        self.namespaces.release(k.0);
         self.add_child(k.0, e.parent, -1);
         if e.children > 0 {
             // Orphan the children: they stay reachable only through their own prefix walk.
@@ -524,10 +564,31 @@ impl Index {
         if total > capacity {
             return Err(IndexError::exhausted(format!("put of {total} bytes exceeds the pools' {capacity} bytes")));
         }
-        let nsid = self.ns_intern(ns)?;
+        let nsid = self.namespaces.intern(ns)?;
+        // The put's own reference, taken first: eviction below may remove the namespace's last
+        // chunks, and the namespace must not go while this put fills it.
+        self.namespaces.retain(nsid);
+        // The session's reservation limit, counted over the chunks not cached yet.
+        let new_bytes: u64 = keys
+            .iter()
+            .zip(sizes)
+            .filter(|(k, _)| !self.entries.contains_key(&(nsid, **k)))
+            .map(|(_, &s)| Allocator::footprint(s))
+            .sum();
+        let held = self.usage.get(&session).map_or(0, |u| u.reserved_bytes);
+        if held.saturating_add(new_bytes) > self.cfg.max_reserved_bytes_per_session {
+            self.namespaces.release(nsid);
+            return Err(IndexError::exhausted(format!(
+                "the session would hold {} bytes reserved (it holds {held}); the limit \
+                 (max_reserved_bytes_per_session) is {}",
+                held.saturating_add(new_bytes),
+                self.cfg.max_reserved_bytes_per_session
+            )));
+        }
         let put_id = self.next_id();
         let mut slots = Vec::with_capacity(keys.len());
         let mut reserved: Vec<(u32, ChunkKey)> = Vec::new();
+        let mut reserved_bytes = 0;
         let mut prev = parent;
         for (i, (&key, &size)) in keys.iter().zip(sizes).enumerate() {
             let k = (nsid, key);
@@ -541,6 +602,7 @@ impl Index {
                 for (_, rk) in reserved {
                     self.remove_entry((nsid, rk));
                 }
+                self.namespaces.release(nsid);
                 return Err(IndexError::exhausted(format!(
                     "no room for chunk {i} ({size} bytes): everything left is reserved or leased"
                 )));
@@ -552,15 +614,38 @@ impl Index {
                 k,
                 Entry { state: State::Reserved(put_id), tier, offset, len: size, parent, children: 0, leases: 0, tick },
             );
+            self.namespaces.retain(nsid);
             self.add_child(nsid, parent, 1);
             reserved.push((i as u32, key));
+            reserved_bytes += Allocator::footprint(size);
             slots.push(Slot::Reserved(Location { tier, offset, len: size }));
             prev = Some(key);
         }
         let expires = now + ttl;
         let received = active_message.then(|| vec![Arrival::Waiting; reserved.len()]);
-        self.puts.insert(put_id, Put { session, ns: nsid, reserved, received, expires, inflight: 0, doomed: false });
+        self.usage_mut(session).reserved_bytes += reserved_bytes;
+        let put = Put {
+            session,
+            ns: nsid,
+            reserved,
+            received,
+            expires,
+            inflight: 0,
+            doomed: false,
+            zombies: Vec::new(),
+            reserved_bytes,
+        };
+        self.puts.insert(put_id, put);
         Ok(BeginPut { put_id, slots, expires })
+    }
+
+    /// Ends a put's hold on its session's reservation and its namespace.
+    fn unhold_put(&mut self, p: &Put) {
+        if let Some(u) = self.usage.get_mut(&p.session) {
+            u.reserved_bytes = u.reserved_bytes.saturating_sub(p.reserved_bytes);
+        }
+        self.tidy_usage(p.session);
+        self.namespaces.release(p.ns);
     }
 
     fn own_put(&self, put_id: PutId, session: SessionId) -> Result<&Put> {
@@ -615,8 +700,21 @@ impl Index {
             r[pos] = if ok { Arrival::Received } else { Arrival::Waiting };
         }
         if p.doomed && p.inflight == 0 {
-            self.drop_put(put_id);
+            self.bury_put(put_id);
         }
+    }
+
+    /// Frees the slots of a doomed put once no receive writes them any more.
+    fn bury_put(&mut self, put_id: PutId) {
+        let Some(p) = self.puts.remove(&put_id) else {
+            return;
+        };
+        for &(tier, offset, len) in &p.zombies {
+            if let Some(pool) = self.pool_mut(tier) {
+                pool.free(offset, len);
+            }
+        }
+        self.namespaces.release(p.ns);
     }
 
     /// How many reserved chunks of an active-message put have not arrived yet (0 for RMA).
@@ -639,6 +737,7 @@ impl Index {
             }
         }
         let p = self.puts.remove(&put_id).ok_or_else(|| IndexError::not_found("put vanished"))?;
+        self.unhold_put(&p);
         let (mut n, mut bytes) = (0, TierBytes::default());
         for (_, key) in &p.reserved {
             let k = (p.ns, *key);
@@ -661,26 +760,45 @@ impl Index {
     }
 
     fn drop_put(&mut self, put_id: PutId) -> u32 {
-        match self.puts.get_mut(&put_id) {
+        let (inflight, ns, reserved) = match self.puts.get(&put_id) {
             None => return 0,
-            Some(p) if p.inflight > 0 => {
-                // Receives still write into these slots: free them when the last one ends.
-                p.doomed = true;
-                return p.reserved.len() as u32;
-            }
-            Some(_) => {}
-        }
-        let Some(p) = self.puts.remove(&put_id) else {
-            return 0;
+            Some(p) if p.doomed => return 0,
+            Some(p) => (p.inflight, p.ns, p.reserved.clone()),
         };
         let mut n = 0;
+        let mut zombies = Vec::new();
         // Children before parents, so each removal sees an up-to-date child count.
-        for (_, key) in p.reserved.iter().rev() {
-            let k = (p.ns, *key);
-            if matches!(self.entries.get(&k), Some(e) if e.state == State::Reserved(put_id)) {
-                self.remove_entry(k);
-                n += 1;
+        for (_, key) in reserved.iter().rev() {
+            let k = (ns, *key);
+            if !matches!(self.entries.get(&k), Some(e) if e.state == State::Reserved(put_id)) {
+                continue;
             }
+            n += 1;
+            if inflight > 0 {
+                // Receives still write into this slot: out of the index now (another producer
+                // may put the key), its bytes freed when the last receive ends.
+                if let Some(e) = self.detach_entry(k) {
+                    zombies.push((e.tier, e.offset, e.len));
+                }
+            } else {
+                self.remove_entry(k);
+            }
+        }
+        if inflight > 0 {
+            if let Some(p) = self.puts.get_mut(&put_id) {
+                p.doomed = true;
+                p.zombies = zombies;
+            }
+            // The slots no longer count against the session: its limit is about what it can
+            // still use, and the session may be gone already.
+            if let Some(p) = self.puts.get(&put_id).cloned() {
+                if let Some(u) = self.usage.get_mut(&p.session) {
+                    u.reserved_bytes = u.reserved_bytes.saturating_sub(p.reserved_bytes);
+                }
+                self.tidy_usage(p.session);
+            }
+        } else if let Some(p) = self.puts.remove(&put_id) {
+            self.unhold_put(&p);
         }
         n
     }
@@ -706,6 +824,11 @@ impl Index {
                 _ => break,
             }
         }
+        if let (Some((session, _)), true) = (lease, hits > 0) {
+            // The limits are checked before anything changes: a refused lease counts nothing.
+            let bytes: u64 = keys[..hits].iter().filter_map(|k| self.entries.get(&(nsid, *k))).map(|e| e.len).sum();
+            self.check_lease_limits(session, hits, bytes)?;
+        }
         self.counters.hit_chunks += hits as u64;
         self.counters.miss_chunks += (keys.len() - hits) as u64;
         for key in &keys[..hits] {
@@ -715,21 +838,52 @@ impl Index {
         if let (Some((session, ttl)), true) = (lease, hits > 0) {
             let lease_id = self.next_id();
             let expires = now + ttl;
+            let mut bytes = 0;
             for key in &keys[..hits] {
                 let k = (nsid, *key);
                 if let Some(e) = self.entries.get_mut(&k) {
                     e.leases += 1;
+                    bytes += e.len;
                     result.locations.push(Location { tier: e.tier, offset: e.offset, len: e.len });
                 }
                 self.refile(k);
             }
-            self.leases.insert(
-                lease_id,
-                Lease { session, ns: nsid, keys: keys[..hits].to_vec(), expires, inflight: 0, doomed: false },
-            );
+            let lease =
+                Lease { session, ns: nsid, keys: keys[..hits].to_vec(), expires, inflight: 0, doomed: false, bytes };
+            self.leases.insert(lease_id, lease);
+            self.namespaces.retain(nsid);
+            self.lease_keys += hits;
+            let u = self.usage_mut(session);
+            u.leases += 1;
+            u.leased_bytes += bytes;
             result.lease = Some((lease_id, expires));
         }
         Ok(result)
+    }
+
+    fn check_lease_limits(&self, session: SessionId, chunks: usize, bytes: u64) -> Result<()> {
+        let u = self.usage.get(&session).copied().unwrap_or_default();
+        if u.leases >= self.cfg.max_leases_per_session {
+            return Err(IndexError::exhausted(format!(
+                "the session holds {} leases; the limit (max_leases_per_session) is {}: release some",
+                u.leases, self.cfg.max_leases_per_session
+            )));
+        }
+        if u.leased_bytes.saturating_add(bytes) > self.cfg.max_leased_bytes_per_session {
+            return Err(IndexError::exhausted(format!(
+                "the session would hold {} bytes leased; the limit (max_leased_bytes_per_session) is {}",
+                u.leased_bytes.saturating_add(bytes),
+                self.cfg.max_leased_bytes_per_session
+            )));
+        }
+        if self.lease_keys + chunks > self.cfg.max_lease_keys {
+            return Err(IndexError::exhausted(format!(
+                "leases pin {} chunks in all; the limit (max_lease_keys) is {}",
+                self.lease_keys + chunks,
+                self.cfg.max_lease_keys
+            )));
+        }
+        Ok(())
     }
 
     fn own_lease(&self, lease_id: LeaseId, session: SessionId) -> Result<&Lease> {
@@ -803,13 +957,20 @@ impl Index {
         let Some(l) = self.leases.remove(&lease_id) else {
             return;
         };
-        for key in l.keys {
-            let k = (l.ns, key);
+        self.lease_keys = self.lease_keys.saturating_sub(l.keys.len());
+        if let Some(u) = self.usage.get_mut(&l.session) {
+            u.leases = u.leases.saturating_sub(1);
+            u.leased_bytes = u.leased_bytes.saturating_sub(l.bytes);
+        }
+        self.tidy_usage(l.session);
+        for key in &l.keys {
+            let k = (l.ns, *key);
             if let Some(e) = self.entries.get_mut(&k) {
                 e.leases = e.leases.saturating_sub(1);
             }
             self.refile(k);
         }
+        self.namespaces.release(l.ns);
     }
 
     /// Removes Ready, unleased chunks; returns (deleted, skipped because leased).
@@ -899,11 +1060,13 @@ impl Index {
     /// Checks every structural invariant; for tests. Returns the first violation found.
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
         for (tier, a) in &self.pools {
+            let zombies = self.puts.values().flat_map(|p| p.zombies.iter()).filter(|z| z.0 == *tier);
             let mut spans: Vec<(u64, u64)> = self
                 .entries
                 .values()
                 .filter(|e| e.tier == *tier)
                 .map(|e| (e.offset, Allocator::footprint(e.len)))
+                .chain(zombies.map(|z| (z.1, Allocator::footprint(z.2))))
                 .collect();
             let used: u64 = spans.iter().map(|s| s.1).sum();
             if used != a.used() {
@@ -953,6 +1116,44 @@ impl Index {
                     return Err(format!("{:?} reserved by a put that no longer exists", k.1));
                 }
             }
+        }
+        // Namespace references: one per entry, put and lease.
+        let mut refs: HashMap<NsId, u32> = HashMap::new();
+        for k in self.entries.keys() {
+            *refs.entry(k.0).or_default() += 1;
+        }
+        for p in self.puts.values() {
+            *refs.entry(p.ns).or_default() += 1;
+        }
+        for l in self.leases.values() {
+            *refs.entry(l.ns).or_default() += 1;
+        }
+        for (id, n) in self.namespaces.references() {
+            if refs.get(&id).copied().unwrap_or(0) != n {
+                return Err(format!("namespace {id} counts {n} references, has {:?}", refs.get(&id)));
+            }
+        }
+        if refs.len() != self.namespaces.len() {
+            return Err(format!("{} namespaces referenced, {} alive", refs.len(), self.namespaces.len()));
+        }
+        // Per-session usage: reserved bytes of live puts, leases and their bytes.
+        let mut usage: HashMap<SessionId, SessionUsage> = HashMap::new();
+        for p in self.puts.values().filter(|p| !p.doomed) {
+            usage.entry(p.session).or_default().reserved_bytes += p.reserved_bytes;
+        }
+        for l in self.leases.values() {
+            let u = usage.entry(l.session).or_default();
+            u.leases += 1;
+            u.leased_bytes += l.bytes;
+        }
+        for (s, u) in &usage {
+            let have = self.usage.get(s).copied().unwrap_or_default();
+            if (have.reserved_bytes, have.leases, have.leased_bytes) != (u.reserved_bytes, u.leases, u.leased_bytes) {
+                return Err(format!("session {s}: usage {have:?}, should be {u:?}"));
+            }
+        }
+        if self.lease_keys != self.leases.values().map(|l| l.keys.len()).sum::<usize>() {
+            return Err("lease key count disagrees".into());
         }
         let filed: usize = self.orders.iter().map(|o| o.demotable.len()).sum();
         let should: usize = self.entries.values().filter(|e| Self::is_demotable(e)).count();

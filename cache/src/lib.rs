@@ -19,6 +19,7 @@
 mod alloc;
 mod error;
 mod index;
+mod namespaces;
 mod tier;
 
 pub use alloc::{Allocator, ALIGN};

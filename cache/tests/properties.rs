@@ -37,6 +37,7 @@ fn small_index() -> Index {
         high_watermark: 0.9,
         low_watermark: 0.7,
         grace: Duration::ZERO,
+        ..IndexConfig::default()
     })
 }
 
@@ -431,4 +432,139 @@ fn new_prompts_take_the_gpu_tier_even_when_it_is_full_of_chains() {
         let keys: Vec<ChunkKey> = (0..4).map(|c| key(p, c)).collect();
         assert_eq!(idx.lookup("ns", &keys, None, now).unwrap().hits, 4, "prompt {p} still whole");
     }
+}
+
+/// 4e6c6e7 interned names before allocating and never forgot them: after 65,536 distinct names,
+/// even from failed puts, every new namespace was refused until restart. Names are now counted
+/// and freed with their last chunk, put or lease.
+#[test]
+fn namespaces_are_freed_with_their_last_reference() {
+    let mut idx = Index::new(IndexConfig {
+        tiers: vec![(Tier::Host, 8 * 1024)],
+        max_namespaces: 4,
+        grace: Duration::ZERO,
+        ..IndexConfig::default()
+    });
+    let now = Instant::now();
+    let ttl = Duration::from_secs(5);
+    for i in 0..100 {
+        let ns = format!("tenant-{i}");
+        // Aborted puts, failed puts (too large), committed-then-deleted chunks, released leases.
+        let b = idx.begin_put(1, &ns, &[key(i, 0)], &[512], None, false, now, ttl).unwrap();
+        match i % 3 {
+            0 => {
+                idx.abort_put(b.put_id, 1).unwrap();
+            }
+            1 => {
+                idx.commit_put(b.put_id, 1, now).unwrap();
+                let (lease, _) = idx.lookup(&ns, &[key(i, 0)], Some((1, ttl)), now).unwrap().lease.unwrap();
+                idx.release(lease, 1).unwrap();
+                assert_eq!(idx.delete(&ns, &[key(i, 0)]).unwrap(), (1, 0));
+            }
+            _ => {
+                idx.commit_put(b.put_id, 1, now).unwrap();
+                idx.delete(&ns, &[key(i, 0)]).unwrap();
+            }
+        }
+        let too_big = idx.begin_put(1, &ns, &[key(i, 1)], &[64 * 1024], None, false, now, ttl);
+        assert!(too_big.is_err());
+        idx.check_invariants().unwrap();
+    }
+    // Four alive at once is the cap; the fifth waits until one goes.
+    let mut puts = Vec::new();
+    for i in 0..4 {
+        puts.push(idx.begin_put(1, &format!("live-{i}"), &[key(500 + i, 0)], &[256], None, false, now, ttl).unwrap());
+    }
+    let e = idx.begin_put(1, "live-4", &[key(504, 0)], &[256], None, false, now, ttl).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::ResourceExhausted);
+    assert!(e.message.contains("max_namespaces"), "{}", e.message);
+    idx.abort_put(puts[0].put_id, 1).unwrap();
+    idx.begin_put(1, "live-4", &[key(504, 0)], &[256], None, false, now, ttl).unwrap();
+    idx.check_invariants().unwrap();
+}
+
+/// One BeginPut could reserve the whole pool (evicting everything): a session's reservations
+/// are now capped, and a refused put changes nothing.
+#[test]
+fn a_session_cannot_reserve_more_than_its_share() {
+    let mut idx = Index::new(IndexConfig {
+        tiers: vec![(Tier::Host, 64 * 1024)],
+        max_reserved_bytes_per_session: 16 * 1024,
+        grace: Duration::ZERO,
+        ..IndexConfig::default()
+    });
+    let now = Instant::now();
+    let ttl = Duration::from_secs(5);
+    let b = idx.begin_put(2, "ns", &[key(1, 0)], &[1024], None, false, now, ttl).unwrap();
+    idx.commit_put(b.put_id, 2, now).unwrap();
+    let keys: Vec<ChunkKey> = (0..32).map(|c| key(9, c)).collect();
+    let e = idx.begin_put(1, "ns", &keys, &[1024; 32], None, false, now, ttl).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::ResourceExhausted);
+    assert!(e.message.contains("max_reserved_bytes_per_session"), "{}", e.message);
+    assert_eq!((idx.entries(), idx.active_reservations()), (1, 0), "nothing changed");
+    // Within the share: fine; the share frees at commit.
+    let b = idx.begin_put(1, "ns", &keys[..16], &[1024; 16], None, false, now, ttl).unwrap();
+    assert!(idx.begin_put(1, "ns", &keys[16..], &[1024; 16], None, false, now, ttl).is_err());
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    idx.begin_put(1, "ns", &keys[16..], &[1024; 16], None, false, now, ttl).unwrap();
+    idx.check_invariants().unwrap();
+}
+
+/// Leasing lookups were unbounded (9,000 leases of 4,096 keys took 1.19 GiB): leases per
+/// session, leased bytes per session and lease keys in all are capped.
+#[test]
+fn leases_are_capped_per_session_and_in_all() {
+    let mut idx = Index::new(IndexConfig {
+        tiers: vec![(Tier::Host, 64 * 1024)],
+        max_leases_per_session: 3,
+        max_leased_bytes_per_session: 4 * 1024,
+        max_lease_keys: 5,
+        grace: Duration::ZERO,
+        ..IndexConfig::default()
+    });
+    let now = Instant::now();
+    let ttl = Duration::from_secs(5);
+    let keys: Vec<ChunkKey> = (0..4).map(|c| key(7, c)).collect();
+    let b = idx.begin_put(1, "ns", &keys, &[1024; 4], None, false, now, ttl).unwrap();
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    let lease = |idx: &mut Index, s, n: usize| idx.lookup("ns", &keys[..n], Some((s, ttl)), now);
+    lease(&mut idx, 1, 1).unwrap();
+    lease(&mut idx, 1, 1).unwrap();
+    let third = lease(&mut idx, 1, 1).unwrap().lease.unwrap().0;
+    let e = lease(&mut idx, 1, 1).unwrap_err();
+    assert!(e.message.contains("max_leases_per_session"), "{}", e.message);
+    idx.release(third, 1).unwrap();
+    let e = lease(&mut idx, 1, 3).unwrap_err();
+    assert!(e.message.contains("max_leased_bytes_per_session"), "{}", e.message);
+    let e = lease(&mut idx, 2, 4).unwrap_err();
+    assert!(e.message.contains("max_lease_keys"), "{}", e.message);
+    assert_eq!(lease(&mut idx, 2, 3).unwrap().hits, 3);
+    idx.check_invariants().unwrap();
+    // A refused lease counted nothing: hits counters moved only for the granted ones.
+    idx.drop_session(1);
+    idx.drop_session(2);
+    assert_eq!(idx.active_leases(), 0);
+    idx.check_invariants().unwrap();
+}
+
+/// A dead active-message producer's reservation, with receives still in flight, used to hide its
+/// keys from other producers for the whole receive timeout ("already present", never stored).
+/// Its slots now leave the index at once; only their bytes wait for the receives to end.
+#[test]
+fn a_doomed_put_frees_its_keys_at_once_and_its_bytes_after_the_receives() {
+    let mut idx = small_index();
+    let now = Instant::now();
+    let ttl = Duration::from_secs(1);
+    let b = idx.begin_put(1, "ns", &[key(1, 0), key(1, 1)], &[4096, 4096], None, true, now, ttl).unwrap();
+    let loc = idx.begin_receive(b.put_id, 1, 0, now).unwrap();
+    idx.drop_session(1); // the producer died
+    let other = idx.begin_put(2, "ns", &[key(1, 0)], &[4096], None, true, now, ttl).unwrap();
+    match other.slots[0] {
+        Slot::Reserved(l) => assert_ne!(l.offset, loc.offset, "the slot still being written is not reused"),
+        Slot::Present => panic!("the dead producer's key hides the chunk from another producer"),
+    }
+    idx.check_invariants().unwrap();
+    idx.end_receive(b.put_id, 0, false);
+    idx.check_invariants().unwrap();
+    assert_eq!(idx.usage()[0].used, 4096, "the zombie slot was freed; only the new put's is held");
 }

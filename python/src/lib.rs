@@ -342,12 +342,7 @@ impl NativeClient {
     /// Leases the longest cached prefix of `keys`: (lease id, [(address, length, gpu_tier)],
     /// seconds until it expires). Same-host sessions get addresses that `scatter` reads, from
     /// any client process of this host. Lease id 0: nothing hit.
-    fn lease(
-        &self,
-        py: Python<'_>,
-        namespace: String,
-        keys: Vec<Vec<u8>>,
-    ) -> PyResult<LeaseTuple> {
+    fn lease(&self, py: Python<'_>, namespace: String, keys: Vec<Vec<u8>>) -> PyResult<LeaseTuple> {
         let keys = parse_keys(keys)?;
         let lease = self.call(py, |c| async move { c.lease_keys(&namespace, &keys).await })?;
         let left = lease.expires.saturating_duration_since(std::time::Instant::now()).as_secs_f64();

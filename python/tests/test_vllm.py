@@ -101,12 +101,29 @@ def kv_cache_config():
 
 
 def kv_caches(vc):
-    """One KV tensor per layer, made by vLLM's own code (FlashAttention's shape and stride order,
-    the model runner's reshape of a raw allocation)."""
+    """One KV tensor per layer, made by vLLM's own code: in 0.26, FlashAttention's shape and stride
+    order and the model runner's reshape of a raw allocation; in 0.33, the one backing buffer
+    viewed per layer in the resolved layout (LBNHC is 0.26's NHD)."""
+    spec = kv_cache_config().kv_cache_groups[0].kv_cache_spec
+    try:
+        from vllm.v1.kv_cache_layout import KVCacheLayout  # 0.33
+        from vllm.v1.kv_cache_interface import KVCacheTensor
+        from vllm.v1.worker.utils import allocate_kv_cache
+    except ImportError:
+        KVCacheLayout = None
+    if KVCacheLayout is not None:
+        page = spec.page_size_bytes
+        names = layer_names()
+        kcc = KVCacheConfig(
+            num_blocks=NUM_BLOCKS,
+            kv_cache_tensors=[KVCacheTensor(size=LAYERS * page * NUM_BLOCKS, layers=names,
+                                            layer_stride=page * NUM_BLOCKS, block_stride=page)],
+            kv_cache_groups=[KVCacheGroupSpec(names, spec)],
+        )
+        return allocate_kv_cache(kcc, torch.device("cpu"), KVCacheLayout.LBNHC, [BLOCK])
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
     from vllm.v1.worker.gpu.attn_utils import _reshape_attention_kv_cache
 
-    spec = kv_cache_config().kv_cache_groups[0].kv_cache_spec
     with set_current_vllm_config(vc):
         shape = FlashAttentionBackend.get_kv_cache_shape(NUM_BLOCKS, BLOCK, KV_HEADS, HEAD)
         order = FlashAttentionBackend.get_kv_cache_stride_order()
