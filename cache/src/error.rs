@@ -31,11 +31,17 @@ impl ErrorKind {
 pub struct IndexError {
     pub kind: ErrorKind,
     pub message: String,
+    /// The configured limit that refused the call (a metric label), if one did.
+    pub limit: Option<&'static str>,
 }
 
 impl IndexError {
     fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        IndexError { kind, message: message.into() }
+        IndexError { kind, message: message.into(), limit: None }
+    }
+    /// RESOURCE_EXHAUSTED because the configured limit `limit` would be passed.
+    pub fn limit(limit: &'static str, m: impl Into<String>) -> Self {
+        IndexError { kind: ErrorKind::ResourceExhausted, message: m.into(), limit: Some(limit) }
     }
     pub fn invalid(m: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidArgument, m)

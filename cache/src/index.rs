@@ -578,12 +578,15 @@ impl Index {
         let held = self.usage.get(&session).map_or(0, |u| u.reserved_bytes);
         if held.saturating_add(new_bytes) > self.cfg.max_reserved_bytes_per_session {
             self.namespaces.release(nsid);
-            return Err(IndexError::exhausted(format!(
-                "the session would hold {} bytes reserved (it holds {held}); the limit \
+            return Err(IndexError::limit(
+                "max_reserved_bytes_per_session",
+                format!(
+                    "the session would hold {} bytes reserved (it holds {held}); the limit \
                  (max_reserved_bytes_per_session) is {}",
-                held.saturating_add(new_bytes),
-                self.cfg.max_reserved_bytes_per_session
-            )));
+                    held.saturating_add(new_bytes),
+                    self.cfg.max_reserved_bytes_per_session
+                ),
+            ));
         }
         let put_id = self.next_id();
         let mut slots = Vec::with_capacity(keys.len());
@@ -864,24 +867,33 @@ impl Index {
     fn check_lease_limits(&self, session: SessionId, chunks: usize, bytes: u64) -> Result<()> {
         let u = self.usage.get(&session).copied().unwrap_or_default();
         if u.leases >= self.cfg.max_leases_per_session {
-            return Err(IndexError::exhausted(format!(
-                "the session holds {} leases; the limit (max_leases_per_session) is {}: release some",
-                u.leases, self.cfg.max_leases_per_session
-            )));
+            return Err(IndexError::limit(
+                "max_leases_per_session",
+                format!(
+                    "the session holds {} leases; the limit (max_leases_per_session) is {}: release some",
+                    u.leases, self.cfg.max_leases_per_session
+                ),
+            ));
         }
         if u.leased_bytes.saturating_add(bytes) > self.cfg.max_leased_bytes_per_session {
-            return Err(IndexError::exhausted(format!(
-                "the session would hold {} bytes leased; the limit (max_leased_bytes_per_session) is {}",
-                u.leased_bytes.saturating_add(bytes),
-                self.cfg.max_leased_bytes_per_session
-            )));
+            return Err(IndexError::limit(
+                "max_leased_bytes_per_session",
+                format!(
+                    "the session would hold {} bytes leased; the limit (max_leased_bytes_per_session) is {}",
+                    u.leased_bytes.saturating_add(bytes),
+                    self.cfg.max_leased_bytes_per_session
+                ),
+            ));
         }
         if self.lease_keys + chunks > self.cfg.max_lease_keys {
-            return Err(IndexError::exhausted(format!(
-                "leases pin {} chunks in all; the limit (max_lease_keys) is {}",
-                self.lease_keys + chunks,
-                self.cfg.max_lease_keys
-            )));
+            return Err(IndexError::limit(
+                "max_lease_keys",
+                format!(
+                    "leases pin {} chunks in all; the limit (max_lease_keys) is {}",
+                    self.lease_keys + chunks,
+                    self.cfg.max_lease_keys
+                ),
+            ));
         }
         Ok(())
     }

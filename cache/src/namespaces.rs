@@ -35,11 +35,14 @@ impl Namespaces {
             return Ok(*id);
         }
         if self.ids.len() >= self.max {
-            return Err(IndexError::exhausted(format!(
-                "{} namespaces hold chunks, puts or leases: the limit (max_namespaces) is {}",
-                self.ids.len(),
-                self.max
-            )));
+            return Err(IndexError::limit(
+                "max_namespaces",
+                format!(
+                    "{} namespaces hold chunks, puts or leases: the limit (max_namespaces) is {}",
+                    self.ids.len(),
+                    self.max
+                ),
+            ));
         }
         let id = self.free.pop().unwrap_or_else(|| {
             self.next += 1;

@@ -97,6 +97,35 @@ pub struct Cli {
     #[arg(long, env = "PREFIXD_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
 
+    /// Most client sessions at once; Connect beyond it gets RESOURCE_EXHAUSTED [default: 4096].
+    #[arg(long, env = "PREFIXD_MAX_SESSIONS", value_name = "N")]
+    pub max_sessions: Option<usize>,
+
+    /// Most sessions from one peer address [default: 512].
+    #[arg(long, env = "PREFIXD_MAX_SESSIONS_PER_PEER", value_name = "N")]
+    pub max_sessions_per_peer: Option<usize>,
+
+    /// Most gRPC calls in flight at once [default: 1024].
+    #[arg(long, env = "PREFIXD_MAX_CONCURRENT_RPCS", value_name = "N")]
+    pub max_concurrent_rpcs: Option<usize>,
+
+    /// Most namespaces alive at once (holding chunks, puts or leases) [default: 65536].
+    #[arg(long, env = "PREFIXD_MAX_NAMESPACES", value_name = "N")]
+    pub max_namespaces: Option<usize>,
+
+    /// Most bytes one session may hold reserved by puts not yet committed [default: half the
+    /// pools].
+    #[arg(long, env = "PREFIXD_MAX_RESERVED_PER_SESSION", value_name = "SIZE")]
+    pub max_reserved_per_session: Option<ByteSize>,
+
+    /// Most leases one session may hold [default: 4096].
+    #[arg(long, env = "PREFIXD_MAX_LEASES_PER_SESSION", value_name = "N")]
+    pub max_leases_per_session: Option<usize>,
+
+    /// Most bytes one session may hold leased [default: half the pools].
+    #[arg(long, env = "PREFIXD_MAX_LEASED_PER_SESSION", value_name = "SIZE")]
+    pub max_leased_per_session: Option<ByteSize>,
+
     /// Log filter, in the form of RUST_LOG (e.g. "info", "prefixd=debug") [default: info].
     #[arg(long, env = "PREFIXD_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -131,6 +160,13 @@ struct FileConfig {
     log: Option<String>,
     high_watermark: Option<f64>,
     low_watermark: Option<f64>,
+    max_sessions: Option<usize>,
+    max_sessions_per_peer: Option<usize>,
+    max_concurrent_rpcs: Option<usize>,
+    max_namespaces: Option<usize>,
+    max_reserved_per_session: Option<String>,
+    max_leases_per_session: Option<usize>,
+    max_leased_per_session: Option<String>,
 }
 
 /// The resolved, validated configuration.
@@ -155,6 +191,35 @@ pub struct Config {
     pub log: String,
     pub high_watermark: f64,
     pub low_watermark: f64,
+    pub limits: Limits,
+}
+
+/// What one client may hold, and how many of them there may be (see `prefixd --help`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_sessions: usize,
+    pub max_sessions_per_peer: usize,
+    pub max_concurrent_rpcs: usize,
+    pub max_namespaces: usize,
+    /// None: half the pools.
+    pub max_reserved_per_session: Option<ByteSize>,
+    pub max_leases_per_session: usize,
+    /// None: half the pools.
+    pub max_leased_per_session: Option<ByteSize>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions: 4096,
+            max_sessions_per_peer: 512,
+            max_concurrent_rpcs: 1024,
+            max_namespaces: 65536,
+            max_reserved_per_session: None,
+            max_leases_per_session: 4096,
+            max_leased_per_session: None,
+        }
+    }
 }
 
 impl Default for Config {
@@ -177,6 +242,7 @@ impl Default for Config {
             log: "info".into(),
             high_watermark: 0.95,
             low_watermark: 0.85,
+            limits: Limits::default(),
         }
     }
 }
@@ -216,6 +282,16 @@ impl Config {
             c.log = f.log.unwrap_or(c.log);
             c.high_watermark = f.high_watermark.unwrap_or(c.high_watermark);
             c.low_watermark = f.low_watermark.unwrap_or(c.low_watermark);
+            let l = &mut c.limits;
+            l.max_sessions = f.max_sessions.unwrap_or(l.max_sessions);
+            l.max_sessions_per_peer = f.max_sessions_per_peer.unwrap_or(l.max_sessions_per_peer);
+            l.max_concurrent_rpcs = f.max_concurrent_rpcs.unwrap_or(l.max_concurrent_rpcs);
+            l.max_namespaces = f.max_namespaces.unwrap_or(l.max_namespaces);
+            l.max_reserved_per_session =
+                field("max_reserved_per_session", f.max_reserved_per_session, size)?.or(l.max_reserved_per_session);
+            l.max_leases_per_session = f.max_leases_per_session.unwrap_or(l.max_leases_per_session);
+            l.max_leased_per_session =
+                field("max_leased_per_session", f.max_leased_per_session, size)?.or(l.max_leased_per_session);
         }
         c.listen = cli.listen.unwrap_or(c.listen);
         c.data_listen = cli.data_listen.or(c.data_listen);
@@ -235,6 +311,14 @@ impl Config {
         c.transfer_timeout = cli.transfer_timeout.unwrap_or(c.transfer_timeout);
         c.drain_timeout = cli.drain_timeout.unwrap_or(c.drain_timeout);
         c.log = cli.log.clone().unwrap_or(c.log);
+        let l = &mut c.limits;
+        l.max_sessions = cli.max_sessions.unwrap_or(l.max_sessions);
+        l.max_sessions_per_peer = cli.max_sessions_per_peer.unwrap_or(l.max_sessions_per_peer);
+        l.max_concurrent_rpcs = cli.max_concurrent_rpcs.unwrap_or(l.max_concurrent_rpcs);
+        l.max_namespaces = cli.max_namespaces.unwrap_or(l.max_namespaces);
+        l.max_reserved_per_session = cli.max_reserved_per_session.or(l.max_reserved_per_session);
+        l.max_leases_per_session = cli.max_leases_per_session.unwrap_or(l.max_leases_per_session);
+        l.max_leased_per_session = cli.max_leased_per_session.or(l.max_leased_per_session);
         if !chunk_size_set {
             // The default follows a small pool down rather than making it invalid.
             c.max_chunk_size = c.max_chunk_size.min(c.host_pool);
@@ -279,7 +363,34 @@ impl Config {
             ));
         }
         ucx_bindings::TransportList::parse(&self.transports).map_err(|e| format!("transports: {e}"))?;
+        let l = &self.limits;
+        for (name, v) in [
+            ("max_sessions", l.max_sessions),
+            ("max_sessions_per_peer", l.max_sessions_per_peer),
+            ("max_concurrent_rpcs", l.max_concurrent_rpcs),
+            ("max_namespaces", l.max_namespaces),
+            ("max_leases_per_session", l.max_leases_per_session),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
         Ok(())
+    }
+
+    /// Total bytes of the pools.
+    pub fn pool_bytes(&self) -> u64 {
+        self.host_pool.0 + self.gpu_pool.map_or(0, |g| g.0)
+    }
+
+    /// The per-session reservation limit (default: half the pools).
+    pub fn max_reserved_per_session(&self) -> u64 {
+        self.limits.max_reserved_per_session.map_or(self.pool_bytes() / 2, |b| b.0)
+    }
+
+    /// The per-session leased-bytes limit (default: half the pools).
+    pub fn max_leased_per_session(&self) -> u64 {
+        self.limits.max_leased_per_session.map_or(self.pool_bytes() / 2, |b| b.0)
     }
 
     /// The configuration as a TOML file would state it.
@@ -312,6 +423,18 @@ impl Config {
             self.log,
             self.high_watermark,
             self.low_watermark
+        );
+        let l = &self.limits;
+        s += &format!(
+            "max_sessions = {}\nmax_sessions_per_peer = {}\nmax_concurrent_rpcs = {}\nmax_namespaces = {}\n\
+             max_reserved_per_session = \"{}\"\nmax_leases_per_session = {}\nmax_leased_per_session = \"{}\"\n",
+            l.max_sessions,
+            l.max_sessions_per_peer,
+            l.max_concurrent_rpcs,
+            l.max_namespaces,
+            ByteSize(self.max_reserved_per_session()),
+            l.max_leases_per_session,
+            ByteSize(self.max_leased_per_session()),
         );
         s
     }

@@ -174,7 +174,8 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PrefixdServer<service::Service>>().await;
-    let svc = PrefixdServer::new(service::Service { state: state.clone(), data_addr })
+    let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_concurrent_rpcs));
+    let svc = PrefixdServer::new(service::Service { state: state.clone(), data_addr, inflight })
         .max_decoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES);
     let stop_accepting = CancelToken::default();

@@ -23,6 +23,7 @@ pub const ACTIVE_LEASES: &str = "prefixd_active_leases";
 pub const ACTIVE_RESERVATIONS: &str = "prefixd_active_reservations";
 pub const SESSIONS: &str = "prefixd_sessions";
 pub const REJECTED_MESSAGES_TOTAL: &str = "prefixd_rejected_messages_total";
+pub const LIMIT_REJECTIONS_TOTAL: &str = "prefixd_limit_rejections_total";
 
 /// The table in docs/METRICS.md is generated from this list (`prefixd --list-metrics`).
 pub const CATALOG: &[(&str, &str, &str, &str)] = &[
@@ -48,6 +49,12 @@ pub const CATALOG: &[(&str, &str, &str, &str)] = &[
     (ACTIVE_RESERVATIONS, "gauge", "", "puts begun and not yet committed or aborted"),
     (SESSIONS, "gauge", "", "connected client sessions"),
     (REJECTED_MESSAGES_TOTAL, "counter", "reason", "data-plane active messages dropped (bad header, unknown put, ...)"),
+    (
+        LIMIT_REJECTIONS_TOTAL,
+        "counter",
+        "limit",
+        "calls refused with RESOURCE_EXHAUSTED by a configured limit (max_sessions, max_sessions_per_peer, max_concurrent_rpcs, max_namespaces, max_reserved_bytes_per_session, max_leases_per_session, max_leased_bytes_per_session, max_lease_keys)",
+    ),
 ];
 
 #[derive(Debug, Clone)]
@@ -70,6 +77,9 @@ pub struct Metrics {
     pub active_reservations: IntGauge,
     pub sessions: IntGauge,
     pub rejected: IntCounterVec,
+    pub limit_rejections: IntCounterVec,
+    /// When each limit was last logged (seconds since start), so a flood logs once a second.
+    limit_logged: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<&'static str, std::time::Instant>>>,
 }
 
 fn help(name: &str) -> &'static str {
@@ -107,6 +117,8 @@ impl Metrics {
             active_reservations: gauge(ACTIVE_RESERVATIONS)?,
             sessions: gauge(SESSIONS)?,
             rejected: counter_vec(REJECTED_MESSAGES_TOTAL, &["reason"])?,
+            limit_rejections: counter_vec(LIMIT_REJECTIONS_TOTAL, &["limit"])?,
+            limit_logged: Default::default(),
             registry,
         };
         let r = &m.registry;
@@ -127,7 +139,21 @@ impl Metrics {
         r.register(Box::new(m.active_reservations.clone()))?;
         r.register(Box::new(m.sessions.clone()))?;
         r.register(Box::new(m.rejected.clone()))?;
+        r.register(Box::new(m.limit_rejections.clone()))?;
         Ok(m)
+    }
+
+    /// Counts a refusal by `limit` and logs it, at most once a second per limit.
+    pub fn limit_hit(&self, limit: &'static str, message: &str) {
+        self.limit_rejections.with_label_values(&[limit]).inc();
+        let now = std::time::Instant::now();
+        let mut logged = self.limit_logged.lock().unwrap_or_else(|p| p.into_inner());
+        let due = logged.get(limit).is_none_or(|t| now.duration_since(*t) >= std::time::Duration::from_secs(1));
+        if due {
+            logged.insert(limit, now);
+            drop(logged);
+            tracing::warn!(limit, "{message}");
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -163,6 +189,7 @@ mod tests {
         m.pool_capacity.with_label_values(&["host"]).set(1);
         m.expired.with_label_values(&["put"]).inc();
         m.rejected.with_label_values(&["bad_header"]).inc();
+        m.limit_hit("max_sessions", "test");
         let text = String::from_utf8(m.encode()).unwrap();
         for (name, kind, _, meaning) in CATALOG {
             assert!(text.contains(&format!("# TYPE {name} {kind}")), "{name} missing from the exposition");

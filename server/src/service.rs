@@ -3,7 +3,7 @@
 //! bytes (the Fetch call) with a deadline on every transfer.
 
 use crate::errors::{index_status, ucx_status};
-use crate::sessions::{Session, Sessions};
+use crate::sessions::{CreateError, Session, Sessions};
 use crate::state::State;
 use prefixd_cache::{Slot, Tier};
 use prefixd_proto::dataplane::{token_from, FetchHeader, AM_FETCH};
@@ -22,6 +22,8 @@ const FETCH_WINDOW: usize = 8;
 #[derive(Debug, Clone)]
 pub struct Service {
     pub state: Arc<State>,
+    /// Calls in flight (max_concurrent_rpcs): a call that finds none left is refused at once.
+    pub inflight: Arc<tokio::sync::Semaphore>,
     /// Where the data listener is bound: its port (and its host, when it is one address) goes
     /// to every client in ConnectResponse.
     pub data_addr: std::net::SocketAddr,
@@ -55,6 +57,14 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl Service {
+    /// An index error as a status, counting it when a configured limit refused the call.
+    fn index_err(&self, e: prefixd_cache::IndexError) -> Status {
+        if let Some(limit) = e.limit {
+            self.state.metrics.limit_hit(limit, &e.message);
+        }
+        index_status(e)
+    }
+
     /// The session a request's token names.
     fn session(&self, token: &[u8]) -> Result<Arc<Session>, Status> {
         let token = token_from(token).ok_or_else(|| {
@@ -78,6 +88,13 @@ impl Service {
             self.state.metrics.requests.with_label_values(&[op, "Unavailable"]).inc();
             return Err(Status::unavailable("prefixd is shutting down"));
         }
+        let Ok(_permit) = self.inflight.clone().try_acquire_owned() else {
+            let limit = self.state.cfg.limits.max_concurrent_rpcs;
+            let msg = format!("{limit} calls are in flight; the limit (max_concurrent_rpcs) is {limit}: retry");
+            self.state.metrics.limit_hit("max_concurrent_rpcs", &msg);
+            self.state.metrics.requests.with_label_values(&[op, "ResourceExhausted"]).inc();
+            return Err(Status::resource_exhausted(msg));
+        };
         let t0 = Instant::now();
         let r = f.await;
         let code = match &r {
@@ -89,7 +106,7 @@ impl Service {
         r.map(Response::new)
     }
 
-    async fn do_connect(&self, r: ConnectRequest) -> Result<ConnectResponse, Status> {
+    async fn do_connect(&self, r: ConnectRequest, peer: Option<std::net::IpAddr>) -> Result<ConnectResponse, Status> {
         if r.client_name.len() > MAX_CLIENT_NAME_LEN || r.host_id.len() > 256 {
             return Err(Status::invalid_argument("client_name (<= 128 bytes) or host_id (<= 256 bytes) too long"));
         }
@@ -100,8 +117,13 @@ impl Service {
         let path = st.data_path_for(&r.host_id, r.force_remote, &r.transports);
         let both: Vec<String> = st.transports.iter().filter(|t| r.transports.contains(t)).cloned().collect();
         let name = if r.client_name.is_empty() { "unnamed".to_owned() } else { r.client_name.clone() };
-        let session =
-            st.sessions.create(name, path).map_err(|e| Status::internal(format!("no randomness for a token: {e}")))?;
+        let session = st.sessions.create(name, path, peer).map_err(|e| match e {
+            CreateError::Limit(limit, msg) => {
+                st.metrics.limit_hit(limit, &msg);
+                Status::resource_exhausted(msg)
+            }
+            CreateError::NoRandomness(e) => Status::internal(format!("no randomness for a token: {e}")),
+        })?;
         let pools = if path == DataPath::Rma {
             [Tier::Gpu, Tier::Host]
                 .into_iter()
@@ -152,7 +174,7 @@ impl Service {
                 idx.begin_put(session.id, &r.namespace, &keys, &r.sizes, parent, am, Instant::now(), st.cfg.lease_ttl);
             // Chunks demoted to make room are copied before anyone can see their new place.
             st.copy_moves(&idx.take_moves());
-            b.map_err(index_status)?
+            b.map_err(|e| self.index_err(e))?
         };
         let slots = b
             .slots
@@ -207,7 +229,7 @@ impl Service {
             (None, None)
         };
         let now = Instant::now();
-        let res = st.index().lookup(&r.namespace, &keys, lease, now).map_err(index_status)?;
+        let res = st.index().lookup(&r.namespace, &keys, lease, now).map_err(|e| self.index_err(e))?;
         let tokens = if r.chunk_tokens == 0 { 256 } else { r.chunk_tokens as u64 };
         let (hits, misses) = (res.hits as u64, (keys.len() - res.hits) as u64);
         st.metrics.hit_chunks.inc_by(hits);
@@ -322,7 +344,8 @@ impl Service {
 #[tonic::async_trait]
 impl Prefixd for Service {
     async fn connect(&self, req: Request<ConnectRequest>) -> Result<Response<ConnectResponse>, Status> {
-        self.observe("connect", self.do_connect(req.into_inner())).await
+        let peer = req.remote_addr().map(|a| a.ip());
+        self.observe("connect", self.do_connect(req.into_inner(), peer)).await
     }
 
     async fn disconnect(&self, req: Request<DisconnectRequest>) -> Result<Response<DisconnectResponse>, Status> {

@@ -70,6 +70,8 @@ pub struct Session {
     pub id: u64,
     token: SessionToken,
     pub name: String,
+    /// The address its gRPC connection came from (the per-peer session limit counts by it).
+    pub peer: Option<std::net::IpAddr>,
     pub path: DataPath,
     created: Instant,
     bound: OnceLock<Bound>,
@@ -149,17 +151,79 @@ struct Unclaimed {
     since: Instant,
 }
 
+/// Why a session was not made.
+#[derive(Debug)]
+pub enum CreateError {
+    /// A configured limit (`max_sessions`, `max_sessions_per_peer`), with a message naming it.
+    Limit(&'static str, String),
+    NoRandomness(std::io::Error),
+}
+
 /// Every session, by token and by bound endpoint, and the endpoints waiting to be claimed.
 #[derive(Debug, Default)]
 pub struct Sessions {
     by_token: dashmap::DashMap<SessionToken, Arc<Session>>,
     by_ep: dashmap::DashMap<EndpointId, Arc<Session>>,
     unclaimed: dashmap::DashMap<EndpointId, Unclaimed>,
+    per_peer: dashmap::DashMap<std::net::IpAddr, usize>,
+    max_total: usize,
+    max_per_peer: usize,
 }
 
 impl Sessions {
-    /// A new, unbound session with fresh random id and token.
-    pub fn create(&self, name: String, path: DataPath) -> std::io::Result<Arc<Session>> {
+    pub fn new(max_total: usize, max_per_peer: usize) -> Sessions {
+        Sessions { max_total, max_per_peer, ..Sessions::default() }
+    }
+
+    /// A new, unbound session with fresh random id and token, within the session limits.
+    pub fn create(
+        &self,
+        name: String,
+        path: DataPath,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Arc<Session>, CreateError> {
+        if self.by_token.len() >= self.max_total {
+            return Err(CreateError::Limit(
+                "max_sessions",
+                format!("{} sessions are open; the limit (max_sessions) is {}", self.by_token.len(), self.max_total),
+            ));
+        }
+        if let Some(ip) = peer {
+            let mut n = self.per_peer.entry(ip).or_default();
+            if *n >= self.max_per_peer {
+                return Err(CreateError::Limit(
+                    "max_sessions_per_peer",
+                    format!(
+                        "{ip} has {} sessions open; the limit (max_sessions_per_peer) is {}",
+                        *n, self.max_per_peer
+                    ),
+                ));
+            }
+            *n += 1;
+        }
+        let made = self.make(name, path, peer);
+        if made.is_err() {
+            self.forget_peer(peer);
+        }
+        made.map_err(CreateError::NoRandomness)
+    }
+
+    fn forget_peer(&self, peer: Option<std::net::IpAddr>) {
+        if let Some(ip) = peer {
+            let gone = match self.per_peer.get_mut(&ip) {
+                Some(mut n) => {
+                    *n = n.saturating_sub(1);
+                    *n == 0
+                }
+                None => false,
+            };
+            if gone {
+                self.per_peer.remove_if(&ip, |_, n| *n == 0);
+            }
+        }
+    }
+
+    fn make(&self, name: String, path: DataPath, peer: Option<std::net::IpAddr>) -> std::io::Result<Arc<Session>> {
         loop {
             let mut token = [0u8; 16];
             random_fill(&mut token)?;
@@ -174,6 +238,7 @@ impl Sessions {
                 id,
                 token,
                 name,
+                peer,
                 path,
                 created: now,
                 bound: OnceLock::new(),
@@ -230,6 +295,7 @@ impl Sessions {
         if let Some(ep) = s.ep() {
             self.by_ep.remove(&ep.id());
         }
+        self.forget_peer(s.peer);
         Some(s)
     }
 
@@ -254,9 +320,9 @@ mod tests {
 
     #[test]
     fn tokens_and_ids_are_random_and_distinct() {
-        let s = Sessions::default();
-        let a = s.create("a".into(), DataPath::ActiveMessage).unwrap();
-        let b = s.create("b".into(), DataPath::ActiveMessage).unwrap();
+        let s = Sessions::new(10, 10);
+        let a = s.create("a".into(), DataPath::ActiveMessage, None).unwrap();
+        let b = s.create("b".into(), DataPath::ActiveMessage, None).unwrap();
         assert_ne!(Sessions::token_of(&a), Sessions::token_of(&b));
         assert_ne!(a.id, b.id);
         // The id is not derived from the token, and neither is a counter.
@@ -268,11 +334,31 @@ mod tests {
 
     #[test]
     fn unbound_sessions_expire_after_the_bind_timeout() {
-        let s = Sessions::default();
-        let a = s.create("a".into(), DataPath::Rma).unwrap();
+        let s = Sessions::new(10, 10);
+        let a = s.create("a".into(), DataPath::Rma, None).unwrap();
         assert!(s.expired(Instant::now(), Duration::from_secs(3600)).is_empty());
         let later = Instant::now() + BIND_TIMEOUT + Duration::from_millis(1);
         let gone = s.expired(later, Duration::from_secs(3600));
         assert_eq!(gone.iter().map(|x| x.id).collect::<Vec<_>>(), vec![a.id]);
+    }
+
+    #[test]
+    fn session_limits_total_and_per_peer() {
+        let s = Sessions::new(3, 2);
+        let ip: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let other: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let a = s.create("a".into(), DataPath::ActiveMessage, Some(ip)).unwrap();
+        s.create("b".into(), DataPath::ActiveMessage, Some(ip)).unwrap();
+        assert!(matches!(
+            s.create("c".into(), DataPath::ActiveMessage, Some(ip)),
+            Err(CreateError::Limit("max_sessions_per_peer", _))
+        ));
+        s.create("d".into(), DataPath::ActiveMessage, Some(other)).unwrap();
+        assert!(matches!(
+            s.create("e".into(), DataPath::ActiveMessage, Some(other)),
+            Err(CreateError::Limit("max_sessions", _))
+        ));
+        s.remove(&Sessions::token_of(&a));
+        s.create("f".into(), DataPath::ActiveMessage, Some(ip)).unwrap();
     }
 }

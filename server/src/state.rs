@@ -186,9 +186,14 @@ impl State {
             low_watermark: cfg.low_watermark,
             // Late RMA transfers of a client that missed its deadline land before the slot is reused.
             grace: (cfg.lease_ttl / 2).min(Duration::from_secs(2)),
+            max_namespaces: cfg.limits.max_namespaces,
+            max_reserved_bytes_per_session: cfg.max_reserved_per_session(),
+            max_leases_per_session: cfg.limits.max_leases_per_session,
+            max_leased_bytes_per_session: cfg.max_leased_per_session(),
             ..IndexConfig::default()
         });
         let transports = ctx.info().transports();
+        let sessions = Sessions::new(cfg.limits.max_sessions, cfg.limits.max_sessions_per_peer);
         Ok(Arc::new(State {
             cfg,
             index: Mutex::new(index),
@@ -201,7 +206,7 @@ impl State {
             host_pool_socket,
             gpu_ipc_handle,
             cuda,
-            sessions: Sessions::default(),
+            sessions,
             metrics,
             bounce: crate::bounce::BouncePool::new(16),
             host_id: host_id(),

@@ -354,3 +354,41 @@ async fn a_cancelled_fetch_does_not_leak_its_lease() {
     let r = g.delete(del).await.unwrap().into_inner();
     assert_eq!((r.deleted, r.leased), (16, 0), "nothing pins the chunks any more");
 }
+
+/// Session flood (4e6c6e7: no cap; at ~32.7k sessions every Connect failed for everyone, as an
+/// unretryable INVALID_ARGUMENT, unlogged). Sessions are now capped per peer and in all, the
+/// refusal is RESOURCE_EXHAUSTED naming the limit, counted and logged, and a closed session
+/// makes room again. One put may not reserve more than the session's share of the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_meet_limits_with_clear_errors() {
+    let server =
+        Server::start(&["--host-pool", "8MiB", "--max-sessions-per-peer", "4", "--max-reserved-per-session", "2MiB"]);
+    let channel = Channel::from_shared(server.grpc.clone()).unwrap().connect().await.unwrap();
+    let mut g = PrefixdClient::new(channel);
+    let conn = || ConnectRequest {
+        host_id: String::new(),
+        transports: vec![],
+        force_remote: true,
+        client_name: "flood".into(),
+    };
+    let mut tokens = Vec::new();
+    for _ in 0..4 {
+        tokens.push(g.connect(conn()).await.unwrap().into_inner().session_token);
+    }
+    let e = g.connect(conn()).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_sessions_per_peer"), "{}", e.message());
+    assert_eq!(server.metric("prefixd_limit_rejections_total{limit=\"max_sessions_per_peer\"}"), 1.0);
+    assert!(server.log_text().contains("max_sessions_per_peer"), "the refusal is logged");
+    g.disconnect(DisconnectRequest { session_token: tokens.pop().unwrap() }).await.unwrap();
+    let t = g.connect(conn()).await.unwrap().into_inner().session_token;
+
+    // Reservation share: 3 MiB in one put is over the 2 MiB share and changes nothing.
+    let keys: Vec<Vec<u8>> = (40..43).map(key).collect();
+    let e = g.begin_put(begin(&t, keys.clone(), vec![1 << 20; 3])).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("max_reserved_bytes_per_session"), "{}", e.message());
+    assert_eq!(snapshot(&mut g).await.1, 0, "no reservation made");
+    g.begin_put(begin(&t, keys[..2].to_vec(), vec![1 << 20; 2])).await.unwrap();
+    assert_eq!(server.metric("prefixd_limit_rejections_total{limit=\"max_reserved_bytes_per_session\"}"), 1.0);
+}
