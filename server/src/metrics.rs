@@ -148,7 +148,7 @@ impl Metrics {
         self.limit_rejections.with_label_values(&[limit]).inc();
         let now = std::time::Instant::now();
         let mut logged = self.limit_logged.lock().unwrap_or_else(|p| p.into_inner());
-        let due = logged.get(limit).is_none_or(|t| now.duration_since(*t) >= std::time::Duration::from_secs(1));
+        let due = !logged.get(limit).is_some_and(|t| now.duration_since(*t) < std::time::Duration::from_secs(1));
         if due {
             logged.insert(limit, now);
             drop(logged);
