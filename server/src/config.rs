@@ -68,7 +68,8 @@ pub struct Cli {
     #[arg(long, env = "PREFIXD_TRANSPORTS", value_name = "LIST")]
     pub transports: Option<String>,
 
-    /// Network devices UCX may use, in the form of UCX_NET_DEVICES (e.g. "lo", "eth0") [default: all].
+    /// Network devices UCX may use, in the form of UCX_NET_DEVICES (e.g. "lo", "eth0") [default:
+    /// the device of the --data-listen address: lo for loopback, every device for 0.0.0.0].
     #[arg(long, env = "PREFIXD_NET_DEVICES", value_name = "LIST")]
     pub net_devices: Option<String>,
 

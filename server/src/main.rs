@@ -17,6 +17,7 @@ mod errors;
 mod gpu;
 mod http;
 mod metrics;
+mod netdev;
 mod service;
 mod sessions;
 mod shutdown;
@@ -90,7 +91,10 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut b = ucx_bindings::ContextBuilder::new().transports(&cfg.transports)?.name("prefixd");
-    if let Some(d) = &cfg.net_devices {
+    // UCX's network devices: as configured, else the device of the address prefixd listens on
+    // (loopback: lo), so the data path is reachable from no more places than the control path.
+    let net_devices = cfg.net_devices.clone().or_else(|| netdev::devices_for(cfg.data_listen_addr().ip()));
+    if let Some(d) = &net_devices {
         b = b.net_devices(d);
     }
     let ctx = b.build().context("cannot start UCX")?;
@@ -132,7 +136,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let (grpc_addr, ops_addr) = (grpc.local_addr()?, ops.local_addr()?);
     let info = state.ctx.info();
     tracing::info!(
-        grpc = %grpc_addr, metrics = %ops_addr, data = %data_addr, host_pool = %cfg.host_pool, ucx = %info.version,
+        grpc = %grpc_addr, metrics = %ops_addr, data = %data_addr, net_devices = net_devices.as_deref().unwrap_or("all"), host_pool = %cfg.host_pool, ucx = %info.version,
         transports = %state.transports.join(","), "prefixd ready"
     );
     // One machine-readable line on stdout, for scripts and tests that bind port 0.

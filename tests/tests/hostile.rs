@@ -392,3 +392,44 @@ async fn floods_meet_limits_with_clear_errors() {
     g.begin_put(begin(&t, keys[..2].to_vec(), vec![1 << 20; 2])).await.unwrap();
     assert_eq!(server.metric("prefixd_limit_rejections_total{limit=\"max_reserved_bytes_per_session\"}"), 1.0);
 }
+
+/// Exposure (4e6c6e7): with gRPC on 127.0.0.1, UCX's tcp transport still listened on every
+/// interface unless --net-devices lo was given. Started here without --net-devices: every
+/// socket the server listens on is a loopback one.
+#[test]
+fn a_loopback_server_listens_on_loopback_only() {
+    let dir = TempDir::new("exposure");
+    let mut child = std::process::Command::new(bin("prefixd"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    assert!(line.contains("grpc="), "prefixd did not start: {line}");
+    let pid = child.id();
+    // Socket inodes of the process, then the listening TCP sockets among them.
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned))
+        .collect();
+    let mut listening = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for row in std::fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
+            let f: Vec<&str> = row.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                listening.push(f[1].to_owned());
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(listening.len() >= 3, "grpc, metrics, data listener and UCX's own: {listening:?}");
+    for addr in &listening {
+        let ip = addr.split(':').next().unwrap();
+        let loopback = ip == "0100007F" || ip == "00000000000000000000000001000000";
+        assert!(loopback, "a socket listens on {addr} (not loopback): {listening:?}");
+    }
+}
