@@ -3,7 +3,7 @@
 //! bytes (the Fetch call) with a deadline on every transfer.
 
 use crate::errors::{index_status, ucx_status};
-use crate::sessions::{CreateError, Session, Sessions};
+use crate::sessions::{CreateError, InCall, Sessions};
 use crate::state::State;
 use prefixd_cache::{Slot, Tier};
 use prefixd_proto::dataplane::{token_from, FetchHeader, AM_FETCH};
@@ -66,15 +66,15 @@ impl Service {
     }
 
     /// The session a request's token names.
-    fn session(&self, token: &[u8]) -> Result<Arc<Session>, Status> {
+    /// The session a request's token names, held as in a call until the guard drops.
+    fn session(&self, token: &[u8]) -> Result<InCall, Status> {
         let token = token_from(token).ok_or_else(|| {
             Status::invalid_argument(format!("session_token is {} bytes; tokens are 16 bytes", token.len()))
         })?;
         let s = self.state.sessions.get(&token).ok_or_else(|| {
             Status::not_found("unknown session (expired, closed, or the server restarted); connect again")
         })?;
-        s.touch();
-        Ok(s)
+        Ok(s.enter())
     }
 
     /// Runs one call, recording its count by status code and its latency.

@@ -76,9 +76,40 @@ pub struct Session {
     created: Instant,
     bound: OnceLock<Bound>,
     last_seen: Mutex<Instant>,
+    /// Calls of this session in flight: a session is never reaped for idleness during one.
+    busy: std::sync::atomic::AtomicUsize,
+}
+
+/// A session held by a call in flight (see [`Session::enter`]).
+#[derive(Debug)]
+pub struct InCall(Arc<Session>);
+
+impl std::ops::Deref for InCall {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.0
+    }
+}
+
+impl Drop for InCall {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.busy.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Session {
+    /// Marks a call of this session in flight until the returned guard drops.
+    pub fn enter(self: &Arc<Self>) -> InCall {
+        self.busy.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.touch();
+        InCall(self.clone())
+    }
+
+    fn in_call(&self) -> bool {
+        self.busy.load(std::sync::atomic::Ordering::Acquire) > 0
+    }
+
     pub fn touch(&self) {
         *self.last_seen.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
@@ -243,6 +274,7 @@ impl Sessions {
                 created: now,
                 bound: OnceLock::new(),
                 last_seen: Mutex::new(now),
+                busy: Default::default(),
             });
             self.by_token.insert(token, s.clone());
             return Ok(s);
@@ -307,7 +339,7 @@ impl Sessions {
             .iter()
             .filter(|s| {
                 let unbound = s.bound.get().is_none() && now.saturating_duration_since(s.created) >= BIND_TIMEOUT;
-                unbound || s.idle_for() > idle
+                !s.in_call() && (unbound || s.idle_for() > idle)
             })
             .map(|s| s.clone())
             .collect()
@@ -340,6 +372,17 @@ mod tests {
         let later = Instant::now() + BIND_TIMEOUT + Duration::from_millis(1);
         let gone = s.expired(later, Duration::from_secs(3600));
         assert_eq!(gone.iter().map(|x| x.id).collect::<Vec<_>>(), vec![a.id]);
+    }
+
+    #[test]
+    fn a_session_in_a_call_is_not_reaped() {
+        let s = Sessions::new(10, 10);
+        let a = s.create("a".into(), DataPath::Rma, None).unwrap();
+        let later = Instant::now() + BIND_TIMEOUT + Duration::from_secs(1);
+        let call = a.enter();
+        assert!(s.expired(later, Duration::ZERO).is_empty(), "busy: kept");
+        drop(call);
+        assert_eq!(s.expired(later, Duration::ZERO).len(), 1);
     }
 
     #[test]
