@@ -14,8 +14,10 @@
 
 mod direct;
 mod paged;
+mod recover;
 
 pub use paged::{CopyStream, Fragment, Memory};
+pub use recover::Reconnecting;
 
 use prefixd_proto::dataplane::{FetchHeader, HelloAck, PutHeader, AM_FETCH, AM_HELLO, AM_HELLO_ACK, AM_PUT};
 pub use prefixd_proto::keys::{parse_tokens, ChunkKey, KeyConfig};
@@ -53,6 +55,11 @@ pub enum Error {
     /// The lease or reservation ran out before the transfer finished; the bytes are not used.
     #[error("{0} expired before the transfer finished")]
     Expired(&'static str),
+    /// An address that lies in none of this session's view of the server's pools: the server
+    /// restarted (new pools) or the address came from another server. A new session sees the
+    /// current pools.
+    #[error("address {0:#x} is in none of the pools this session knows: the server restarted, or the lease came from another server")]
+    StalePool(u64),
 }
 
 impl Error {
@@ -64,6 +71,7 @@ impl Error {
             Error::Server { code: tonic::Code::Unavailable, .. } => true,
             Error::Server { code: tonic::Code::NotFound, message } => message.starts_with("unknown session"),
             Error::Transfer(ucx_bindings::Error::EndpointClosed { .. } | ucx_bindings::Error::WorkerStopped) => true,
+            Error::StalePool(_) => true,
             _ => false,
         }
     }
@@ -79,7 +87,7 @@ impl Error {
                     | tonic::Code::Aborted
                     | tonic::Code::NotFound // an expired session, lease or put: start over
             ),
-            Error::Connect { .. } | Error::Expired(_) => true,
+            Error::Connect { .. } | Error::Expired(_) | Error::StalePool(_) => true,
             Error::Transfer(e) => e.is_retryable(),
         }
     }
@@ -369,7 +377,7 @@ impl Client {
                 Err(e) => return Err(Error::InvalidArgument(format!("cannot map the server's GPU pool: {e}"))),
             }
         }
-        Err(Error::InvalidArgument(format!("{addr:#x} is in no pool this client can map")))
+        Err(Error::StalePool(addr))
     }
 
     fn check_paged(&self, keys: &[ChunkKey], chunks: &[Vec<Fragment>]) -> Result<u64> {

@@ -14,7 +14,8 @@ mod errors;
 use buffers::{Bounds, Buffer};
 use errors::to_py;
 use prefixd_client::{
-    ChunkKey, Client, ClientOptions, CopyStream, Fragment, KeyConfig, LeasedChunk, Memory, PutOutcome, WorkerInit,
+    ChunkKey, Client, ClientOptions, CopyStream, Fragment, KeyConfig, LeasedChunk, Memory, PutOutcome, Reconnecting,
+    WorkerInit,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -126,15 +127,17 @@ fn bind_primary_context(device: i32) -> Result<(), String> {
     }
 }
 
-/// One session with a prefixd server. See `prefixd.Client` for the documented interface.
+/// One client of a prefixd server. See `prefixd.Client` for the documented interface. Its
+/// session reconnects by itself after the server restarts or reaps it: a call that finds the
+/// session lost connects again and is tried once more.
 #[pyclass(frozen, module = "prefixd._native")]
 struct NativeClient {
-    client: RwLock<Option<Arc<Client>>>,
+    client: RwLock<Option<Arc<Reconnecting>>>,
     endpoint: String,
 }
 
 impl NativeClient {
-    fn get(&self) -> PyResult<Arc<Client>> {
+    fn recovering(&self) -> PyResult<Arc<Reconnecting>> {
         self.client
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -142,14 +145,20 @@ impl NativeClient {
             .ok_or_else(|| errors::PrefixdError::new_err(format!("client of {} is closed", self.endpoint)))
     }
 
-    /// Runs `f(client)` on the runtime with the GIL released.
-    fn call<T: Send, F>(&self, py: Python<'_>, f: impl FnOnce(Arc<Client>) -> F + Send) -> PyResult<T>
+    /// The session in use now.
+    fn get(&self) -> PyResult<Arc<Client>> {
+        Ok(self.recovering()?.current())
+    }
+
+    /// Runs `f(client)` on the runtime with the GIL released; once more on a new session if
+    /// the first finds its session lost (so `f` may run twice: it must own what it needs).
+    fn call<T: Send, F>(&self, py: Python<'_>, f: impl Fn(Arc<Client>) -> F + Send + Sync) -> PyResult<T>
     where
         F: std::future::Future<Output = prefixd_client::Result<T>> + Send,
     {
-        let client = self.get()?;
+        let client = self.recovering()?;
         let rt = runtime()?;
-        py.detach(|| rt.block_on(f(client))).map_err(to_py)
+        py.detach(|| rt.block_on(client.run(f))).map_err(to_py)
     }
 }
 
@@ -198,7 +207,7 @@ impl NativeClient {
         };
         let rt = runtime()?;
         let ep = endpoint.clone();
-        let client = py.detach(|| rt.block_on(Client::connect_with(&ep, opts))).map_err(to_py)?;
+        let client = py.detach(|| rt.block_on(Reconnecting::connect(&ep, opts))).map_err(to_py)?;
         Ok(NativeClient { client: RwLock::new(Some(Arc::new(client))), endpoint })
     }
 
@@ -229,7 +238,10 @@ impl NativeClient {
     /// Leading chunks of `keys` that are cached.
     fn lookup(&self, py: Python<'_>, namespace: String, keys: Vec<Vec<u8>>) -> PyResult<usize> {
         let keys = parse_keys(keys)?;
-        self.call(py, |c| async move { c.lookup_keys(&namespace, &keys).await })
+        self.call(py, |c| {
+            let (namespace, keys) = (namespace.clone(), keys.clone());
+            async move { c.lookup_keys(&namespace, &keys).await }
+        })
     }
 
     /// Stores one buffer per key: (chunks, stored, skipped).
@@ -245,9 +257,12 @@ impl NativeClient {
         let keys = parse_keys(keys)?;
         let parent = parse_keys(parent.into_iter().collect())?.pop();
         let buffers = Buffer::parse_all(&buffers)?;
-        self.call(py, move |c| async move {
-            let slices = buffers::register(&c, &buffers)?;
-            c.put_chunks(&namespace, &keys, parent, &slices).await.map(outcome)
+        self.call(py, move |c| {
+            let (namespace, keys, buffers) = (namespace.clone(), keys.clone(), buffers.clone());
+            async move {
+                let slices = buffers::register(&c, &buffers)?;
+                c.put_chunks(&namespace, &keys, parent, &slices).await.map(outcome)
+            }
         })
     }
 
@@ -261,9 +276,12 @@ impl NativeClient {
     ) -> PyResult<usize> {
         let keys = parse_keys(keys)?;
         let buffers = Buffer::parse_all(&buffers)?;
-        self.call(py, move |c| async move {
-            let slices = buffers::register(&c, &buffers)?;
-            c.get_chunks(&namespace, &keys, &slices).await
+        self.call(py, move |c| {
+            let (namespace, keys, buffers) = (namespace.clone(), keys.clone(), buffers.clone());
+            async move {
+                let slices = buffers::register(&c, &buffers)?;
+                c.get_chunks(&namespace, &keys, &slices).await
+            }
         })
     }
 
@@ -290,14 +308,15 @@ impl NativeClient {
         let direct_host = !on_device && self.get()?.direct_host_pool();
         if on_device || direct_host {
             let (mem, on) = (memory(on_device), copy_stream(stream));
-            self.call(py, move |c| async move {
-                c.put_paged_on(&namespace, &keys, parent, &chunks, mem, on).await.map(outcome)
+            self.call(py, move |c| {
+                let (namespace, keys, chunks) = (namespace.clone(), keys.clone(), chunks.clone());
+                async move { c.put_paged_on(&namespace, &keys, parent, &chunks, mem, on).await.map(outcome) }
             })
         } else {
-            self.call(
-                py,
-                move |c| async move { buffers::put_host_fragments(&c, &namespace, &keys, parent, &chunks).await },
-            )
+            self.call(py, move |c| {
+                let (namespace, keys, chunks) = (namespace.clone(), keys.clone(), chunks.clone());
+                async move { buffers::put_host_fragments(&c, &namespace, &keys, parent, &chunks).await }
+            })
         }
     }
 
@@ -313,11 +332,16 @@ impl NativeClient {
         bounds: Vec<(u64, usize, i32)>,
     ) -> PyResult<usize> {
         let (keys, chunks, on_device) = parse_paged(keys, &addrs, fragment_bytes, &bounds, None)?;
-        if on_device {
-            self.call(py, move |c| async move { c.get_paged(&namespace, &keys, &chunks).await })
-        } else {
-            self.call(py, move |c| async move { buffers::get_host_fragments(&c, &namespace, &keys, &chunks).await })
-        }
+        self.call(py, move |c| {
+            let (namespace, keys, chunks) = (namespace.clone(), keys.clone(), chunks.clone());
+            async move {
+                if on_device {
+                    c.get_paged(&namespace, &keys, &chunks).await
+                } else {
+                    buffers::get_host_fragments(&c, &namespace, &keys, &chunks).await
+                }
+            }
+        })
     }
 
     /// Reads the longest cached prefix of `keys` into fragments on any session (same host:
@@ -336,7 +360,10 @@ impl NativeClient {
     ) -> PyResult<usize> {
         let (keys, chunks, on_device) = parse_paged(keys, &addrs, fragment_bytes, &bounds, counts.as_deref())?;
         let mem = memory(on_device);
-        self.call(py, move |c| async move { c.get_paged_any(&namespace, &keys, &chunks, mem).await })
+        self.call(py, move |c| {
+            let (namespace, keys, chunks) = (namespace.clone(), keys.clone(), chunks.clone());
+            async move { c.get_paged_any(&namespace, &keys, &chunks, mem).await }
+        })
     }
 
     /// Leases the longest cached prefix of `keys`: (lease id, [(address, length, gpu_tier)],
@@ -344,7 +371,10 @@ impl NativeClient {
     /// any client process of this host. Lease id 0: nothing hit.
     fn lease(&self, py: Python<'_>, namespace: String, keys: Vec<Vec<u8>>) -> PyResult<LeaseTuple> {
         let keys = parse_keys(keys)?;
-        let lease = self.call(py, |c| async move { c.lease_keys(&namespace, &keys).await })?;
+        let lease = self.call(py, |c| {
+            let (namespace, keys) = (namespace.clone(), keys.clone());
+            async move { c.lease_keys(&namespace, &keys).await }
+        })?;
         let left = lease.expires.saturating_duration_since(std::time::Instant::now()).as_secs_f64();
         Ok((lease.id, lease.chunks.iter().map(|c| (c.address, c.length, c.gpu_tier)).collect(), left))
     }
@@ -428,7 +458,7 @@ impl NativeClient {
         match taken {
             Some(c) => {
                 let rt = runtime()?;
-                py.detach(|| rt.block_on(c.disconnect())).map_err(to_py)
+                py.detach(|| rt.block_on(c.current().disconnect())).map_err(to_py)
             }
             None => Ok(()),
         }

@@ -186,3 +186,32 @@ def test_concurrent_threads_share_a_client(client):
     for th in threads:
         th.join()
     assert not errors, errors
+
+
+def test_client_survives_a_server_restart():
+    """4e6c6e7's client raised "unknown session" on every call forever after the server
+    restarted. Now the first call that finds its session gone connects again and is retried."""
+    import socket
+
+    from conftest import Server
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    srv = Server("--host-pool", "16MiB", listen=f"127.0.0.1:{port}")
+    try:
+        c = prefixd.Client(srv.endpoint, device=None)
+        t = tokens(77, CHUNK * 2)
+        assert c.put(t, random_kv((2, 1024), 7)).stored == 2
+        srv.stop()
+        srv = Server("--host-pool", "16MiB", listen=f"127.0.0.1:{port}")
+        assert c.lookup(t) == 0, "a new server, empty; the call itself succeeds"
+        kv = random_kv((2, 1024), 8)
+        assert c.put(t, kv).stored == 2
+        out = np.zeros_like(kv)
+        assert c.get(t, out) == 2 * CHUNK
+        assert (out == kv).all()
+        c.close()
+    finally:
+        srv.stop()

@@ -427,8 +427,8 @@ def test_remote_sidecar_over_the_active_message_path(model_dir, server):
 
 
 def test_sidecar_restart_is_survived(model_dir, tmp_path):
-    """prefixd restarts: the connector's session is gone; the next lookups miss, then it
-    reconnects by itself and hits again."""
+    """prefixd restarts: the connector's session is gone; the client connects again by itself
+    and the lookups hit again."""
     import socket
 
     s = socket.socket()
@@ -456,8 +456,7 @@ def test_sidecar_restart_is_survived(model_dir, tmp_path):
             if hit:
                 break
             time.sleep(0.05)
-        assert hit == 288
-        assert sched.connector._sched.counters.snapshot().get("session_lost", 0) >= 1
+        assert hit == 288, "the session reconnected by itself (the client retries a call that found it lost)"
     finally:
         srv.stop()
 
