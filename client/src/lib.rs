@@ -12,16 +12,17 @@
 //! Keys follow [`prefixd_proto::keys`]: vLLM's block-hash chain; producers and consumers must use
 //! the same [`KeyConfig`]. Only full chunks are cached.
 
+mod access;
 mod direct;
 mod paged;
 mod recover;
 
+pub use access::{channel_with, grpc as grpc_client, Access, Grpc, Secret, TlsOptions};
 pub use paged::{CopyStream, Fragment, Memory};
 pub use recover::Reconnecting;
 
 use prefixd_proto::dataplane::{FetchHeader, HelloAck, PutHeader, AM_FETCH, AM_HELLO, AM_HELLO_ACK, AM_PUT};
 pub use prefixd_proto::keys::{parse_tokens, ChunkKey, KeyConfig};
-use prefixd_proto::v1::prefixd_client::PrefixdClient;
 use prefixd_proto::v1::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,6 +64,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the server refused the caller: no token or an unknown one, or a token without
+    /// the grant the call needs.
+    pub fn is_access_denied(&self) -> bool {
+        matches!(self, Error::Server { code: tonic::Code::Unauthenticated | tonic::Code::PermissionDenied, .. })
+    }
+
     /// The session is gone (server down or restarted, session reaped, data endpoint failed):
     /// a new [`Client`] may succeed where this one never will again.
     pub fn is_session_lost(&self) -> bool {
@@ -119,6 +126,8 @@ pub struct ClientOptions {
     /// Run first on the client's UCX progress thread, e.g. to make the engine's CUDA context
     /// current there (UCX's cuda transports use the current context). Default: nothing.
     pub worker_init: Option<WorkerInit>,
+    /// Token and TLS for servers that check callers. Default: none, TLS for `https://`.
+    pub access: Access,
 }
 
 /// A function run on the client's UCX progress thread when it starts.
@@ -141,6 +150,7 @@ impl Default for ClientOptions {
             keys: KeyConfig::default(),
             timeout: Duration::from_secs(30),
             worker_init: None,
+            access: Access::default(),
         }
     }
 }
@@ -160,7 +170,7 @@ type FetchRoutes = Arc<Mutex<HashMap<u64, tokio::sync::mpsc::UnboundedSender<Inc
 
 /// A session with one prefixd server.
 pub struct Client {
-    grpc: PrefixdClient<Channel>,
+    grpc: Grpc,
     channel: Channel,
     /// The session's log id (as the server's logs show it); not a credential.
     session_id: u64,
@@ -271,18 +281,8 @@ impl Client {
 
     pub async fn connect_with(endpoint: &str, opts: ClientOptions) -> Result<Client> {
         opts.keys.validate().map_err(Error::InvalidArgument)?;
-        let conn_err = |m: String| Error::Connect { endpoint: endpoint.to_owned(), message: m };
-        let channel = Channel::from_shared(endpoint.to_owned())
-            .map_err(|e| Error::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(opts.timeout)
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| conn_err(format!("{e}; is prefixd running?")))?;
-        let mut grpc = PrefixdClient::new(channel.clone())
-            .max_decoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES)
-            .max_encoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES);
+        let channel = channel_with(endpoint, opts.timeout, &opts.access).await?;
+        let mut grpc = access::grpc(channel.clone(), &opts.access)?;
 
         let mut b = ucx_bindings::ContextBuilder::new().transports(&opts.transports)?.name(&opts.name);
         if let Some(d) = &opts.net_devices {
@@ -1096,26 +1096,9 @@ pub async fn health_check(channel: Channel) -> Result<bool> {
 }
 
 /// Stats of a server without opening a UCX session.
-pub async fn stats_only(endpoint: &str, timeout: Duration) -> Result<Stats> {
-    let channel = Channel::from_shared(endpoint.to_owned())
-        .map_err(|e| Error::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(timeout)
-        .connect()
-        .await
-        .map_err(|e| Error::Connect { endpoint: endpoint.to_owned(), message: format!("{e}; is prefixd running?") })?;
-    Ok(PrefixdClient::new(channel).stats(StatsRequest {}).await?.into_inner())
-}
-
-/// A channel to `endpoint`, for [`health_check`].
-pub async fn channel(endpoint: &str, timeout: Duration) -> Result<Channel> {
-    Channel::from_shared(endpoint.to_owned())
-        .map_err(|e| Error::InvalidArgument(format!("endpoint {endpoint:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(timeout)
-        .connect()
-        .await
-        .map_err(|e| Error::Connect { endpoint: endpoint.to_owned(), message: format!("{e}; is prefixd running?") })
+pub async fn stats_only(endpoint: &str, timeout: Duration, access: &Access) -> Result<Stats> {
+    let channel = channel_with(endpoint, timeout, access).await?;
+    Ok(access::grpc(channel, access)?.stats(StatsRequest {}).await?.into_inner())
 }
 
 /// Polls futures concurrently on the current task and returns their outputs in order.

@@ -19,7 +19,7 @@ from ._loader import load_ucx as _load_ucx
 
 _load_ucx()
 
-from ._native import PrefixdError, RetryableError, SessionLostError, __version__  # noqa: E402
+from ._native import AccessDeniedError, PrefixdError, RetryableError, SessionLostError, __version__  # noqa: E402
 from ._native import chunk_keys as _chunk_keys  # noqa: E402
 from .client import Client, PutResult  # noqa: E402
 from .fragments import Fragments  # noqa: E402
@@ -39,5 +39,6 @@ __all__ = [
     "PrefixdError",
     "RetryableError",
     "SessionLostError",
+    "AccessDeniedError",
     "__version__",
 ]

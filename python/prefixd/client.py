@@ -36,6 +36,12 @@ class Client:
     share (vLLM's PYTHONHASHSEED and block size; prefixd's chunk). `timeout`: seconds for every
     call and transfer.
 
+    Servers that check callers (`--auth-file`, `--tls-cert`): `token` or `token_file` (default:
+    PREFIXD_TOKEN, then PREFIXD_TOKEN_FILE) is sent with every call; an `https://` endpoint
+    speaks TLS, checked against `tls_ca` (default: the system's roots), with the client
+    certificate `tls_cert`/`tls_key` where the server wants one, and `tls_domain` as the name to
+    check (default: the endpoint's host). Each defaults to PREFIXD_TLS_CA, _CERT, _KEY, _DOMAIN.
+
     Data in CUDA tensors: before a put, the current stream of the tensors' device is
     synchronized (work on other streams is the caller's to finish). After a get returns, the
     bytes are in place for any stream.
@@ -55,6 +61,12 @@ class Client:
         seed="0",
         block_tokens=16,
         chunk_tokens=256,
+        token=None,
+        token_file=None,
+        tls_ca=None,
+        tls_cert=None,
+        tls_key=None,
+        tls_domain=None,
     ):
         if device is None:
             device = _default_device()
@@ -62,6 +74,16 @@ class Client:
             transports = os.environ.get("PREFIXD_TRANSPORTS") or (
                 "cuda_ipc,cuda_copy,sm,tcp" if device is not None else "sm,tcp"
             )
+        env = os.environ.get
+        if token is None and token_file is None:
+            token = env("PREFIXD_TOKEN") or None
+            token_file = None if token else (env("PREFIXD_TOKEN_FILE") or None)
+        tls = (
+            tls_ca or env("PREFIXD_TLS_CA") or None,
+            tls_cert or env("PREFIXD_TLS_CERT") or None,
+            tls_key or env("PREFIXD_TLS_KEY") or None,
+            tls_domain or env("PREFIXD_TLS_DOMAIN") or None,
+        )
         self.namespace = namespace
         self.device = device
         self.chunk_tokens = chunk_tokens
@@ -76,6 +98,9 @@ class Client:
             int(block_tokens),
             int(chunk_tokens),
             device,
+            token,
+            token_file,
+            tls,
         )
 
     # -- session ---------------------------------------------------------------------------

@@ -21,9 +21,19 @@ pyo3::create_exception!(
      endpoint failed): this client will not recover, a new one may."
 );
 
+pyo3::create_exception!(
+    prefixd,
+    AccessDeniedError,
+    PrefixdError,
+    "The server checks callers and refused this one: no token or an unknown one \
+     (UNAUTHENTICATED), or the token has no grant for this call on this namespace \
+     (PERMISSION_DENIED). Nothing was changed."
+);
+
 pub(crate) fn to_py(e: prefixd_client::Error) -> PyErr {
     match e {
         e if e.is_session_lost() => SessionLostError::new_err(e.to_string()),
+        e if e.is_access_denied() => AccessDeniedError::new_err(e.to_string()),
         prefixd_client::Error::InvalidArgument(m) => PyValueError::new_err(m),
         prefixd_client::Error::Transfer(e @ prefixd_client::ucx_bindings::Error::InvalidArgument(_)) => {
             PyValueError::new_err(e.to_string())

@@ -14,8 +14,8 @@ mod errors;
 use buffers::{Bounds, Buffer};
 use errors::to_py;
 use prefixd_client::{
-    ChunkKey, Client, ClientOptions, CopyStream, Fragment, KeyConfig, LeasedChunk, Memory, PutOutcome, Reconnecting,
-    WorkerInit,
+    Access, ChunkKey, Client, ClientOptions, CopyStream, Fragment, KeyConfig, LeasedChunk, Memory, PutOutcome,
+    Reconnecting, Secret, TlsOptions, WorkerInit,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -165,7 +165,7 @@ impl NativeClient {
 #[pymethods]
 impl NativeClient {
     #[new]
-    #[pyo3(signature = (endpoint, name, transports, net_devices, force_remote, timeout_s, seed, block_tokens, chunk_tokens, device))]
+    #[pyo3(signature = (endpoint, name, transports, net_devices, force_remote, timeout_s, seed, block_tokens, chunk_tokens, device, token=None, token_file=None, tls=(None, None, None, None)))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -179,7 +179,21 @@ impl NativeClient {
         block_tokens: usize,
         chunk_tokens: usize,
         device: Option<i32>,
+        token: Option<String>,
+        token_file: Option<String>,
+        tls: (Option<String>, Option<String>, Option<String>, Option<String>),
     ) -> PyResult<Self> {
+        let token = match (token, token_file) {
+            (Some(_), Some(_)) => return Err(PyValueError::new_err("give token or token_file, not both")),
+            (Some(t), None) => Some(Secret::new(t)),
+            (None, Some(f)) => Some(Secret::from_file(f.as_ref()).map_err(to_py)?),
+            (None, None) => None,
+        };
+        let (ca, cert, key, domain) = tls;
+        let access = Access {
+            token,
+            tls: TlsOptions { ca: ca.map(Into::into), cert: cert.map(Into::into), key: key.map(Into::into), domain },
+        };
         if !(timeout_s.is_finite() && timeout_s > 0.0 && timeout_s <= 86_400.0) {
             return Err(PyValueError::new_err(format!("timeout must be in (0, 86400] seconds, not {timeout_s}")));
         }
@@ -204,6 +218,7 @@ impl NativeClient {
             keys: key_config(seed, block_tokens, chunk_tokens)?,
             timeout: Duration::from_secs_f64(timeout_s),
             worker_init,
+            access,
         };
         let rt = runtime()?;
         let ep = endpoint.clone();
@@ -482,6 +497,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PrefixdError", m.py().get_type::<errors::PrefixdError>())?;
     m.add("RetryableError", m.py().get_type::<errors::RetryableError>())?;
     m.add("SessionLostError", m.py().get_type::<errors::SessionLostError>())?;
+    m.add("AccessDeniedError", m.py().get_type::<errors::AccessDeniedError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

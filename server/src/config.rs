@@ -127,6 +127,28 @@ pub struct Cli {
     #[arg(long, env = "PREFIXD_MAX_LEASED_PER_SESSION", value_name = "SIZE")]
     pub max_leased_per_session: Option<ByteSize>,
 
+    /// Bearer tokens and what each may do per namespace (TOML; see README, "Security").
+    /// Without it every call is allowed, and prefixd listens on loopback only.
+    #[arg(long, env = "PREFIXD_AUTH_FILE", value_name = "FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Listen beyond loopback without --auth-file (anyone who reaches the port may read and
+    /// write every namespace).
+    #[arg(long, env = "PREFIXD_ALLOW_INSECURE_REMOTE")]
+    pub allow_insecure_remote: bool,
+
+    /// TLS certificate chain (PEM) for gRPC and the metrics port; with --tls-key.
+    #[arg(long, env = "PREFIXD_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) of --tls-cert.
+    #[arg(long, env = "PREFIXD_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA (PEM) that client certificates must chain to (mutual TLS on gRPC); needs --tls-cert.
+    #[arg(long, env = "PREFIXD_TLS_CLIENT_CA", value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Log filter, in the form of RUST_LOG (e.g. "info", "prefixd=debug") [default: info].
     #[arg(long, env = "PREFIXD_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -168,6 +190,11 @@ struct FileConfig {
     max_reserved_per_session: Option<String>,
     max_leases_per_session: Option<usize>,
     max_leased_per_session: Option<String>,
+    auth_file: Option<PathBuf>,
+    allow_insecure_remote: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// The resolved, validated configuration.
@@ -193,6 +220,17 @@ pub struct Config {
     pub high_watermark: f64,
     pub low_watermark: f64,
     pub limits: Limits,
+    pub auth_file: Option<PathBuf>,
+    pub allow_insecure_remote: bool,
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of the server's TLS identity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 /// What one client may hold, and how many of them there may be (see `prefixd --help`).
@@ -244,6 +282,9 @@ impl Default for Config {
             high_watermark: 0.95,
             low_watermark: 0.85,
             limits: Limits::default(),
+            auth_file: None,
+            allow_insecure_remote: false,
+            tls: None,
         }
     }
 }
@@ -293,6 +334,18 @@ impl Config {
             l.max_leases_per_session = f.max_leases_per_session.unwrap_or(l.max_leases_per_session);
             l.max_leased_per_session =
                 field("max_leased_per_session", f.max_leased_per_session, size)?.or(l.max_leased_per_session);
+            c.auth_file = f.auth_file.or(c.auth_file);
+            c.allow_insecure_remote = f.allow_insecure_remote.unwrap_or(c.allow_insecure_remote);
+            c.tls = match (f.tls_cert, f.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: f.tls_client_ca }),
+                (None, None) if f.tls_client_ca.is_none() => None,
+                _ => {
+                    return Err(format!(
+                        "{}: tls_cert and tls_key go together (tls_client_ca needs them)",
+                        path.display()
+                    ))
+                }
+            };
         }
         c.listen = cli.listen.unwrap_or(c.listen);
         c.data_listen = cli.data_listen.or(c.data_listen);
@@ -320,6 +373,11 @@ impl Config {
         l.max_reserved_per_session = cli.max_reserved_per_session.or(l.max_reserved_per_session);
         l.max_leases_per_session = cli.max_leases_per_session.unwrap_or(l.max_leases_per_session);
         l.max_leased_per_session = cli.max_leased_per_session.or(l.max_leased_per_session);
+        c.auth_file = cli.auth_file.clone().or(c.auth_file);
+        c.allow_insecure_remote |= cli.allow_insecure_remote;
+        if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+            c.tls = Some(TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: cli.tls_client_ca.clone() });
+        }
         if !chunk_size_set {
             // The default follows a small pool down rather than making it invalid.
             c.max_chunk_size = c.max_chunk_size.min(c.host_pool);
@@ -409,6 +467,22 @@ impl Config {
         }
         if let Some(d) = &self.data_listen {
             s += &format!("data_listen = \"{d}\"\n");
+        }
+        if let Some(a) = &self.auth_file {
+            s += &format!("auth_file = {:?}\n", a.display().to_string());
+        }
+        if self.allow_insecure_remote {
+            s += "allow_insecure_remote = true\n";
+        }
+        if let Some(t) = &self.tls {
+            s += &format!(
+                "tls_cert = {:?}\ntls_key = {:?}\n",
+                t.cert.display().to_string(),
+                t.key.display().to_string()
+            );
+            if let Some(ca) = &t.client_ca {
+                s += &format!("tls_client_ca = {:?}\n", ca.display().to_string());
+            }
         }
         if let Some(g) = &self.gpu_pool {
             s += &format!("gpu_pool = \"{g}\"\ngpu = {}\n", self.gpu);

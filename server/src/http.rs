@@ -36,8 +36,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
     })
 }
 
-/// Serves the operations port until `stop` fires.
-pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancelToken) {
+/// Serves the operations port until `stop` fires (over TLS when `tls` is given).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    stop: CancelToken,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -50,12 +55,25 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancelToken) 
             },
             _ = stop.cancelled() => return,
         };
-        let state = state.clone();
+        let (state, tls) = (state.clone(), tls.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-            // Bounded: a client that never finishes its request is dropped.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
+            let http = hyper::server::conn::http1::Builder::new();
+            // Bounded: a client that never finishes its handshake or request is dropped.
+            let limit = std::time::Duration::from_secs(30);
+            match tls {
+                None => {
+                    let _ = tokio::time::timeout(limit, http.serve_connection(TokioIo::new(stream), svc)).await;
+                }
+                Some(acceptor) => {
+                    let _ = tokio::time::timeout(limit, async {
+                        if let Ok(s) = acceptor.accept(stream).await {
+                            let _ = http.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                    })
+                    .await;
+                }
+            }
         });
     }
 }

@@ -10,6 +10,7 @@
 //! `--drain-timeout` passes) the gRPC server stops accepting, finishes in-flight calls, and the
 //! process exits 0. SIGINT exits at once (130).
 
+mod auth;
 mod bounce;
 mod config;
 mod dataplane;
@@ -86,6 +87,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// The rustls configuration of the metrics port, from the same PEM files as gRPC's.
+fn metrics_tls(t: &config::TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use tokio_rustls::rustls;
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let certs = rustls_pemfile::certs(&mut read(&t.cert)?.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: not a PEM certificate chain", t.cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut read(&t.key)?.as_slice())
+        .with_context(|| format!("{}: not a PEM private key", t.key.display()))?
+        .with_context(|| format!("{}: no private key in it", t.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the TLS certificate and key do not go together")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     // Handlers first: a signal that arrives once we say we are ready must not hit the default.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -118,8 +138,23 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         })
         .context("cannot start the UCX worker")?
     };
+    let auth = match &cfg.auth_file {
+        Some(p) => auth::Auth::load(p).map_err(anyhow::Error::msg)?,
+        None => auth::Auth::default(),
+    };
+    if !auth.enabled() && !cfg.allow_insecure_remote {
+        for (flag, ip) in [("--listen", cfg.listen.ip()), ("--data-listen", cfg.data_listen_addr().ip())] {
+            if !ip.is_loopback() {
+                anyhow::bail!(
+                    "{flag} {ip} reaches beyond this host and no --auth-file is given: anyone who reaches it could \
+                     read and write every namespace. Give --auth-file (README: Security), or --allow-insecure-remote \
+                     if that is meant"
+                );
+            }
+        }
+    }
     let metrics = metrics::Metrics::new()?;
-    let state = state::State::new(cfg.clone(), ctx, worker, metrics, cuda)?;
+    let state = state::State::new(cfg.clone(), ctx, worker, metrics, cuda, auth)?;
 
     let grpc =
         TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
@@ -136,14 +171,16 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let (grpc_addr, ops_addr) = (grpc.local_addr()?, ops.local_addr()?);
     let info = state.ctx.info();
     tracing::info!(
-        grpc = %grpc_addr, metrics = %ops_addr, data = %data_addr, net_devices = net_devices.as_deref().unwrap_or("all"), host_pool = %cfg.host_pool, ucx = %info.version,
+        grpc = %grpc_addr, metrics = %ops_addr, data = %data_addr, tls = cfg.tls.is_some(),
+        auth = %if state.auth.enabled() { state.auth.names().join(",") } else { "off (loopback only)".into() }, net_devices = net_devices.as_deref().unwrap_or("all"), host_pool = %cfg.host_pool, ucx = %info.version,
         transports = %state.transports.join(","), "prefixd ready"
     );
     // One machine-readable line on stdout, for scripts and tests that bind port 0.
     println!("prefixd listening grpc={grpc_addr} metrics={ops_addr} data={data_addr}");
 
     let background = CancelToken::default();
-    tokio::spawn(http::serve(ops, state.clone(), background.clone()));
+    let ops_tls = cfg.tls.as_ref().map(metrics_tls).transpose()?;
+    tokio::spawn(http::serve(ops, state.clone(), background.clone(), ops_tls));
     tokio::spawn(dataplane::serve_connections(state.clone(), data, background.clone()));
     {
         let (state, stop) = (state.clone(), background.clone());
@@ -183,9 +220,19 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         .max_decoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES);
     let stop_accepting = CancelToken::default();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &cfg.tls {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?));
+        if let Some(ca) = &t.client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        builder = builder.tls_config(tls).context("TLS configuration (--tls-cert, --tls-key, --tls-client-ca)")?;
+    }
     let server = {
         let stop = stop_accepting.clone();
-        tonic::transport::Server::builder().add_service(health_service).add_service(svc).serve_with_incoming_shutdown(
+        builder.add_service(health_service).add_service(svc).serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             async move { stop.cancelled().await },
         )

@@ -2,6 +2,7 @@
 //! when it is bad), then works on the index under its mutex (never across an await), then moves
 //! bytes (the Fetch call) with a deadline on every transfer.
 
+use crate::auth::Grant;
 use crate::errors::{index_status, ucx_status};
 use crate::sessions::{CreateError, InCall, Sessions};
 use crate::state::State;
@@ -106,7 +107,12 @@ impl Service {
         r.map(Response::new)
     }
 
-    async fn do_connect(&self, r: ConnectRequest, peer: Option<std::net::IpAddr>) -> Result<ConnectResponse, Status> {
+    async fn do_connect(
+        &self,
+        r: ConnectRequest,
+        peer: Option<std::net::IpAddr>,
+        caller: &str,
+    ) -> Result<ConnectResponse, Status> {
         if r.client_name.len() > MAX_CLIENT_NAME_LEN || r.host_id.len() > 256 {
             return Err(Status::invalid_argument("client_name (<= 128 bytes) or host_id (<= 256 bytes) too long"));
         }
@@ -138,7 +144,7 @@ impl Service {
         } else {
             Vec::new()
         };
-        tracing::info!(session = format_args!("{:016x}", session.id), client = %session.name, path = ?path, "session opened");
+        tracing::info!(session = format_args!("{:016x}", session.id), client = %session.name, caller, path = ?path, "session opened");
         let data_host =
             if self.data_addr.ip().is_unspecified() { String::new() } else { self.data_addr.ip().to_string() };
         Ok(ConnectResponse {
@@ -345,12 +351,20 @@ impl Service {
 impl Prefixd for Service {
     async fn connect(&self, req: Request<ConnectRequest>) -> Result<Response<ConnectResponse>, Status> {
         let peer = req.remote_addr().map(|a| a.ip());
-        self.observe("connect", self.do_connect(req.into_inner(), peer)).await
+        let caller = self.state.auth.caller(req.metadata()).map(|c| c.name().to_owned());
+        let r = req.into_inner();
+        self.observe("connect", async {
+            let caller = caller?;
+            self.do_connect(r, peer, &caller).await
+        })
+        .await
     }
 
     async fn disconnect(&self, req: Request<DisconnectRequest>) -> Result<Response<DisconnectResponse>, Status> {
+        let caller = self.state.auth.caller(req.metadata()).map(|_| ());
         let token = req.into_inner().session_token;
         self.observe("disconnect", async {
+            caller?;
             let s = self.session(&token)?;
             self.state.drop_session(&Sessions::token_of(&s), "disconnected");
             Ok(DisconnectResponse {})
@@ -359,28 +373,60 @@ impl Prefixd for Service {
     }
 
     async fn begin_put(&self, req: Request<BeginPutRequest>) -> Result<Response<BeginPutResponse>, Status> {
-        self.observe("begin_put", self.do_begin_put(req.into_inner())).await
+        let caller = self.state.auth.caller(req.metadata());
+        let r = req.into_inner();
+        self.observe("begin_put", async {
+            caller?.check(Grant::Write, &r.namespace)?;
+            self.do_begin_put(r).await
+        })
+        .await
     }
 
     async fn commit_put(&self, req: Request<CommitPutRequest>) -> Result<Response<CommitPutResponse>, Status> {
-        self.observe("commit_put", self.do_commit_put(req.into_inner())).await
+        let caller = self.state.auth.caller(req.metadata()).map(|_| ());
+        let r = req.into_inner();
+        self.observe("commit_put", async {
+            caller?;
+            self.do_commit_put(r).await
+        })
+        .await
     }
 
     async fn abort_put(&self, req: Request<AbortPutRequest>) -> Result<Response<AbortPutResponse>, Status> {
-        self.observe("abort_put", self.do_abort_put(req.into_inner())).await
+        let caller = self.state.auth.caller(req.metadata()).map(|_| ());
+        let r = req.into_inner();
+        self.observe("abort_put", async {
+            caller?;
+            self.do_abort_put(r).await
+        })
+        .await
     }
 
     async fn lookup(&self, req: Request<LookupRequest>) -> Result<Response<LookupResponse>, Status> {
-        self.observe("lookup", self.do_lookup(req.into_inner())).await
+        let caller = self.state.auth.caller(req.metadata());
+        let r = req.into_inner();
+        self.observe("lookup", async {
+            caller?.check(Grant::Read, &r.namespace)?;
+            self.do_lookup(r).await
+        })
+        .await
     }
 
     async fn fetch(&self, req: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
-        self.observe("fetch", self.do_fetch(req.into_inner())).await
+        let caller = self.state.auth.caller(req.metadata()).map(|_| ());
+        let r = req.into_inner();
+        self.observe("fetch", async {
+            caller?;
+            self.do_fetch(r).await
+        })
+        .await
     }
 
     async fn release(&self, req: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {
+        let caller = self.state.auth.caller(req.metadata()).map(|_| ());
         let r = req.into_inner();
         self.observe("release", async {
+            caller?;
             let s = self.session(&r.session_token)?;
             self.state.index().release(r.lease_id, s.id).map_err(index_status)?;
             Ok(ReleaseResponse {})
@@ -389,8 +435,10 @@ impl Prefixd for Service {
     }
 
     async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let caller = self.state.auth.caller(req.metadata());
         let r = req.into_inner();
         self.observe("delete", async {
+            caller?.check(Grant::Admin, &r.namespace)?;
             self.session(&r.session_token)?;
             let keys = keys_from(&r.keys, "keys")?;
             let (deleted, leased) = self.state.index().delete(&r.namespace, &keys).map_err(index_status)?;
@@ -399,8 +447,10 @@ impl Prefixd for Service {
         .await
     }
 
-    async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+    async fn stats(&self, req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let caller = self.state.auth.caller(req.metadata()).map(|_| ());
         self.observe("stats", async {
+            caller?;
             let st = &self.state;
             st.refresh_gauges();
             let idx = st.index();

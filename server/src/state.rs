@@ -76,6 +76,8 @@ pub struct State {
     pub cuda: Option<Arc<Cuda>>,
     pub sessions: Sessions,
     pub metrics: Metrics,
+    /// Bearer tokens and their grants (empty: authentication off).
+    pub auth: crate::auth::Auth,
     /// Host buffers GPU-tier chunks pass through to active-message clients.
     pub bounce: crate::bounce::BouncePool,
     pub host_id: String,
@@ -106,6 +108,7 @@ impl State {
         worker: Worker,
         metrics: Metrics,
         cuda: Option<Arc<Cuda>>,
+        auth: crate::auth::Auth,
     ) -> anyhow::Result<Arc<State>> {
         let len = cfg.host_pool.0 as usize;
         let (host_pool, host_shm, host_pool_socket) = if cfg.rma == RmaPolicy::SameHost {
@@ -208,6 +211,7 @@ impl State {
             cuda,
             sessions,
             metrics,
+            auth,
             bounce: crate::bounce::BouncePool::new(16),
             host_id: host_id(),
             transports,

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use prefixd_client::{Client, ClientOptions, KeyConfig};
+use prefixd_client::{Access, Client, ClientOptions, KeyConfig, Secret, TlsOptions};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -41,6 +41,9 @@ struct Cli {
     #[command(flatten)]
     keys: KeyArgs,
 
+    #[command(flatten)]
+    access: AccessArgs,
+
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -56,6 +59,46 @@ struct KeyArgs {
     /// Tokens per chunk; a multiple of --block-tokens.
     #[arg(long, global = true, default_value_t = 256)]
     chunk_tokens: usize,
+}
+
+/// For servers started with --auth-file or --tls-cert. Tokens come from a file or the
+/// environment, never a flag (a flag would show in `ps`).
+#[derive(Debug, Args)]
+struct AccessArgs {
+    /// File holding the bearer token (or set PREFIXD_TOKEN).
+    #[arg(long, global = true, env = "PREFIXD_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM CA that signed the server's certificate (https:// endpoints). Default: system roots.
+    #[arg(long, global = true, env = "PREFIXD_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that want one (--tls-client-ca).
+    #[arg(long, global = true, env = "PREFIXD_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM key of --tls-cert.
+    #[arg(long, global = true, env = "PREFIXD_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Name to check the server's certificate against. Default: the endpoint's host.
+    #[arg(long, global = true, env = "PREFIXD_TLS_DOMAIN")]
+    tls_domain: Option<String>,
+}
+
+impl AccessArgs {
+    fn access(&self) -> anyhow::Result<Access> {
+        let token = match (&self.token_file, std::env::var("PREFIXD_TOKEN").ok().filter(|t| !t.trim().is_empty())) {
+            (Some(f), _) => Some(Secret::from_file(f)?),
+            (None, Some(t)) => Some(Secret::new(t)),
+            (None, None) => None,
+        };
+        Ok(Access {
+            token,
+            tls: TlsOptions {
+                ca: self.tls_ca.clone(),
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+                domain: self.tls_domain.clone(),
+            },
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,6 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         keys: keys.clone(),
         timeout: cli.timeout,
         worker_init: None,
+        access: cli.access.access()?,
     };
     match &cli.cmd {
         Cmd::Keys { tokens } => {
@@ -158,7 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Health => {
-            let ch = prefixd_client::channel(&cli.endpoint, cli.timeout).await?;
+            let ch = prefixd_client::channel_with(&cli.endpoint, cli.timeout, &opts.access).await?;
             return Ok(if prefixd_client::health_check(ch).await? {
                 println!("SERVING");
                 ExitCode::SUCCESS
@@ -168,7 +212,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
         }
         Cmd::Stats => {
-            let s = prefixd_client::stats_only(&cli.endpoint, cli.timeout).await?;
+            let s = prefixd_client::stats_only(&cli.endpoint, cli.timeout, &opts.access).await?;
             println!("prefixd {}", s.version);
             println!(
                 "entries: {}  sessions: {}  leases: {}  reservations: {}",

@@ -27,6 +27,10 @@ _DEFAULTS = {
     "timeout_s": 10.0,
     "reconnect_s": 1.0,
     "debug_dir": None,
+    "token_file": None,
+    "tls_ca": None,
+    "tls_cert": None,
+    "tls_key": None,
 }
 
 
@@ -44,7 +48,9 @@ class ConnectorConfig:
     a GPU, for UCX to stage device memory). `tenant`: added to the namespace.
     `timeout_s`: of every call. `reconnect_s`: least time between reconnect attempts after a
     failure. `debug_dir`: write the sha256 of every stored and loaded chunk there (or set
-    PREFIXD_VLLM_DEBUG_DIR)."""
+    PREFIXD_VLLM_DEBUG_DIR). `token_file`, `tls_ca`, `tls_cert`, `tls_key`: for sidecars that
+    check callers (`--auth-file`, `--tls-cert`; https:// endpoints), used with every sidecar
+    (default: PREFIXD_TOKEN or PREFIXD_TOKEN_FILE, and PREFIXD_TLS_CA, _CERT, _KEY)."""
 
     endpoint: str
     advertise: str
@@ -59,6 +65,10 @@ class ConnectorConfig:
     timeout_s: float
     reconnect_s: float
     debug_dir: str | None
+    token_file: str | None
+    tls_ca: str | None
+    tls_cert: str | None
+    tls_key: str | None
 
     @classmethod
     def from_extra(cls, extra):

@@ -85,6 +85,10 @@ class ReconnectingClient:
                     transports=self.transports,
                     force_remote=self.force_remote,
                     timeout=self.cfg.timeout_s,
+                    token_file=self.cfg.token_file,
+                    tls_ca=self.cfg.tls_ca,
+                    tls_cert=self.cfg.tls_cert,
+                    tls_key=self.cfg.tls_key,
                 )
             except (prefixd.PrefixdError, OSError) as e:
                 self.counters.bump("connect_failed", f"cannot connect to prefixd at {self.endpoint}: {e}")
