@@ -167,6 +167,11 @@ struct Put {
     zombies: Vec<(Tier, u64, u64)>,
     /// Bytes this put holds reserved (allocator footprints), counted against its session.
     reserved_bytes: u64,
+    /// An RMA put that ended without its commit (expired, or its session ended) while its
+    /// writer may still write the slots (a stalled process, an RMA put in flight): the slots
+    /// stay allocated, out of the index, until [`Index::release_quarantine`] says the writer is
+    /// gone. Its bytes still count against the session.
+    quarantined: bool,
 }
 
 /// What one session holds, for the per-session limits.
@@ -637,6 +642,7 @@ impl Index {
             doomed: false,
             zombies: Vec::new(),
             reserved_bytes,
+            quarantined: false,
         };
         self.puts.insert(put_id, put);
         Ok(BeginPut { put_id, slots, expires })
@@ -702,7 +708,7 @@ impl Index {
         if let (Some(pos), Some(r)) = (p.reserved.iter().position(|(i, _)| *i == index), p.received.as_mut()) {
             r[pos] = if ok { Arrival::Received } else { Arrival::Waiting };
         }
-        if p.doomed && p.inflight == 0 {
+        if p.doomed && p.inflight == 0 && !p.quarantined {
             self.bury_put(put_id);
         }
     }
@@ -717,7 +723,30 @@ impl Index {
                 pool.free(offset, len);
             }
         }
+        if p.quarantined {
+            if let Some(u) = self.usage.get_mut(&p.session) {
+                u.reserved_bytes = u.reserved_bytes.saturating_sub(p.reserved_bytes);
+            }
+            self.tidy_usage(p.session);
+        }
         self.namespaces.release(p.ns);
+    }
+
+    /// Frees the quarantined slots of `session`'s RMA puts: its writer is gone (its process
+    /// exited, or the session never had a way to write after its end). Returns (puts, bytes).
+    pub fn release_quarantine(&mut self, session: SessionId) -> (usize, u64) {
+        let ids: Vec<PutId> =
+            self.puts.iter().filter(|(_, p)| p.quarantined && p.session == session).map(|(id, _)| *id).collect();
+        let bytes = ids.iter().filter_map(|id| self.puts.get(id)).map(|p| p.reserved_bytes).sum();
+        for id in &ids {
+            self.bury_put(*id);
+        }
+        (ids.len(), bytes)
+    }
+
+    /// Bytes held in quarantine (see [`Index::release_quarantine`]).
+    pub fn quarantined_bytes(&self) -> u64 {
+        self.puts.values().filter(|p| p.quarantined).map(|p| p.reserved_bytes).sum()
     }
 
     /// How many reserved chunks of an active-message put have not arrived yet (0 for RMA).
@@ -763,11 +792,20 @@ impl Index {
     }
 
     fn drop_put(&mut self, put_id: PutId) -> u32 {
-        let (inflight, ns, reserved) = match self.puts.get(&put_id) {
+        self.end_put(put_id, false)
+    }
+
+    /// Ends a put without its commit. With `fence` (it expired, or its session ended: its
+    /// writer did not say it stopped), an RMA put's slots go to quarantine instead of the free
+    /// list: a stalled writer that wakes up writes there, not into another tenant's chunk.
+    fn end_put(&mut self, put_id: PutId, fence: bool) -> u32 {
+        let (inflight, ns, reserved, rma) = match self.puts.get(&put_id) {
             None => return 0,
             Some(p) if p.doomed => return 0,
-            Some(p) => (p.inflight, p.ns, p.reserved.clone()),
+            Some(p) => (p.inflight, p.ns, p.reserved.clone(), p.received.is_none()),
         };
+        let quarantine = fence && rma;
+        let hold = inflight > 0 || quarantine;
         let mut n = 0;
         let mut zombies = Vec::new();
         // Children before parents, so each removal sees an up-to-date child count.
@@ -777,9 +815,10 @@ impl Index {
                 continue;
             }
             n += 1;
-            if inflight > 0 {
-                // Receives still write into this slot: out of the index now (another producer
-                // may put the key), its bytes freed when the last receive ends.
+            if hold {
+                // Receives (or a stalled RMA writer) may still write into this slot: out of the
+                // index now (another producer may put the key), its bytes freed when the last
+                // receive ends (or the quarantine is released).
                 if let Some(e) = self.detach_entry(k) {
                     zombies.push((e.tier, e.offset, e.len));
                 }
@@ -787,14 +826,16 @@ impl Index {
                 self.remove_entry(k);
             }
         }
-        if inflight > 0 {
+        if hold {
             if let Some(p) = self.puts.get_mut(&put_id) {
                 p.doomed = true;
                 p.zombies = zombies;
+                p.quarantined = quarantine;
             }
-            // The slots no longer count against the session: its limit is about what it can
-            // still use, and the session may be gone already.
-            if let Some(p) = self.puts.get(&put_id).cloned() {
+            // An AM zombie's slots no longer count against the session: its limit is about what
+            // it can still use, and the session may be gone already. A quarantine does count:
+            // a writer that keeps stalling cannot hold more than its share.
+            if let Some(p) = self.puts.get(&put_id).filter(|p| !p.quarantined).cloned() {
                 if let Some(u) = self.usage.get_mut(&p.session) {
                     u.reserved_bytes = u.reserved_bytes.saturating_sub(p.reserved_bytes);
                 }
@@ -1014,7 +1055,7 @@ impl Index {
         let leases: Vec<LeaseId> =
             self.leases.iter().filter(|(_, l)| l.session == session && !l.doomed).map(|(id, _)| *id).collect();
         for p in &puts {
-            self.drop_put(*p);
+            self.end_put(*p, true);
         }
         for l in &leases {
             self.drop_lease(*l);
@@ -1031,7 +1072,7 @@ impl Index {
         let leases: Vec<LeaseId> =
             self.leases.iter().filter(|(_, l)| !l.doomed && now > l.expires + grace).map(|(id, _)| *id).collect();
         for p in &puts {
-            self.drop_put(*p);
+            self.end_put(*p, true);
         }
         for l in &leases {
             self.drop_lease(*l);
@@ -1053,8 +1094,9 @@ impl Index {
         self.leases.len()
     }
 
+    /// Puts begun and not yet committed, aborted or expired.
     pub fn active_reservations(&self) -> usize {
-        self.puts.len()
+        self.puts.values().filter(|p| !p.doomed).count()
     }
 
     pub fn usage(&self) -> Vec<TierUsage> {
@@ -1148,9 +1190,9 @@ impl Index {
         if refs.len() != self.namespaces.len() {
             return Err(format!("{} namespaces referenced, {} alive", refs.len(), self.namespaces.len()));
         }
-        // Per-session usage: reserved bytes of live puts, leases and their bytes.
+        // Per-session usage: reserved bytes of live and quarantined puts, leases and their bytes.
         let mut usage: HashMap<SessionId, SessionUsage> = HashMap::new();
-        for p in self.puts.values().filter(|p| !p.doomed) {
+        for p in self.puts.values().filter(|p| !p.doomed || p.quarantined) {
             usage.entry(p.session).or_default().reserved_bytes += p.reserved_bytes;
         }
         for l in self.leases.values() {

@@ -92,6 +92,9 @@ fn random_operations_keep_every_invariant() {
                     if rng.below(10) == 0 {
                         idx.drop_session(session);
                     }
+                    if rng.below(3) == 0 {
+                        idx.release_quarantine(session); // its writer is gone
+                    }
                 }
             }
             if let Err(e) = idx.check_invariants() {
@@ -169,12 +172,23 @@ fn dead_producer_reservations_are_reclaimed() {
     let keys: Vec<ChunkKey> = (0..3).map(|c| key(4, c)).collect();
     let b = idx.begin_put(7, "ns", &keys, &[16 * 1024; 3], None, false, now, ttl).unwrap();
     assert_eq!(idx.usage()[0].used, 3 * 16 * 1024);
-    // The producer dies: nothing is visible, and after the TTL the space is back.
+    // The producer stalls: nothing is visible; after the TTL its keys are free for others, but
+    // its slots stay out of use (it may still write them) until its writer is known gone.
     assert_eq!(idx.lookup("ns", &keys, None, now).unwrap().hits, 0);
     let later = now + ttl + Duration::from_millis(1);
     assert_eq!(idx.expire(later).puts, 1);
-    assert_eq!(idx.usage()[0].used, 0);
     assert_eq!(idx.commit_put(b.put_id, 7, later).unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(idx.quarantined_bytes(), 3 * 16 * 1024);
+    let other = idx.begin_put(8, "other", &keys[..1], &[16 * 1024], None, false, later, ttl).unwrap();
+    let slot = |s: &Slot| match s {
+        Slot::Reserved(l) => l.offset,
+        Slot::Present => panic!("not reserved"),
+    };
+    assert!(b.slots.iter().all(|s| slot(s) != slot(&other.slots[0])), "a quarantined slot was handed out again");
+    idx.abort_put(other.put_id, 8).unwrap();
+    idx.check_invariants().unwrap();
+    assert_eq!(idx.release_quarantine(7), (1, 3 * 16 * 1024));
+    assert_eq!(idx.usage()[0].used, 0);
     idx.check_invariants().unwrap();
 }
 

@@ -19,6 +19,9 @@ pub(crate) struct SharedHostPool {
     /// Once page-locked: the mapping's device address, and whether this process registered it
     /// (None: CUDA cannot reach it).
     pinned: OnceLock<Option<(u64, bool)>>,
+    /// Open while this process may write the server's pools (dropped last): the server keeps
+    /// this session's expired slots out of use until it closes (see the server's `state`).
+    _liveness: std::os::unix::net::UnixStream,
 }
 
 fn cuda_ok(what: &str, r: cu::CUresult) -> Result<(), String> {
@@ -51,14 +54,17 @@ pub(crate) fn bind_context_of(ptr: u64) -> Result<(), String> {
 
 impl SharedHostPool {
     /// Receives and maps the pool; `len` is the length the server's pool descriptor announced.
-    pub(crate) fn open(socket: &str, base: u64, len: u64) -> std::io::Result<SharedHostPool> {
+    /// Maps the pool the server hands out on `socket` to the session of `token`.
+    pub(crate) fn open(socket: &str, token: &[u8], base: u64, len: u64) -> std::io::Result<SharedHostPool> {
         let name = socket.strip_prefix('@').unwrap_or(socket);
-        let (fd, announced) = ucx_bindings::shm::receive_fd(name)?;
+        let proof: &[u8; ucx_bindings::shm::PROOF_LEN] =
+            token.try_into().map_err(|_| std::io::Error::other("the session token is not 16 bytes"))?;
+        let (fd, announced, liveness) = ucx_bindings::shm::receive_fd(name, proof)?;
         if announced != len {
             return Err(std::io::Error::other("pool socket and descriptor disagree on the length"));
         }
         let mem = SharedMemory::map(fd, len as usize)?;
-        Ok(SharedHostPool { mem, base, pinned: OnceLock::new() })
+        Ok(SharedHostPool { mem, base, pinned: OnceLock::new(), _liveness: liveness })
     }
 
     /// Whether `[addr, addr+len)` lies in this pool.

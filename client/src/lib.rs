@@ -318,7 +318,7 @@ impl Client {
         // Map the host pool where the server offers it; without it, RMA still works.
         let shared = match (path, resp.pools.iter().find(|p| p.tier == "host")) {
             (DataPath::Rma, Some(host)) if !resp.host_pool_socket.is_empty() => {
-                direct::SharedHostPool::open(&resp.host_pool_socket, host.base, host.length).ok()
+                direct::SharedHostPool::open(&resp.host_pool_socket, &resp.session_token, host.base, host.length).ok()
             }
             _ => None,
         };

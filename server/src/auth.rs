@@ -10,6 +10,12 @@
 //! grants = ["read", "write"]            # read: Lookup, Fetch; write: puts; admin: Delete
 //! ```
 //!
+//! A fourth grant, `direct`, lets a same-host client's sessions use the RMA path (the pools'
+//! remote keys and the mapped host pool). That access spans the whole pools, every namespace,
+//! and cannot be taken back from a process that mapped the pool, so it is given only to tokens
+//! that name it (README: Security); other sessions move data by active messages, where the
+//! server checks every chunk against the session's grants.
+//!
 //! Clients send `authorization: Bearer <secret>` with every call. Secrets are kept as SHA-256
 //! digests and found by digest, so no comparison depends on how much of a guess was right.
 //! Without a file, every call is allowed: the server then refuses to listen beyond loopback
@@ -28,6 +34,7 @@ pub enum Grant {
     Read = 1,
     Write = 2,
     Admin = 4,
+    Direct = 8,
 }
 
 impl Grant {
@@ -36,6 +43,7 @@ impl Grant {
             Grant::Read => "read",
             Grant::Write => "write",
             Grant::Admin => "admin",
+            Grant::Direct => "direct",
         }
     }
 }
@@ -114,9 +122,10 @@ impl Auth {
                     "read" => Grant::Read as u8,
                     "write" => Grant::Write as u8,
                     "admin" => Grant::Admin as u8,
+                    "direct" => Grant::Direct as u8,
                     other => {
                         return Err(format!(
-                            "auth file: token {:?}: grant {other:?} is none of read, write, admin",
+                            "auth file: token {:?}: grant {other:?} is none of read, write, admin, direct",
                             t.name
                         ))
                     }
@@ -177,6 +186,14 @@ impl Caller<'_> {
                     )))
                 }
             }
+        }
+    }
+
+    /// Whether the caller's sessions may use same-host RMA (always, without authentication).
+    pub fn may_use_direct(&self) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Token(_, grants, _) => grants & Grant::Direct as u8 != 0,
         }
     }
 

@@ -24,8 +24,9 @@ pub const ACTIVE_RESERVATIONS: &str = "prefixd_active_reservations";
 pub const SESSIONS: &str = "prefixd_sessions";
 pub const REJECTED_MESSAGES_TOTAL: &str = "prefixd_rejected_messages_total";
 pub const LIMIT_REJECTIONS_TOTAL: &str = "prefixd_limit_rejections_total";
+pub const QUARANTINED_BYTES: &str = "prefixd_quarantined_bytes";
 
-/// The table in docs/METRICS.md is generated from this list (`prefixd --list-metrics`).
+/// README.md's metrics table is this list (`prefixd --list-metrics`; a test keeps them equal).
 pub const CATALOG: &[(&str, &str, &str, &str)] = &[
     (REQUESTS_TOTAL, "counter", "op, code", "gRPC requests by operation and status code"),
     (REQUEST_DURATION_SECONDS, "histogram", "op", "gRPC request latency"),
@@ -48,6 +49,12 @@ pub const CATALOG: &[(&str, &str, &str, &str)] = &[
     (ACTIVE_LEASES, "gauge", "", "leases held"),
     (ACTIVE_RESERVATIONS, "gauge", "", "puts begun and not yet committed or aborted"),
     (SESSIONS, "gauge", "", "connected client sessions"),
+    (
+        QUARANTINED_BYTES,
+        "gauge",
+        "",
+        "pool bytes of same-host RMA puts that ended uncommitted while their process may still write them; freed when it exits",
+    ),
     (REJECTED_MESSAGES_TOTAL, "counter", "reason", "data-plane active messages dropped (bad header, unknown put, ...)"),
     (
         LIMIT_REJECTIONS_TOTAL,
@@ -76,6 +83,7 @@ pub struct Metrics {
     pub active_leases: IntGauge,
     pub active_reservations: IntGauge,
     pub sessions: IntGauge,
+    pub quarantined: IntGauge,
     pub rejected: IntCounterVec,
     pub limit_rejections: IntCounterVec,
     /// When each limit was last logged (seconds since start), so a flood logs once a second.
@@ -116,6 +124,7 @@ impl Metrics {
             active_leases: gauge(ACTIVE_LEASES)?,
             active_reservations: gauge(ACTIVE_RESERVATIONS)?,
             sessions: gauge(SESSIONS)?,
+            quarantined: gauge(QUARANTINED_BYTES)?,
             rejected: counter_vec(REJECTED_MESSAGES_TOTAL, &["reason"])?,
             limit_rejections: counter_vec(LIMIT_REJECTIONS_TOTAL, &["limit"])?,
             limit_logged: Default::default(),
@@ -138,6 +147,7 @@ impl Metrics {
         r.register(Box::new(m.active_leases.clone()))?;
         r.register(Box::new(m.active_reservations.clone()))?;
         r.register(Box::new(m.sessions.clone()))?;
+        r.register(Box::new(m.quarantined.clone()))?;
         r.register(Box::new(m.rejected.clone()))?;
         r.register(Box::new(m.limit_rejections.clone()))?;
         Ok(m)
@@ -178,6 +188,15 @@ pub fn markdown_table() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_readme_table_is_current() {
+        let readme = include_str!("../../README.md");
+        assert!(
+            readme.contains(&markdown_table()),
+            "README.md's metrics table is stale: replace it with `prefixd --list-metrics`"
+        );
+    }
 
     #[test]
     fn every_metric_is_registered_named_and_documented() {

@@ -112,6 +112,7 @@ impl Service {
         r: ConnectRequest,
         peer: Option<std::net::IpAddr>,
         caller: &str,
+        direct: bool,
     ) -> Result<ConnectResponse, Status> {
         if r.client_name.len() > MAX_CLIENT_NAME_LEN || r.host_id.len() > 256 {
             return Err(Status::invalid_argument("client_name (<= 128 bytes) or host_id (<= 256 bytes) too long"));
@@ -120,7 +121,8 @@ impl Service {
             return Err(Status::invalid_argument("transports: at most 64 names of at most 64 bytes"));
         }
         let st = &self.state;
-        let path = st.data_path_for(&r.host_id, r.force_remote, &r.transports);
+        // Tokens without the direct grant get the active-message path even on this host.
+        let path = st.data_path_for(&r.host_id, r.force_remote || !direct, &r.transports);
         let both: Vec<String> = st.transports.iter().filter(|t| r.transports.contains(t)).cloned().collect();
         let name = if r.client_name.is_empty() { "unnamed".to_owned() } else { r.client_name.clone() };
         let session = st.sessions.create(name, path, peer).map_err(|e| match e {
@@ -351,11 +353,11 @@ impl Service {
 impl Prefixd for Service {
     async fn connect(&self, req: Request<ConnectRequest>) -> Result<Response<ConnectResponse>, Status> {
         let peer = req.remote_addr().map(|a| a.ip());
-        let caller = self.state.auth.caller(req.metadata()).map(|c| c.name().to_owned());
+        let caller = self.state.auth.caller(req.metadata()).map(|c| (c.name().to_owned(), c.may_use_direct()));
         let r = req.into_inner();
         self.observe("connect", async {
-            let caller = caller?;
-            self.do_connect(r, peer, &caller).await
+            let (caller, direct) = caller?;
+            self.do_connect(r, peer, &caller, direct).await
         })
         .await
     }

@@ -8,6 +8,7 @@ use crate::sessions::{Session, Sessions};
 use prefixd_cache::{Index, IndexConfig, Tier};
 use prefixd_proto::dataplane::SessionToken;
 use prefixd_proto::v1::DataPath;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -86,6 +87,9 @@ pub struct State {
     /// Woken whenever active-message put data lands (CommitPut waits on it).
     pub arrivals: Notify,
     draining: AtomicBool,
+    /// Same-host RMA sessions whose process holds the shared host pool (and may write the pools
+    /// until it exits): token -> session id.
+    writers: Mutex<HashMap<SessionToken, u64>>,
 }
 
 impl std::fmt::Debug for State {
@@ -111,6 +115,9 @@ impl State {
         auth: crate::auth::Auth,
     ) -> anyhow::Result<Arc<State>> {
         let len = cfg.host_pool.0 as usize;
+        // The pool socket hands the host pool only to a live same-host RMA session (its token is
+        // the proof); the state it asks is set once built.
+        let gate: Arc<std::sync::OnceLock<std::sync::Weak<State>>> = Arc::default();
         let (host_pool, host_shm, host_pool_socket) = if cfg.rma == RmaPolicy::SameHost {
             // Shareable memory: same-host clients may map it and copy directly (see ucx_bindings::shm).
             let shm = SharedMemory::create("prefixd-host-pool", len)
@@ -122,7 +129,16 @@ impl State {
             crate::sessions::random_fill(&mut nonce)?;
             let name = format!("prefixd-pool-{}-{:016x}", std::process::id(), u64::from_le_bytes(nonce));
             // The serving thread keeps the raw fd; `_host_shm` keeps it open for the process's life.
-            let socket = match ucx_bindings::shm::serve_fd(&name, shm.fd(), len as u64) {
+            let (g1, g2) = (gate.clone(), gate.clone());
+            let authorize = move |proof: &SessionToken| {
+                g1.get().and_then(std::sync::Weak::upgrade).is_some_and(|st| st.writer_arrived(proof))
+            };
+            let gone = move |proof: &SessionToken| {
+                if let Some(st) = g2.get().and_then(std::sync::Weak::upgrade) {
+                    st.writer_gone(proof);
+                }
+            };
+            let socket = match ucx_bindings::shm::serve_fd(&name, shm.fd(), len as u64, authorize, gone) {
                 Ok(()) => format!("@{name}"),
                 Err(e) => {
                     tracing::warn!(error = %e, "host pool not shared; same-host clients use RMA only");
@@ -197,7 +213,7 @@ impl State {
         });
         let transports = ctx.info().transports();
         let sessions = Sessions::new(cfg.limits.max_sessions, cfg.limits.max_sessions_per_peer);
-        Ok(Arc::new(State {
+        let state = Arc::new(State {
             cfg,
             index: Mutex::new(index),
             ctx,
@@ -217,7 +233,10 @@ impl State {
             transports,
             arrivals: Notify::new(),
             draining: AtomicBool::new(false),
-        }))
+            writers: Mutex::new(HashMap::new()),
+        });
+        let _ = gate.set(Arc::downgrade(&state));
+        Ok(state)
     }
 
     /// The index, locked. Never held across an await.
@@ -232,6 +251,12 @@ impl State {
             return false;
         };
         let freed = self.index().drop_session(s.id);
+        // Its RMA puts went to quarantine; free them now unless its process still holds the
+        // pool (it may still write), in which case `writer_gone` will.
+        let writing = self.writers.lock().unwrap_or_else(|p| p.into_inner()).contains_key(token);
+        if !writing {
+            self.index().release_quarantine(s.id);
+        }
         tracing::info!(
             session = format_args!("{:016x}", s.id), client = %s.name, puts = freed.puts, leases = freed.leases,
             why, "session closed"
@@ -319,6 +344,7 @@ impl State {
         self.metrics.entries.set(idx.entries() as i64);
         self.metrics.active_leases.set(idx.active_leases() as i64);
         self.metrics.active_reservations.set(idx.active_reservations() as i64);
+        self.metrics.quarantined.set(idx.quarantined_bytes() as i64);
         let c = idx.counters();
         drop(idx);
         let ev = self.metrics.evictions.get();
@@ -332,6 +358,28 @@ impl State {
             }
         }
         self.metrics.sessions.set(self.sessions.len() as i64);
+    }
+
+    /// A process asks for the shared host pool with a session token: yes for a live same-host
+    /// RMA session, which is then counted as a writer until its connection closes.
+    fn writer_arrived(&self, token: &SessionToken) -> bool {
+        let Some(s) = self.sessions.get(token).filter(|s| s.path == DataPath::Rma) else {
+            return false;
+        };
+        self.writers.lock().unwrap_or_else(|p| p.into_inner()).insert(*token, s.id);
+        true
+    }
+
+    /// The process of a writer is gone (or let go of the pool): nothing of it can write the
+    /// pools any more, so its quarantined slots are free.
+    fn writer_gone(&self, token: &SessionToken) {
+        let Some(id) = self.writers.lock().unwrap_or_else(|p| p.into_inner()).remove(token) else {
+            return;
+        };
+        let (puts, bytes) = self.index().release_quarantine(id);
+        if puts > 0 {
+            tracing::info!(session = format_args!("{id:016x}"), puts, bytes, "writer gone: quarantined slots freed");
+        }
     }
 
     /// Expires reservations and leases, and drops sessions idle for `session_idle`.

@@ -433,3 +433,76 @@ fn a_loopback_server_listens_on_loopback_only() {
         assert!(loopback, "a socket listens on {addr} (not loopback): {listening:?}");
     }
 }
+
+/// Exposure (4e6c6e7): the host pool's abstract socket (listed in /proc/net/unix) handed the
+/// pool, read-write, to any local process that connected. Now only a live same-host RMA
+/// session's token gets it; a guess, or an active-message session's token, gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_socket_hands_the_pool_only_to_rma_sessions() {
+    use ucx_bindings::shm::{receive_fd, PROOF_LEN};
+    let server = Server::start(&["--host-pool", "8MiB"]);
+    let local = RawSession::open(&server.grpc, false, true).await.unwrap();
+    assert_eq!(local.resp.data_path, DataPath::Rma as i32);
+    let socket = local.resp.host_pool_socket.trim_start_matches('@').to_owned();
+    assert!(!socket.is_empty(), "the server shares its host pool");
+    let listed = std::fs::read_to_string("/proc/net/unix").unwrap();
+    assert!(listed.contains(&socket), "the name is public: anyone local can find it");
+
+    let err = receive_fd(&socket, &[0u8; PROOF_LEN]).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+    let remote = RawSession::open(&server.grpc, true, true).await.unwrap();
+    let err = receive_fd(&socket, remote.token().as_slice().try_into().unwrap()).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "an AM session gets no pool: {err}");
+
+    let (_fd, len, _alive) = receive_fd(&socket, local.token().as_slice().try_into().unwrap()).unwrap();
+    assert_eq!(len, 8 << 20);
+    // A closed session's token is worth nothing.
+    let mut g = PrefixdClient::new(Channel::from_shared(server.grpc.clone()).unwrap().connect().await.unwrap());
+    g.disconnect(DisconnectRequest { session_token: local.token() }).await.unwrap();
+    assert!(receive_fd(&socket, local.token().as_slice().try_into().unwrap()).is_err());
+}
+
+/// Defect 2 (4e6c6e7): a same-host producer stalled past its reservation's deadline, another
+/// namespace's chunk took the reused slot, and the producer's late writes landed in it (the
+/// reader got wrong bytes and no error). Now the expired slot stays out of use while the
+/// producer's process holds the pool, and is freed once it lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_rma_writes_cannot_reach_another_tenants_chunk() {
+    use ucx_bindings::shm::{receive_fd, SharedMemory, PROOF_LEN};
+    const LEN: usize = 1 << 20;
+    let server = Server::start(&["--host-pool", "8MiB", "--lease-ttl", "1s"]);
+    let mut g = PrefixdClient::new(Channel::from_shared(server.grpc.clone()).unwrap().connect().await.unwrap());
+
+    // The stalled producer: a same-host RMA session holding the mapped pool.
+    let a = RawSession::open(&server.grpc, false, true).await.unwrap();
+    assert_eq!(a.resp.data_path, DataPath::Rma as i32);
+    let proof: &[u8; PROOF_LEN] = a.resp.session_token.as_slice().try_into().unwrap();
+    let (fd, len, alive) = receive_fd(a.resp.host_pool_socket.trim_start_matches('@'), proof).unwrap();
+    let pool = SharedMemory::map(fd, len as usize).unwrap();
+    let base = a.resp.pools.iter().find(|p| p.tier == "host").unwrap().base;
+    let mut put = begin(&a.token(), vec![key(0xa1)], vec![LEN as u64]);
+    put.namespace = "tenant-a".into();
+    let slot = g.begin_put(put).await.unwrap().into_inner().slots[0].address;
+    assert!(wait_until(Duration::from_secs(10), || server.metric("prefixd_active_reservations") == 0.0));
+
+    // Another tenant stores a chunk; then the producer wakes up and writes its slot.
+    let b = ::prefixd_client::Client::connect_with(
+        &server.grpc,
+        ::prefixd_client::ClientOptions { net_devices: Some("lo".into()), force_remote: true, ..Default::default() },
+    )
+    .await
+    .unwrap();
+    let tokens: Vec<u32> = (0..256).collect();
+    let bytes = random_bytes(LEN, 77);
+    assert_eq!(b.put("tenant-b", &tokens, &bytes).await.unwrap().stored, 1);
+    // SAFETY: [slot - base, +LEN) lies inside the 8 MiB mapping (the server placed it there).
+    unsafe { std::ptr::write_bytes(pool.as_ptr().add((slot - base) as usize), 0xEE, LEN) };
+    let got = b.get("tenant-b", &tokens).await.unwrap();
+    assert!(got == (256, bytes), "the late write reached B's chunk (hit {} tokens)", got.0);
+    assert_eq!(server.metric("prefixd_quarantined_bytes"), LEN as f64, "the expired slot is held back");
+
+    // The producer's process lets go of the pool: the slot is free again.
+    drop(pool);
+    drop(alive);
+    assert!(wait_until(Duration::from_secs(10), || server.metric("prefixd_quarantined_bytes") == 0.0));
+}

@@ -33,6 +33,12 @@ async fn remote_get_of_64_chunks_of_36_mib_over_tcp() {
         "tcp",
         "--rma",
         "never",
+        // One put and one lease of the whole prompt (2.3 GiB): more than the default shares of
+        // half the pool.
+        "--max-reserved-per-session",
+        "2600MiB",
+        "--max-leased-per-session",
+        "2600MiB",
     ]);
     let opts = ClientOptions {
         transports: "tcp".into(),

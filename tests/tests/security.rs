@@ -14,6 +14,7 @@ use tonic::Code;
 const PREFILL: &str = "prefill-secret-0123456789abcdef";
 const READER: &str = "reader-secret-0123456789abcdef";
 const OPS: &str = "ops-secret-0123456789abcdef0123";
+const LOCAL: &str = "local-secret-0123456789abcdef01";
 
 /// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, as PEM files.
 struct Pki {
@@ -57,6 +58,12 @@ name = "prefill"
 secret = "{PREFILL}"
 namespaces = ["vllm|*"]
 grants = ["read", "write"]
+
+[[token]]
+name = "local-engine"
+secret = "{LOCAL}"
+namespaces = ["vllm|*"]
+grants = ["read", "write", "direct"]
 
 [[token]]
 name = "reader"
@@ -276,4 +283,26 @@ fn no_tokens_no_listening_beyond_loopback() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("16 characters"));
+}
+
+/// Same-host RMA reaches every namespace's bytes and cannot be revoked from a process that
+/// mapped the pool: with tokens, only a token granted `direct` gets it; others on this host
+/// move data by active messages, where every chunk is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_direct_tokens_get_same_host_rma() {
+    let pki = Pki::new();
+    let (_server, url) = pki.server();
+    let local = |secret: &str| ClientOptions {
+        net_devices: Some("lo".into()),
+        access: pki.access(Some(secret)),
+        ..ClientOptions::default()
+    };
+    let direct = Client::connect_with(&url, local(LOCAL)).await.unwrap();
+    assert_eq!(direct.data_path(), prefixd_client::DataPath::Rma);
+    let plain = Client::connect_with(&url, local(PREFILL)).await.unwrap();
+    assert_eq!(plain.data_path(), prefixd_client::DataPath::ActiveMessage);
+    let tokens: Vec<u32> = (0..256).collect();
+    let bytes = random_bytes(4096, 5);
+    assert_eq!(plain.put("vllm|a", &tokens, &bytes).await.unwrap().stored, 1);
+    assert_eq!(direct.get("vllm|a", &tokens).await.unwrap(), (256, bytes));
 }

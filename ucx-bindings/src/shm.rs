@@ -141,32 +141,107 @@ fn send_fd(stream: &UnixStream, fd: RawFd, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Serves `fd` (with its length) to every process that connects to the abstract socket `name`,
-/// from a background thread, for the life of the process.
-pub fn serve_fd(name: &str, fd: RawFd, len: u64) -> io::Result<()> {
+/// Bytes of the proof a process sends before it is handed the fd (a session token).
+pub const PROOF_LEN: usize = 16;
+
+/// Connections being answered at once; more are closed at once (a local flood costs nothing).
+const MAX_PENDING: usize = 64;
+
+/// Serves `fd` (with its length) to processes that connect to the abstract socket `name` and
+/// send a proof (`PROOF_LEN` bytes) that `authorize` accepts, from background threads, for the
+/// life of the process. Abstract sockets are visible to every process of the network namespace
+/// (/proc/net/unix): the name is no secret, the proof is.
+///
+/// A process keeps its connection open while it may write the memory; the kernel closes it
+/// when the process exits, however it exits. Then `gone` runs with the proof it sent.
+pub fn serve_fd<F, G>(name: &str, fd: RawFd, len: u64, authorize: F, gone: G) -> io::Result<()>
+where
+    F: Fn(&[u8; PROOF_LEN]) -> bool + Send + Sync + 'static,
+    G: Fn(&[u8; PROOF_LEN]) + Send + Sync + 'static,
+{
     let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
     let listener = UnixListener::bind_addr(&addr)?;
+    let hooks = std::sync::Arc::new((authorize, gone));
+    let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new().name("shm-serve".into()).spawn(move || {
+        use std::sync::atomic::Ordering;
         for stream in listener.incoming().flatten() {
-            if let Err(e) = send_fd(&stream, fd, len) {
-                tracing::debug!(error = %e, "could not hand out the shared pool");
+            if pending.fetch_add(1, Ordering::AcqRel) >= MAX_PENDING {
+                pending.fetch_sub(1, Ordering::AcqRel);
+                continue; // dropped: closed
+            }
+            let (hooks, pending) = (hooks.clone(), pending.clone());
+            let answer = move || {
+                let handed = answer_one(&stream, fd, len, &hooks.0);
+                pending.fetch_sub(1, Ordering::AcqRel);
+                match handed {
+                    Ok(proof) => {
+                        wait_for_close(&stream);
+                        (hooks.1)(&proof);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "did not hand out the shared pool"),
+                }
+            };
+            // Small stacks: one thread per process holding the pool, blocked in read.
+            let spawned = std::thread::Builder::new().name("shm-answer".into()).stack_size(64 << 10).spawn(answer);
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot answer a pool socket connection");
             }
         }
     })?;
     Ok(())
 }
 
-/// Connects to the abstract socket `name` and receives (fd, length).
-pub fn receive_fd(name: &str) -> io::Result<(OwnedFd, u64)> {
+/// Blocks until the peer closes its end (or its process exits).
+fn wait_for_close(stream: &UnixStream) {
+    use std::io::Read;
+    let _ = stream.set_read_timeout(None);
+    let mut buf = [0u8; 64];
+    loop {
+        match (&*stream).read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {} // nothing is expected; ignored
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Reads one proof (within a second) and sends the fd if it is accepted; closes otherwise.
+fn answer_one(
+    stream: &UnixStream,
+    fd: RawFd,
+    len: u64,
+    authorize: &dyn Fn(&[u8; PROOF_LEN]) -> bool,
+) -> io::Result<[u8; PROOF_LEN]> {
+    use std::io::Read;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+    let mut proof = [0u8; PROOF_LEN];
+    (&*stream).read_exact(&mut proof)?;
+    if !authorize(&proof) {
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, "proof refused"));
+    }
+    send_fd(stream, fd, len)?;
+    Ok(proof)
+}
+
+/// Connects to the abstract socket `name`, sends `proof` and receives (fd, length) and the
+/// connection: keep it open while this process may write the memory.
+pub fn receive_fd(name: &str, proof: &[u8; PROOF_LEN]) -> io::Result<(OwnedFd, u64, UnixStream)> {
+    use std::io::Write;
     let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
     let stream = UnixStream::connect_addr(&addr)?;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    (&stream).write_all(proof)?;
     let mut payload = [0u8; 8];
     let mut iov = libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() };
     let mut control = fd_control_buffer();
     let mut msg = one_fd_message(&mut iov, &mut control);
     // SAFETY: a connected socket; buffers as declared in msg.
     let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n == 0 {
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, "the pool socket refused this session"));
+    }
     if n != payload.len() as isize {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "short message from the pool socket"));
     }
@@ -180,7 +255,7 @@ pub fn receive_fd(name: &str) -> io::Result<(OwnedFd, u64)> {
     let raw = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>()) };
     // SAFETY: the kernel installed this fd for us; we own it now.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    Ok((fd, u64::from_le_bytes(payload)))
+    Ok((fd, u64::from_le_bytes(payload), stream))
 }
 
 #[cfg(test)]
@@ -191,8 +266,19 @@ mod tests {
     fn shares_memory_through_an_abstract_socket() {
         let shm = SharedMemory::create("test", 1 << 20).unwrap();
         let name = format!("prefixd-test-{}", std::process::id());
-        serve_fd(&name, shm.fd(), shm.len() as u64).unwrap();
-        let (fd, len) = receive_fd(&name).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let gone = move |p: &[u8; PROOF_LEN]| {
+            let _ = tx.lock().unwrap().send(p[0]);
+        };
+        serve_fd(&name, shm.fd(), shm.len() as u64, |p| p[0] == 7, gone).unwrap();
+        let err = receive_fd(&name, &[8u8; PROOF_LEN]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "a wrong proof gets nothing: {err}");
+        let (fd, len, alive) = receive_fd(&name, &[7u8; PROOF_LEN]).unwrap();
+        let timeout = std::time::Duration::from_millis(200);
+        assert!(rx.recv_timeout(timeout).is_err(), "not gone while the connection is open");
+        drop(alive);
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(), 7, "gone once closed");
         assert_eq!(len, 1 << 20);
         let other = SharedMemory::map(fd, len as usize).unwrap();
         // SAFETY: both mappings are 1 MiB; single-threaded test.
@@ -200,7 +286,11 @@ mod tests {
             *shm.as_ptr().add(12345) = 0xAB;
             assert_eq!(*other.as_ptr().add(12345), 0xAB, "same pages");
         }
-        assert!(SharedMemory::map(receive_fd(&name).unwrap().0, 2 << 20).is_err(), "oversized map refused");
-        assert!(receive_fd("prefixd-nobody-listens-here").is_err());
+        assert!(
+            SharedMemory::map(receive_fd(&name, &[7; PROOF_LEN]).unwrap().0, 2 << 20).is_err(),
+            "oversized map refused"
+        );
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(), 7);
+        assert!(receive_fd("prefixd-nobody-listens-here", &[7; PROOF_LEN]).is_err());
     }
 }
