@@ -510,6 +510,18 @@ impl Index {
         std::mem::take(&mut self.moves)
     }
 
+    /// Forgets the chunk now at `at`: a demotion whose copy failed left no valid bytes there.
+    /// Returns whether a chunk was there. (Called with the index held since the demotion, so
+    /// nobody can have leased it.)
+    pub fn forget_at(&mut self, at: Location) -> bool {
+        let k = self
+            .entries
+            .iter()
+            .find(|(_, e)| e.tier == at.tier && e.offset == at.offset && e.state == State::Ready)
+            .map(|(k, _)| *k);
+        k.and_then(|k| self.remove_entry(k)).is_some()
+    }
+
     /// Evicts leaves while a tier is above its high watermark, down to the low one.
     pub fn evict_to_watermarks(&mut self) -> usize {
         let mut evicted = 0;

@@ -448,6 +448,32 @@ fn new_prompts_take_the_gpu_tier_even_when_it_is_full_of_chains() {
     }
 }
 
+/// Defect 11 (4e6c6e7): when a demotion's copy failed, the entry already pointed at its host
+/// slot and was served as a hit of uninitialised memory. The caller now forgets it.
+#[test]
+fn a_failed_demotion_copy_drops_the_chunk() {
+    let mut idx = Index::new(IndexConfig {
+        tiers: vec![(Tier::Gpu, 4 * 1024), (Tier::Host, 64 * 1024)],
+        high_watermark: 1.0,
+        low_watermark: 1.0,
+        grace: Duration::ZERO,
+        ..IndexConfig::default()
+    });
+    let (now, ttl) = (Instant::now(), Duration::from_secs(5));
+    let first = [key(1, 0)];
+    let b = idx.begin_put(1, "ns", &first, &[4 * 1024], None, false, now, ttl).unwrap();
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    let b = idx.begin_put(1, "ns", &[key(2, 0)], &[4 * 1024], None, false, now, ttl).unwrap();
+    let moves = idx.take_moves();
+    assert_eq!(moves.len(), 1, "the first chunk was demoted to make room");
+    // The copy failed: the chunk is forgotten, not served from a slot of garbage.
+    assert!(idx.forget_at(moves[0].to));
+    assert_eq!(idx.lookup("ns", &first, None, now).unwrap().hits, 0);
+    assert_eq!(idx.usage().iter().find(|u| u.tier == Tier::Host).unwrap().used, 0);
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    idx.check_invariants().unwrap();
+}
+
 /// 4e6c6e7 interned names before allocating and never forgot them: after 65,536 distinct names,
 /// even from failed puts, every new namespace was refused until restart. Names are now counted
 /// and freed with their last chunk, put or lease.

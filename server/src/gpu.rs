@@ -158,6 +158,18 @@ impl Cuda {
         check("cuMemcpyDtoH", unsafe { cu::cuMemcpyDtoH_v2(dst.cast(), src, len) })
     }
 
+    /// Fills device memory with zeros and waits.
+    ///
+    /// # Safety
+    /// The range must be valid device memory for `len` bytes, not in use by another transfer.
+    pub unsafe fn zero(&self, dst: u64, len: usize) -> Result<(), CudaError> {
+        self.make_current()?;
+        // SAFETY: per this function's contract; the null stream, waited for below.
+        check("cuMemsetD8Async", unsafe { cu::cuMemsetD8Async(dst, 0, len, std::ptr::null_mut()) })?;
+        // SAFETY: the null stream of the current context.
+        check("cuStreamSynchronize", unsafe { cu::cuStreamSynchronize(std::ptr::null_mut()) })
+    }
+
     /// Copies host → device and waits.
     ///
     /// # Safety

@@ -181,9 +181,12 @@ impl Service {
             let b =
                 idx.begin_put(session.id, &r.namespace, &keys, &r.sizes, parent, am, Instant::now(), st.cfg.lease_ttl);
             // Chunks demoted to make room are copied before anyone can see their new place.
-            st.copy_moves(&idx.take_moves());
+            st.copy_moves(&mut idx);
             b.map_err(|e| self.index_err(e))?
         };
+        if !am {
+            self.scrub(&b.slots).await?;
+        }
         let slots = b
             .slots
             .iter()
@@ -322,6 +325,42 @@ impl Service {
 }
 
 impl Service {
+    /// Zeroes the slots an RMA put reserved before their addresses go out: the server cannot
+    /// see RMA writes, so a commit of a slot the client never wrote would otherwise publish
+    /// whatever the slot held before (another namespace's deleted chunk, in 4e6c6e7). Nothing
+    /// else touches a reserved slot; GPU slots cost a device memset, host slots a memset off
+    /// the async workers. Active-message puts need none: the server writes every byte itself.
+    async fn scrub(&self, slots: &[Slot]) -> Result<(), Status> {
+        let st = &self.state;
+        let mut host = Vec::new();
+        for s in slots {
+            let Slot::Reserved(loc) = s else { continue };
+            let at = st.pool_base(loc.tier) + loc.offset;
+            match (loc.tier, &st.cuda) {
+                (Tier::Gpu, Some(cuda)) => {
+                    // SAFETY: a slot of the GPU pool reserved by this put; nobody else uses it
+                    // until its address is handed out below.
+                    unsafe { cuda.zero(at, loc.len as usize) }
+                        .map_err(|e| Status::internal(format!("clearing a reserved GPU slot: {e}")))?;
+                }
+                (Tier::Gpu, None) => return Err(Status::internal("a GPU-tier slot without CUDA")),
+                (Tier::Host, _) => host.push((at as usize, loc.len as usize)),
+            }
+        }
+        if host.is_empty() {
+            return Ok(());
+        }
+        tokio::task::spawn_blocking(move || {
+            for (at, len) in host {
+                // SAFETY: a slot of the host pool reserved by this put, inside the pool's
+                // mapping (the index hands out in-range offsets); nobody else uses it yet.
+                unsafe { std::ptr::write_bytes(at as *mut u8, 0, len) };
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(format!("clearing reserved slots: {e}")))
+    }
+
     /// What an AM_FETCH of chunk `loc` sends from: its pool slot, or, for a GPU-tier chunk, a
     /// host copy of it (see `bounce`), returned with the buffer to give back after the send.
     fn fetch_source(

@@ -307,12 +307,13 @@ impl State {
     }
 
     /// Copies demoted chunks GPU -> host. Called with the index lock held (see `Index::take_moves`).
-    pub fn copy_moves(&self, moves: &[prefixd_cache::Move]) {
+    pub fn copy_moves(&self, idx: &mut Index) {
+        let moves = idx.take_moves();
         if moves.is_empty() {
             return;
         }
         let Some(cuda) = &self.cuda else { return };
-        for m in moves {
+        for m in &moves {
             let dst = self.pool_base(m.to.tier) + m.to.offset;
             let src = self.pool_base(m.from.tier) + m.from.offset;
             // SAFETY: both ranges are slots of our pools (the index hands out in-range offsets);
@@ -320,7 +321,9 @@ impl State {
             // index lock held by the caller keeps anyone else from touching either.
             let r = unsafe { cuda.copy_dtoh(dst as *mut u8, src, m.from.len as usize) };
             if let Err(e) = r {
-                tracing::error!(error = %e, "demotion copy failed; the chunk's bytes are lost");
+                // Its new slot holds no valid bytes: it must not be served (4e6c6e7 did).
+                let forgotten = idx.forget_at(m.to);
+                tracing::error!(error = %e, forgotten, "demotion copy failed; the chunk is dropped");
             }
         }
         self.metrics.demotions.inc_by(moves.len() as u64);

@@ -506,3 +506,33 @@ async fn late_rma_writes_cannot_reach_another_tenants_chunk() {
     drop(alive);
     assert!(wait_until(Duration::from_secs(10), || server.metric("prefixd_quarantined_bytes") == 0.0));
 }
+
+/// Defect 9 (4e6c6e7): an RMA CommitPut of a slot nobody wrote published whatever the slot held
+/// before, in one demo another namespace's deleted chunk. Reserved RMA slots are now cleared
+/// before their addresses go out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_without_data_publishes_no_stale_bytes() {
+    const LEN: usize = 1 << 20;
+    let server = Server::start(&["--host-pool", "4MiB", "--max-chunk-size", "1MiB"]);
+    let opts = ::prefixd_client::ClientOptions { net_devices: Some("lo".into()), ..Default::default() };
+    let c = ::prefixd_client::Client::connect_with(&server.grpc, opts).await.unwrap();
+    assert_eq!(c.data_path(), ::prefixd_client::DataPath::Rma);
+    let secret: Vec<u32> = (0..256).collect();
+    assert_eq!(c.put("victim", &secret, &random_bytes(LEN, 1)).await.unwrap().stored, 1);
+    let mut g = PrefixdClient::new(Channel::from_shared(server.grpc.clone()).unwrap().connect().await.unwrap());
+    let s = RawSession::open(&server.grpc, false, true).await.unwrap();
+    let victim_keys: Vec<Vec<u8>> = c.keys(&secret).into_iter().map(|k| k.0.to_vec()).collect();
+    let del = DeleteRequest { session_token: s.token(), namespace: "victim".into(), keys: victim_keys };
+    assert_eq!(g.delete(del).await.unwrap().into_inner().deleted, 1);
+
+    // The attacker reserves the freed slot and commits without writing a byte.
+    let other: Vec<u32> = (1000..1256).collect();
+    let keys: Vec<Vec<u8>> = c.keys(&other).into_iter().map(|k| k.0.to_vec()).collect();
+    let mut put = begin(&s.token(), keys, vec![LEN as u64]);
+    put.namespace = "attacker".into();
+    let p = g.begin_put(put).await.unwrap().into_inner();
+    g.commit_put(CommitPutRequest { session_token: s.token(), put_id: p.put_id }).await.unwrap();
+    let (hit, bytes) = c.get("attacker", &other).await.unwrap();
+    assert_eq!(hit, 256);
+    assert!(bytes.iter().all(|b| *b == 0), "the committed chunk holds the victim's old bytes");
+}
