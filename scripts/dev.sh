@@ -6,6 +6,8 @@
 #                                  package installed by pip and its tests (CI runs this)
 #   scripts/dev.sh bench-ucx [..]  ucx-bindings throughput against ucx_perftest (BENCHMARKS.md)
 #   scripts/dev.sh bench [..]      prefixd against redis-server and ucx_perftest (BENCHMARKS.md)
+#   scripts/dev.sh faults [N] [..] N random faults (default 1000) against real processes: kill -9,
+#                                  SIGSTOP, server restarts, pool exhaustion; every byte checked
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,8 +69,16 @@ case $cmd in
     cargo build --release --quiet -p prefixd-server -p prefixd-bench --bins
     exec target/release/prefixd-bench "$@"
     ;;
+  faults)
+    ensure_cargo; ensure_ucx
+    n=1000
+    if [[ ${1:-} =~ ^[0-9]+$ ]]; then n=$1; shift; fi
+    say "building prefixd and prefixd-faults (release)"
+    cargo build --release --quiet -p prefixd-server -p prefixd-tests --bins
+    exec target/release/prefixd-faults --faults "$n" "$@"
+    ;;
   *)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     [[ $cmd == help || $cmd == -h || $cmd == --help ]] || exit 2
     ;;
 esac

@@ -506,8 +506,12 @@ impl Prefixd for Service {
                 })
                 .collect();
             let c = idx.counters();
-            let (entries, leases, reservations) =
-                (idx.entries() as u64, idx.active_leases() as u64, idx.active_reservations() as u64);
+            let (entries, leases, reservations, quarantined_bytes) = (
+                idx.entries() as u64,
+                idx.active_leases() as u64,
+                idx.active_reservations() as u64,
+                idx.quarantined_bytes(),
+            );
             drop(idx);
             let mut bytes_by_path = std::collections::HashMap::new();
             for dir in ["in", "out"] {
@@ -534,6 +538,7 @@ impl Prefixd for Service {
                 transports: st.transports.clone(),
                 bytes_by_path,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
+                quarantined_bytes,
             })
         })
         .await

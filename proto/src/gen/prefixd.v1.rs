@@ -309,6 +309,9 @@ pub struct StatsResponse {
     pub bytes_by_path: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
     #[prost(string, tag = "11")]
     pub version: ::prost::alloc::string::String,
+    /// Pool bytes of same-host RMA puts that ended uncommitted, held until their writer exits.
+    #[prost(uint64, tag = "12")]
+    pub quarantined_bytes: u64,
 }
 /// How chunk bytes move for a session.
 #[allow(clippy::all)]
