@@ -1002,6 +1002,22 @@ impl Client {
         self.disconnect().await
     }
 
+    /// Deletes chunks of `namespace` (needs the admin grant where the server checks tokens);
+    /// returns (deleted, still leased and kept).
+    pub async fn delete(&self, namespace: &str, keys: &[ChunkKey]) -> Result<(u32, u32)> {
+        let r = self
+            .grpc
+            .clone()
+            .delete(DeleteRequest {
+                session_token: self.token.clone(),
+                namespace: namespace.to_owned(),
+                keys: keys.iter().map(|k| k.0.to_vec()).collect(),
+            })
+            .await?
+            .into_inner();
+        Ok((r.deleted, r.leased))
+    }
+
     /// Ends the session without consuming the client (for owners that share it, such as the
     /// Python bindings); later calls fail with the server's "unknown session" error.
     pub async fn disconnect(&self) -> Result<()> {

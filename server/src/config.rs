@@ -19,6 +19,15 @@ pub enum RmaPolicy {
     Never,
 }
 
+impl RmaPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RmaPolicy::SameHost => "same-host",
+            RmaPolicy::Never => "never",
+        }
+    }
+}
+
 const ABOUT: &str = "prefixd: a KV-cache sidecar for disaggregated LLM inference.
 
 A prefill engine pushes the KV cache of a prompt into prefixd; a decode engine pulls it instead
@@ -454,10 +463,7 @@ impl Config {
 
     /// The configuration as a TOML file would state it.
     pub fn to_toml(&self) -> String {
-        let rma = match self.rma {
-            RmaPolicy::SameHost => "same-host",
-            RmaPolicy::Never => "never",
-        };
+        let rma = self.rma.as_str();
         let mut s = format!(
             "listen = \"{}\"\nmetrics_listen = \"{}\"\nhost_pool = \"{}\"\ntransports = \"{}\"\n",
             self.listen, self.metrics_listen, self.host_pool, self.transports

@@ -78,6 +78,22 @@ impl Cuda {
         Ok(c)
     }
 
+    /// The device's PCI bus id, e.g. "0000:18:00.0" (empty if the driver will not say).
+    pub fn pci_bus_id(&self) -> String {
+        let mut dev: cu::CUdevice = 0;
+        let mut buf = [0 as std::ffi::c_char; 32];
+        // SAFETY: the ordinal was valid at open; valid out-pointers; the buffer's length is passed.
+        let ok = unsafe {
+            cu::cuDeviceGet(&mut dev, self.ordinal as i32) == cu::CUresult::CUDA_SUCCESS
+                && cu::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, dev) == cu::CUresult::CUDA_SUCCESS
+        };
+        if !ok {
+            return String::new();
+        }
+        // SAFETY: the driver wrote a NUL-terminated string into the buffer.
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().to_lowercase()
+    }
+
     /// Makes this GPU's context current on the calling thread (UCX's progress thread needs it).
     pub fn make_current(&self) -> Result<(), CudaError> {
         // SAFETY: ctx is a retained primary context.

@@ -539,6 +539,14 @@ impl Prefixd for Service {
                 bytes_by_path,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 quarantined_bytes,
+                ucx_version: st.ctx.info().version.clone(),
+                gpu_pool_device: match (&st.cuda, &st.gpu_pool) {
+                    (Some(c), Some(_)) => c.pci_bus_id(),
+                    _ => String::new(),
+                },
+                rma_policy: st.cfg.rma.as_str().to_owned(),
+                auth_enabled: st.auth.enabled(),
+                host_id: st.host_id.clone(),
             })
         })
         .await

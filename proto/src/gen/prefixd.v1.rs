@@ -312,6 +312,20 @@ pub struct StatsResponse {
     /// Pool bytes of same-host RMA puts that ended uncommitted, held until their writer exits.
     #[prost(uint64, tag = "12")]
     pub quarantined_bytes: u64,
+    /// What `prefixctl doctor` compares with the client's side.
+    #[prost(string, tag = "13")]
+    pub ucx_version: ::prost::alloc::string::String,
+    /// PCI bus id of the GPU pool's device ("0000:18:00.0"); empty without a GPU pool.
+    #[prost(string, tag = "14")]
+    pub gpu_pool_device: ::prost::alloc::string::String,
+    /// "same-host" or "never".
+    #[prost(string, tag = "15")]
+    pub rma_policy: ::prost::alloc::string::String,
+    #[prost(bool, tag = "16")]
+    pub auth_enabled: bool,
+    /// The server's boot id: clients with the same one are on its host.
+    #[prost(string, tag = "17")]
+    pub host_id: ::prost::alloc::string::String,
 }
 /// How chunk bytes move for a session.
 #[allow(clippy::all)]
