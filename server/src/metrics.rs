@@ -26,6 +26,35 @@ pub const REJECTED_MESSAGES_TOTAL: &str = "prefixd_rejected_messages_total";
 pub const LIMIT_REJECTIONS_TOTAL: &str = "prefixd_limit_rejections_total";
 pub const QUARANTINED_BYTES: &str = "prefixd_quarantined_bytes";
 
+/// The `limit` label values of LIMIT_REJECTIONS_TOTAL.
+pub const LIMITS: [&str; 8] = [
+    "max_sessions",
+    "max_sessions_per_peer",
+    "max_concurrent_rpcs",
+    "max_namespaces",
+    "max_reserved_bytes_per_session",
+    "max_leases_per_session",
+    "max_leased_bytes_per_session",
+    "max_lease_keys",
+];
+
+/// The `reason` label values of REJECTED_MESSAGES_TOTAL.
+pub const REJECT_REASONS: [&str; 13] = [
+    "bad_header",
+    "bad_slot",
+    "gpu_copy",
+    "no_reservation",
+    "unbound_endpoint",
+    "wrong_size",
+    "connect_unknown_client_id",
+    "connect_too_many_unclaimed",
+    "hello_no_endpoint",
+    "hello_unknown_endpoint",
+    "hello_unknown_session",
+    "hello_already_bound",
+    "hello_wrong_mode",
+];
+
 /// README.md's metrics table is this list (`prefixd --list-metrics`; a test keeps them equal).
 pub const CATALOG: &[(&str, &str, &str, &str)] = &[
     (REQUESTS_TOTAL, "counter", "op, code", "gRPC requests by operation and status code"),
@@ -38,7 +67,7 @@ pub const CATALOG: &[(&str, &str, &str, &str)] = &[
         TRANSFER_BYTES_TOTAL,
         "counter",
         "direction, path, transport",
-        "chunk bytes in (puts) and out (gets) by data path (rma, am) and transport (cuda_ipc: GPU pool; shm: mapped host pool; else the endpoint's UCX lane, e.g. tcp, posix); RMA bytes count at commit and at lease",
+        "chunk bytes in (puts) and out (gets) by data path (rma: same host, direct; am_local: same host, active messages; am: another host) and transport (cuda_ipc: GPU pool; shm: mapped host pool; else the endpoint's UCX lane, e.g. tcp, posix); RMA bytes count at commit and at lease",
     ),
     (POOL_USED_BYTES, "gauge", "tier", "pool bytes allocated (entries and reservations)"),
     (POOL_CAPACITY_BYTES, "gauge", "tier", "pool size"),
@@ -151,6 +180,29 @@ impl Metrics {
         r.register(Box::new(m.rejected.clone()))?;
         r.register(Box::new(m.limit_rejections.clone()))?;
         Ok(m)
+    }
+
+    /// Creates every series whose labels are known in advance, at 0: a counter that appears
+    /// with its first event already counted never shows an increase, so `rate()` (and every
+    /// alert on it) would miss that event.
+    pub fn preset(&self, transports: &[String]) {
+        for what in ["put", "lease"] {
+            self.expired.with_label_values(&[what]);
+        }
+        for limit in LIMITS {
+            self.limit_rejections.with_label_values(&[limit]);
+        }
+        for reason in REJECT_REASONS {
+            self.rejected.with_label_values(&[reason]);
+        }
+        let extra = ["cuda_ipc", "shm"].map(str::to_owned);
+        for direction in ["in", "out"] {
+            for path in ["rma", "am_local", "am"] {
+                for t in transports.iter().chain(extra.iter()) {
+                    self.transfer_bytes.with_label_values(&[direction, path, t]);
+                }
+            }
+        }
     }
 
     /// Counts a refusal by `limit` and logs it, at most once a second per limit.

@@ -125,7 +125,8 @@ impl Service {
         let path = st.data_path_for(&r.host_id, r.force_remote || !direct, &r.transports);
         let both: Vec<String> = st.transports.iter().filter(|t| r.transports.contains(t)).cloned().collect();
         let name = if r.client_name.is_empty() { "unnamed".to_owned() } else { r.client_name.clone() };
-        let session = st.sessions.create(name, path, peer).map_err(|e| match e {
+        let same_host = !r.host_id.is_empty() && r.host_id == st.host_id;
+        let session = st.sessions.create(name, path, peer, same_host).map_err(|e| match e {
             CreateError::Limit(limit, msg) => {
                 st.metrics.limit_hit(limit, &msg);
                 Status::resource_exhausted(msg)
@@ -319,7 +320,7 @@ impl Service {
         for h in inflight {
             bytes += join(h.await)?;
         }
-        st.metrics.transfer_bytes.with_label_values(&["out", "am", session.transport()]).inc_by(bytes);
+        st.metrics.transfer_bytes.with_label_values(&["out", session.path_label(), session.transport()]).inc_by(bytes);
         Ok(FetchResponse { bytes })
     }
 }
@@ -515,7 +516,7 @@ impl Prefixd for Service {
             drop(idx);
             let mut bytes_by_path = std::collections::HashMap::new();
             for dir in ["in", "out"] {
-                for path in ["rma", "am"] {
+                for path in ["rma", "am_local", "am"] {
                     let extra = ["cuda_ipc", "shm", "unknown"].map(str::to_owned);
                     for t in st.transports.iter().chain(extra.iter()) {
                         if let Ok(m) = st.metrics.transfer_bytes.get_metric_with_label_values(&[dir, path, t]) {

@@ -73,6 +73,9 @@ pub struct Session {
     /// The address its gRPC connection came from (the per-peer session limit counts by it).
     pub peer: Option<std::net::IpAddr>,
     pub path: DataPath,
+    /// Whether the client announced this server's host (its boot id): active-message bytes of a
+    /// same-host session over tcp are a fallback worth an alert; a remote one's are not.
+    pub same_host: bool,
     created: Instant,
     bound: OnceLock<Bound>,
     last_seen: Mutex<Instant>,
@@ -145,10 +148,13 @@ impl Session {
         }
     }
 
+    /// The data path label of metrics: "rma" (same host, direct), "am_local" (same host,
+    /// active messages) or "am" (another host).
     pub fn path_label(&self) -> &'static str {
-        match self.path {
-            DataPath::Rma => "rma",
-            _ => "am",
+        match (self.path, self.same_host) {
+            (DataPath::Rma, _) => "rma",
+            (_, true) => "am_local",
+            (_, false) => "am",
         }
     }
 }
@@ -212,6 +218,7 @@ impl Sessions {
         name: String,
         path: DataPath,
         peer: Option<std::net::IpAddr>,
+        same_host: bool,
     ) -> Result<Arc<Session>, CreateError> {
         if self.by_token.len() >= self.max_total {
             return Err(CreateError::Limit(
@@ -232,7 +239,7 @@ impl Sessions {
             }
             *n += 1;
         }
-        let made = self.make(name, path, peer);
+        let made = self.make(name, path, peer, same_host);
         if made.is_err() {
             self.forget_peer(peer);
         }
@@ -254,7 +261,13 @@ impl Sessions {
         }
     }
 
-    fn make(&self, name: String, path: DataPath, peer: Option<std::net::IpAddr>) -> std::io::Result<Arc<Session>> {
+    fn make(
+        &self,
+        name: String,
+        path: DataPath,
+        peer: Option<std::net::IpAddr>,
+        same_host: bool,
+    ) -> std::io::Result<Arc<Session>> {
         loop {
             let mut token = [0u8; 16];
             random_fill(&mut token)?;
@@ -271,6 +284,7 @@ impl Sessions {
                 name,
                 peer,
                 path,
+                same_host,
                 created: now,
                 bound: OnceLock::new(),
                 last_seen: Mutex::new(now),
@@ -353,8 +367,8 @@ mod tests {
     #[test]
     fn tokens_and_ids_are_random_and_distinct() {
         let s = Sessions::new(10, 10);
-        let a = s.create("a".into(), DataPath::ActiveMessage, None).unwrap();
-        let b = s.create("b".into(), DataPath::ActiveMessage, None).unwrap();
+        let a = s.create("a".into(), DataPath::ActiveMessage, None, false).unwrap();
+        let b = s.create("b".into(), DataPath::ActiveMessage, None, false).unwrap();
         assert_ne!(Sessions::token_of(&a), Sessions::token_of(&b));
         assert_ne!(a.id, b.id);
         // The id is not derived from the token, and neither is a counter.
@@ -367,7 +381,7 @@ mod tests {
     #[test]
     fn unbound_sessions_expire_after_the_bind_timeout() {
         let s = Sessions::new(10, 10);
-        let a = s.create("a".into(), DataPath::Rma, None).unwrap();
+        let a = s.create("a".into(), DataPath::Rma, None, false).unwrap();
         assert!(s.expired(Instant::now(), Duration::from_secs(3600)).is_empty());
         let later = Instant::now() + BIND_TIMEOUT + Duration::from_millis(1);
         let gone = s.expired(later, Duration::from_secs(3600));
@@ -377,7 +391,7 @@ mod tests {
     #[test]
     fn a_session_in_a_call_is_not_reaped() {
         let s = Sessions::new(10, 10);
-        let a = s.create("a".into(), DataPath::Rma, None).unwrap();
+        let a = s.create("a".into(), DataPath::Rma, None, false).unwrap();
         let later = Instant::now() + BIND_TIMEOUT + Duration::from_secs(1);
         let call = a.enter();
         assert!(s.expired(later, Duration::ZERO).is_empty(), "busy: kept");
@@ -390,15 +404,15 @@ mod tests {
         let s = Sessions::new(3, 2);
         let ip: std::net::IpAddr = "10.0.0.1".parse().unwrap();
         let other: std::net::IpAddr = "10.0.0.2".parse().unwrap();
-        let a = s.create("a".into(), DataPath::ActiveMessage, Some(ip)).unwrap();
-        s.create("b".into(), DataPath::ActiveMessage, Some(ip)).unwrap();
+        let a = s.create("a".into(), DataPath::ActiveMessage, Some(ip), false).unwrap();
+        s.create("b".into(), DataPath::ActiveMessage, Some(ip), false).unwrap();
         assert!(matches!(
-            s.create("c".into(), DataPath::ActiveMessage, Some(ip)),
+            s.create("c".into(), DataPath::ActiveMessage, Some(ip), false),
             Err(CreateError::Limit("max_sessions_per_peer", _))
         ));
-        s.create("d".into(), DataPath::ActiveMessage, Some(other)).unwrap();
+        s.create("d".into(), DataPath::ActiveMessage, Some(other), false).unwrap();
         assert!(matches!(
-            s.create("e".into(), DataPath::ActiveMessage, Some(other)),
+            s.create("e".into(), DataPath::ActiveMessage, Some(other), false),
             Err(CreateError::Limit("max_sessions", _))
         ));
         s.remove(&Sessions::token_of(&a));

@@ -236,6 +236,7 @@ impl State {
             writers: Mutex::new(HashMap::new()),
         });
         let _ = gate.set(Arc::downgrade(&state));
+        state.metrics.preset(&state.transports);
         Ok(state)
     }
 

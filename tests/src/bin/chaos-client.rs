@@ -6,6 +6,8 @@
 //!   `LEASED <chunks>`, then wait forever (the test kills it while it holds the lease).
 //! - `slow-put ENDPOINT NS TOKENS_FILE`: BeginPut, print `BEGUN`, wait for a line on stdin, then
 //!   write and commit; print `COMMITTED` or `FAILED <error>`.
+//! - `bad-header ENDPOINT NS`: send one active-message put with a malformed header (the server
+//!   drops it and counts it), print `SENT`, exit.
 
 use prefixd_client::{Client, ClientOptions};
 use prefixd_proto::v1::prefixd_client::PrefixdClient;
@@ -86,6 +88,15 @@ async fn main() -> anyhow::Result<()> {
                 Ok(o) => say(&format!("COMMITTED {}", o.stored)),
                 Err(e) => say(&format!("FAILED {e}")),
             }
+            Ok(())
+        }
+        "bad-header" => {
+            let s = prefixd_tests::RawSession::open(&endpoint, true, true).await?;
+            let timeout = std::time::Duration::from_secs(10);
+            s.ep().am_send(prefixd_proto::dataplane::AM_PUT, &[1, 2, 3], ucx_bindings::AmData::None, timeout).await?;
+            // Give the server a moment to read it before the endpoint closes.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            say("SENT");
             Ok(())
         }
         other => anyhow::bail!("unknown mode {other:?}"),
