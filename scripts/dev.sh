@@ -36,6 +36,19 @@ ensure_ucx() {
   have_ucx || { echo "error: libucx-cu13 installed but libucp.so not found" >&2; exit 1; }
 }
 
+# Prometheus and promtool (Debian's package) for the observability tests; systemd-analyze for
+# the unit's.
+ensure_prometheus() {
+  local need=()
+  command -v prometheus >/dev/null && command -v promtool >/dev/null || need+=(prometheus)
+  command -v systemd-analyze >/dev/null || need+=(systemd)
+  [[ ${#need[@]} -eq 0 ]] && return 0
+  say "installing ${need[*]} (Debian packages) for the deployment tests"
+  local sudo=; [[ $(id -u) -eq 0 ]] || sudo=sudo
+  $sudo apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
+    || { echo "error: could not install ${need[*]}; install them and run again" >&2; exit 1; }
+}
+
 cmd=${1:-help}
 shift || true
 case $cmd in
@@ -57,6 +70,10 @@ case $cmd in
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "./python[test]" \
       "vllm==${VLLM_VERSION:-0.26.0}"
     PREFIXD_REQUIRE_VLLM=1 python3 -m pytest -q python/tests
+    say "deployment: Kubernetes manifests and overlays (kubernetes-validate), the systemd unit, install.sh, and the dashboard and alerts against a real Prometheus"
+    ensure_prometheus
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore pyyaml jsonpatch kubernetes-validate
+    python3 -m pytest -q deploy/tests
     ;;
   bench-ucx)
     ensure_cargo; ensure_ucx
