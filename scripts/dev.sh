@@ -8,6 +8,8 @@
 #   scripts/dev.sh bench [..]      prefixd against redis-server and ucx_perftest (BENCHMARKS.md)
 #   scripts/dev.sh faults [N] [..] N random faults (default 1000) against real processes: kill -9,
 #                                  SIGSTOP, server restarts, pool exhaustion; every byte checked
+#   scripts/dev.sh fuzz [SECONDS]  every cargo-fuzz target (fuzz/) for SECONDS each (default 60);
+#                                  installs nightly and cargo-fuzz when missing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -94,8 +96,29 @@ case $cmd in
     cargo build --release --quiet -p prefixd-server -p prefixd-tests --bins
     exec target/release/prefixd-faults --faults "$n" "$@"
     ;;
+  fuzz)
+    ensure_cargo; ensure_ucx
+    secs=${1:-60}
+    rustup toolchain list | grep -q '^nightly' || { say "installing the nightly toolchain (cargo-fuzz needs it)"; rustup toolchain install nightly --profile minimal; }
+    cargo fuzz --version >/dev/null 2>&1 || { say "installing cargo-fuzz"; cargo install cargo-fuzz --locked; }
+    # The targets link UCX (the config target parses transport lists with it): find its lib/.
+    ucx_lib=$(python3 -c 'import libucx, os; print(os.path.join(os.path.dirname(libucx.__file__), "lib"))' 2>/dev/null || true)
+    export LD_LIBRARY_PATH=${UCX_HOME:+$UCX_HOME/lib:}${ucx_lib:+$ucx_lib:}${LD_LIBRARY_PATH:-}
+    cd fuzz
+    cargo +nightly fuzz build -O
+    status=0
+    for t in $(cargo +nightly fuzz list); do
+      say "fuzz $t for ${secs}s"
+      if cargo +nightly fuzz run -O "$t" -- -max_total_time="$secs" -print_final_stats=1 2>"target/$t.log"; then
+        grep -E '^stat::number_of_executed_units|^Done' "target/$t.log" | tail -2
+      else
+        status=1; echo "FINDING in $t: see fuzz/artifacts/$t/ and fuzz/target/$t.log" >&2; tail -30 "target/$t.log" >&2
+      fi
+    done
+    exit $status
+    ;;
   *)
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     [[ $cmd == help || $cmd == -h || $cmd == --help ]] || exit 2
     ;;
 esac

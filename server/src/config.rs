@@ -306,12 +306,24 @@ impl Config {
     /// Defaults, then the file, then environment and flags (clap has merged those two, flags
     /// winning), then validation.
     pub fn resolve(cli: &Cli) -> Result<Config, String> {
+        let file = match &cli.config {
+            Some(path) => Some((
+                std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+                path.display().to_string(),
+            )),
+            None => None,
+        };
+        Self::resolve_text(cli, file.as_ref().map(|(text, name)| (text.as_str(), name.as_str())))
+    }
+
+    /// As [`Config::resolve`], with the configuration file's text (and its name, for errors)
+    /// given: every byte of it is the user's, so nothing here may panic on it (fuzzed).
+    pub fn resolve_text(cli: &Cli, file: Option<(&str, &str)>) -> Result<Config, String> {
         let mut c = Config::default();
         let mut chunk_size_set = cli.max_chunk_size.is_some();
         let mut transports_set = cli.transports.is_some();
-        if let Some(path) = &cli.config {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let f: FileConfig = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some((text, name)) = file {
+            let f: FileConfig = toml::from_str(text).map_err(|e| format!("{name}: {e}"))?;
             let size = |s: &str| s.parse::<ByteSize>();
             c.listen = f.listen.unwrap_or(c.listen);
             c.data_listen = f.data_listen.or(c.data_listen);
@@ -348,12 +360,7 @@ impl Config {
             c.tls = match (f.tls_cert, f.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: f.tls_client_ca }),
                 (None, None) if f.tls_client_ca.is_none() => None,
-                _ => {
-                    return Err(format!(
-                        "{}: tls_cert and tls_key go together (tls_client_ca needs them)",
-                        path.display()
-                    ))
-                }
+                _ => return Err(format!("{name}: tls_cert and tls_key go together (tls_client_ca needs them)")),
             };
         }
         c.listen = cli.listen.unwrap_or(c.listen);
