@@ -1,18 +1,25 @@
-"""Fixtures for the deployment tests: the repository, the built binaries, and a real prefixd
-process (the binaries come from `cargo build`; scripts/dev.sh test builds them first)."""
+"""Fixtures for the deployment tests: the repository, the built binaries, and real prefixd
+processes (the same server fixture as the Python package's tests; scripts/dev.sh test builds
+the binaries first)."""
 
+import importlib.util
 import os
 import pathlib
 import subprocess
-import tempfile
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
+# python/tests/conftest.py's Server, loaded under its own name (both files are "conftest").
+_spec = importlib.util.spec_from_file_location("prefixd_test_server", REPO / "python/tests/conftest.py")
+_server = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_server)
+
 
 def binary(name):
-    """The newest built `name` (debug or release), building it when there is none."""
+    """The newest built `name` (debug or release), building the workspace's binaries when there
+    is none."""
     found = [p for p in (REPO / "target" / d / name for d in ("debug", "release")) if p.exists()]
     if not found:
         subprocess.run(["cargo", "build", "--quiet", "--bins"], cwd=REPO, check=True)
@@ -20,23 +27,9 @@ def binary(name):
     return str(max(found, key=lambda p: p.stat().st_mtime))
 
 
-class Prefixd:
-    def __init__(self, *args):
-        self.log = tempfile.NamedTemporaryFile(prefix="prefixd-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(
-            [binary("prefixd"), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-             "--net-devices", "lo", *args],
-            stdout=subprocess.PIPE, stderr=self.log, text=True,
-        )
-        line = self.proc.stdout.readline()
-        if "grpc=" not in line:
-            self.stop()
-            raise RuntimeError(f"prefixd did not start: {line!r}\n{pathlib.Path(self.log.name).read_text()}")
-        fields = dict(w.split("=", 1) for w in line.split() if "=" in w)
-        self.endpoint = "http://" + fields["grpc"]
-        self.metrics = fields["metrics"]
-
+class Prefixd(_server.Server):
     def stop(self):
+        """Stops it at once (the tests stop the sidecar on purpose: SIGKILL, no drain)."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

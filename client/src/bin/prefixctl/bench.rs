@@ -58,7 +58,9 @@ impl Progress {
     }
 }
 
-fn memcpy_gbps(bytes: usize) -> f64 {
+/// The best memcpy rate of `bytes` in this process: the host's physical copy, the baseline of
+/// `bench` and of doctor's bandwidth check.
+pub fn memcpy_gbps(bytes: usize) -> f64 {
     let src = vec![3u8; bytes];
     let mut dst = vec![0u8; bytes];
     let mut best = f64::MAX;

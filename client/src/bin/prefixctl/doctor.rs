@@ -486,20 +486,6 @@ fn fresh_keys(n: usize) -> Vec<ChunkKey> {
         .collect()
 }
 
-/// The best memcpy rate of `bytes` in this process: the host's physical copy.
-fn memcpy_gbps(bytes: usize) -> f64 {
-    let src = vec![7u8; bytes];
-    let mut dst = vec![0u8; bytes];
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        dst.copy_from_slice(&src);
-        std::hint::black_box(&dst);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    bytes as f64 / best / 1e9
-}
-
 async fn host_bandwidth(c: &Client, bytes: usize) -> Check {
     let n = bytes.div_ceil(CHUNK).max(1);
     let bytes = n * CHUNK;
@@ -532,7 +518,7 @@ async fn host_bandwidth(c: &Client, bytes: usize) -> Check {
             )
         }
     };
-    let base = memcpy_gbps(bytes);
+    let base = crate::bench::memcpy_gbps(bytes);
     let (put, get) = (bytes as f64 / put_s / 1e9, bytes as f64 / get_s / 1e9);
     let lines = vec![
         format!("{:<22}{:>10}{:>12}{:>8}", "host memory", "prefixd", "memcpy", "ratio"),
