@@ -90,6 +90,10 @@ pub struct State {
     /// Same-host RMA sessions whose process holds the shared host pool (and may write the pools
     /// until it exits): token -> session id.
     writers: Mutex<HashMap<SessionToken, u64>>,
+    /// Live sessions whose process has let go of the pool: nothing of theirs can write the
+    /// pools any more, so what of theirs expires later is freed at once, not quarantined until
+    /// the session is reaped.
+    writerless: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl std::fmt::Debug for State {
@@ -234,6 +238,7 @@ impl State {
             arrivals: Notify::new(),
             draining: AtomicBool::new(false),
             writers: Mutex::new(HashMap::new()),
+            writerless: Mutex::new(Default::default()),
         });
         let _ = gate.set(Arc::downgrade(&state));
         state.metrics.preset(&state.transports);
@@ -254,6 +259,7 @@ impl State {
         let freed = self.index().drop_session(s.id);
         // Its RMA puts went to quarantine; free them now unless its process still holds the
         // pool (it may still write), in which case `writer_gone` will.
+        self.writerless.lock().unwrap_or_else(|p| p.into_inner()).remove(&s.id);
         let writing = self.writers.lock().unwrap_or_else(|p| p.into_inner()).contains_key(token);
         if !writing {
             self.index().release_quarantine(s.id);
@@ -380,6 +386,9 @@ impl State {
         let Some(id) = self.writers.lock().unwrap_or_else(|p| p.into_inner()).remove(token) else {
             return;
         };
+        if self.sessions.get(token).is_some() {
+            self.writerless.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+        }
         let (puts, bytes) = self.index().release_quarantine(id);
         if puts > 0 {
             tracing::info!(session = format_args!("{id:016x}"), puts, bytes, "writer gone: quarantined slots freed");
@@ -389,6 +398,13 @@ impl State {
     /// Expires reservations and leases, and drops sessions idle for `session_idle`.
     pub fn reap(&self, session_idle: Duration) {
         let expired = self.index().expire(Instant::now());
+        let writerless: Vec<u64> = self.writerless.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+        if !writerless.is_empty() {
+            let mut idx = self.index();
+            for id in writerless {
+                idx.release_quarantine(id);
+            }
+        }
         if expired.puts + expired.leases > 0 {
             tracing::info!(puts = expired.puts, leases = expired.leases, "expired");
         }
