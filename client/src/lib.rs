@@ -284,7 +284,10 @@ impl Client {
         let channel = channel_with(endpoint, opts.timeout, &opts.access).await?;
         let mut grpc = access::grpc(channel.clone(), &opts.access)?;
 
-        let mut b = ucx_bindings::ContextBuilder::new().transports(&opts.transports)?.name(&opts.name);
+        // The data endpoint is set up through the server's UCX listener, which needs tcp.
+        let list = ucx_bindings::TransportList::parse(&opts.transports)?;
+        let list = list.with_tcp().unwrap_or(list).to_ucx();
+        let mut b = ucx_bindings::ContextBuilder::new().transports(&list)?.name(&opts.name);
         if let Some(d) = &opts.net_devices {
             b = b.net_devices(d);
         }

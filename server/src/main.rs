@@ -110,7 +110,17 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     // Handlers first: a signal that arrives once we say we are ready must not hit the default.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut b = ucx_bindings::ContextBuilder::new().transports(&cfg.transports)?.name("prefixd");
+    // Clients connect their data endpoints to prefixd's UCX listener, which needs tcp for the
+    // wire-up; data still takes the fastest lane both sides share.
+    let list = ucx_bindings::TransportList::parse(&cfg.transports)?;
+    let transports = match list.with_tcp() {
+        Some(with) => {
+            tracing::info!(asked = %cfg.transports, using = %with.to_ucx(), "tcp added: the data listener's wire-up needs it");
+            with.to_ucx()
+        }
+        None => cfg.transports.clone(),
+    };
+    let mut b = ucx_bindings::ContextBuilder::new().transports(&transports)?.name("prefixd");
     // UCX's network devices: as configured, else the device of the address prefixd listens on
     // (loopback: lo), so the data path is reachable from no more places than the control path.
     let net_devices = cfg.net_devices.clone().or_else(|| netdev::devices_for(cfg.data_listen_addr().ip()));

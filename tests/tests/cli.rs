@@ -121,3 +121,22 @@ fn bench_measures_against_memcpy_and_completions_and_man_pages_generate() {
     let page = std::fs::read_to_string(dir.path("man1").join("prefixctl-doctor.1")).unwrap();
     assert!(page.contains(".TH"), "a roff man page");
 }
+
+/// A regression of the listener-based data endpoints: a client (or server) asked for shared
+/// memory only could not wire up its endpoint ("Destination is unreachable"); tcp is now added
+/// for the wire-up, and the data still takes shared memory.
+#[test]
+fn shared_memory_only_transports_still_connect() {
+    let server = Server::start(&["--host-pool", "64MiB", "--transports", "sm"]);
+    let dir = TempDir::new("sm-only");
+    let tokens = dir.path("t.txt");
+    write_tokens(&tokens, &(0..256).collect::<Vec<u32>>());
+    let out = ctl(
+        &server.grpc,
+        &["--transports", "sm", "--json", "lookup", "--namespace", "n", "--tokens", tokens.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = json_of(&ctl(&server.grpc, &["--transports", "posix,cma", "--json", "doctor", "--bench-size", "4MiB"]));
+    assert_eq!(check(&r, "session")["data"]["data_path"], "rma");
+    assert_eq!(check(&r, "bandwidth")["data"]["verified"], true);
+}

@@ -93,6 +93,29 @@ impl TransportList {
         Ok(TransportList { exclude, names })
     }
 
+    /// The list with tcp allowed, when it was not: UCX's client-server connection setup (a
+    /// listener's sockaddr, as prefixd's data endpoints use) cannot wire up an endpoint whose
+    /// context has shared-memory transports only ("Destination is unreachable"). Data still
+    /// takes the fastest lane; tcp carries the wire-up. None when tcp was allowed already.
+    pub fn with_tcp(&self) -> Option<TransportList> {
+        let named = self.names.iter().any(|n| n == "tcp" || n == "all");
+        match (self.exclude, named) {
+            (false, false) => {
+                let mut names = self.names.clone();
+                names.push("tcp".into());
+                Some(TransportList { exclude: false, names })
+            }
+            (true, true) => {
+                let names: Vec<String> = self.names.iter().filter(|n| *n != "tcp").cloned().collect();
+                if names.is_empty() {
+                    return Some(TransportList { exclude: false, names: vec!["all".into()] });
+                }
+                Some(TransportList { exclude: true, names })
+            }
+            _ => None,
+        }
+    }
+
     /// The value to hand UCX as its `TLS` setting.
     pub fn to_ucx(&self) -> String {
         let joined = self.names.join(",");
@@ -135,6 +158,18 @@ pub(crate) fn parse_context_info(text: &str) -> Vec<TransportDevice> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_is_added_for_wire_up_only_where_missing() {
+        let with = |l: &str| TransportList::parse(l).unwrap().with_tcp().map(|t| t.to_ucx());
+        assert_eq!(with("sm").as_deref(), Some("sm,tcp"));
+        assert_eq!(with("cuda_ipc,cuda_copy,posix").as_deref(), Some("cuda_ipc,cuda_copy,posix,tcp"));
+        assert_eq!(with("sm,tcp"), None);
+        assert_eq!(with("all"), None);
+        assert_eq!(with("^cuda_ipc"), None);
+        assert_eq!(with("^tcp,cma").as_deref(), Some("^cma"));
+        assert_eq!(with("^tcp").as_deref(), Some("all"));
+    }
 
     #[test]
     fn parses_lists_and_exclusions() {
