@@ -416,6 +416,6 @@ mod tests {
             Err(CreateError::Limit("max_sessions", _))
         ));
         s.remove(&Sessions::token_of(&a));
-        s.create("f".into(), DataPath::ActiveMessage, Some(ip)).unwrap();
+        s.create("f".into(), DataPath::ActiveMessage, Some(ip), false).unwrap();
     }
 }
