@@ -548,6 +548,8 @@ impl Prefixd for Service {
                 rma_policy: st.cfg.rma.as_str().to_owned(),
                 auth_enabled: st.auth.enabled(),
                 host_id: st.host_id.clone(),
+                // SAFETY: getuid has no preconditions and cannot fail.
+                uid: unsafe { libc::getuid() },
             })
         })
         .await

@@ -326,6 +326,10 @@ pub struct StatsResponse {
     /// The server's boot id: clients with the same one are on its host.
     #[prost(string, tag = "17")]
     pub host_id: ::prost::alloc::string::String,
+    /// The server process's user id: same-host shared memory between processes of different users
+    /// needs privileges (doctor compares it with its own).
+    #[prost(uint32, tag = "18")]
+    pub uid: u32,
 }
 /// How chunk bytes move for a session.
 #[allow(clippy::all)]

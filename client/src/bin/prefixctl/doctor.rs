@@ -253,8 +253,26 @@ async fn session(
     checks: &mut Vec<Check>,
 ) -> Option<Client> {
     let forced = opts.force_remote;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let other_user = same_host && uid != s.uid;
+    let users_fix = format!(
+        "run this client as the server's user (uid {}: the DaemonSet's runAsUser), or give both sides CAP_SYS_PTRACE and CAP_IPC_OWNER, or use --transports tcp",
+        s.uid
+    );
     let c = match Client::connect_with(endpoint, opts.clone()).await {
         Ok(c) => c,
+        Err(e) if other_user => {
+            checks.push(Check::fail(
+                "session",
+                format!(
+                    "cannot open a session: {e}; this client runs as uid {uid}, the server as uid {}: UCX's shared memory between users is refused",
+                    s.uid
+                ),
+                users_fix,
+            ));
+            return None;
+        }
         Err(e) => {
             checks.push(Check::fail(
                 "session",
