@@ -279,7 +279,25 @@ impl Client {
         Self::connect_with(endpoint, ClientOptions::default()).await
     }
 
+    /// Connects with `opts`. When a same-host session cannot wire up its data endpoint over
+    /// shared memory (the server runs as another user, whose segments UCX may not map), it
+    /// connects again over tcp, logs a warning, and works at tcp speed: `prefixctl doctor` and
+    /// the metric `prefixd_transfer_bytes_total{path="am_local",transport="tcp"}` show it.
     pub async fn connect_with(endpoint: &str, opts: ClientOptions) -> Result<Client> {
+        match Self::connect_once(endpoint, opts.clone()).await {
+            Err(Error::Transfer(e)) if !opts.force_remote && opts.transports != "tcp" => {
+                tracing::warn!(
+                    endpoint, error = %e,
+                    "the data endpoint could not be set up over shared memory (is the server another user?); using tcp"
+                );
+                let tcp = ClientOptions { transports: "tcp".into(), force_remote: true, ..opts };
+                Self::connect_once(endpoint, tcp).await
+            }
+            other => other,
+        }
+    }
+
+    async fn connect_once(endpoint: &str, opts: ClientOptions) -> Result<Client> {
         opts.keys.validate().map_err(Error::InvalidArgument)?;
         let channel = channel_with(endpoint, opts.timeout, &opts.access).await?;
         let mut grpc = access::grpc(channel.clone(), &opts.access)?;

@@ -140,3 +140,49 @@ fn shared_memory_only_transports_still_connect() {
     assert_eq!(check(&r, "session")["data"]["data_path"], "rma");
     assert_eq!(check(&r, "bandwidth")["data"]["verified"], true);
 }
+
+/// A sidecar running as another user than its same-host clients (the DaemonSet's uid 65532 and
+/// a root engine): UCX refuses shared memory between them. The client falls back to tcp and
+/// works; doctor says why and how to fix it. Needs root (to start the server as another user).
+#[test]
+fn a_server_of_another_user_still_serves_and_doctor_says_why() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("not root or no setpriv: cannot start a server as another user here");
+        return;
+    }
+    // The other user must be able to read the binary and UCX's libraries.
+    let dir = TempDir::new("other-user");
+    let ucx = Command::new("python3")
+        .args(["-c", "import libucx, os; print(os.path.join(os.path.dirname(libucx.__file__), 'lib'))"])
+        .output()
+        .unwrap();
+    let ucx = String::from_utf8_lossy(&ucx.stdout).trim().to_owned();
+    assert!(Command::new("cp").arg("-r").arg(&ucx).arg(dir.path("ucx")).status().unwrap().success());
+    std::fs::copy(bin("prefixd"), dir.path("prefixd")).unwrap();
+    assert!(Command::new("chmod").args(["-R", "a+rX"]).arg(&dir.0).status().unwrap().success());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = Command::new("setpriv")
+        .args(["--reuid", "65532", "--regid", "65532", "--clear-groups"])
+        .arg(dir.path("prefixd"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0", "--host-pool", "64MiB"])
+        .env("LD_LIBRARY_PATH", dir.path("ucx"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    assert!(wait_until(std::time::Duration::from_secs(20), || ctl(&endpoint, &["health"]).status.success()));
+    let tokens = dir.path("t.txt");
+    write_tokens(&tokens, &(0..256).collect::<Vec<u32>>());
+    let out = ctl(&endpoint, &["--json", "lookup", "--namespace", "n", "--tokens", tokens.to_str().unwrap()]);
+    let r = json_of(&ctl(&endpoint, &["--json", "doctor", "--bench-size", "4MiB"]));
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(out.status.success(), "the client falls back to tcp: {}", String::from_utf8_lossy(&out.stderr));
+    let session = check(&r, "session");
+    assert_eq!(session["status"], "warn", "{session}");
+    assert!(session["summary"].as_str().unwrap().contains("different users"), "{session}");
+    assert!(session["fix"].as_str().unwrap().contains("uid 65532"), "{session}");
+    assert_eq!(check(&r, "bandwidth")["data"]["verified"], true);
+}

@@ -293,7 +293,16 @@ async fn session(
         if lanes.is_empty() { "no lanes reported".to_owned() } else { lanes.join(", ") },
         if c.direct_host_pool() { "; host pool mapped" } else { "" }
     );
-    let check = if same_host && tcp_only {
+    let check = if same_host && tcp_only && other_user {
+        Check::warn(
+            "session",
+            format!(
+                "{summary}: this client (uid {uid}) and the server (uid {}) are different users, so UCX's shared memory between them is refused and the bytes go over tcp",
+                s.uid
+            ),
+            users_fix,
+        )
+    } else if same_host && tcp_only {
         Check::warn(
             "session",
             format!("{summary}: this client is on the server's host but its bytes go over tcp"),
