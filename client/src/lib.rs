@@ -285,7 +285,10 @@ impl Client {
     /// the metric `prefixd_transfer_bytes_total{path="am_local",transport="tcp"}` show it.
     pub async fn connect_with(endpoint: &str, opts: ClientOptions) -> Result<Client> {
         match Self::connect_once(endpoint, opts.clone()).await {
-            Err(Error::Transfer(e)) if !opts.force_remote && opts.transports != "tcp" => {
+            // Only a failed wire-up (the endpoint closed or never answered), never bad input.
+            Err(Error::Transfer(
+                e @ (ucx_bindings::Error::EndpointClosed { .. } | ucx_bindings::Error::TimedOut { .. }),
+            )) if !opts.force_remote && opts.transports != "tcp" => {
                 tracing::warn!(
                     endpoint, error = %e,
                     "the data endpoint could not be set up over shared memory (is the server another user?); using tcp"
