@@ -2,8 +2,8 @@
 # prefixd developer entry point. Installs what a fresh machine lacks (UCX from the PyPI wheel
 # libucx-cu13 when no UCX_HOME or pkg-config UCX is found), then:
 #   scripts/dev.sh run [ARGS...]   build and run prefixd (release) on the embedded defaults
-#   scripts/dev.sh test            formatting, clippy -D warnings, every Rust test, then the Python
-#                                  package installed by pip and its tests (CI runs this)
+#   scripts/dev.sh test            formatting, clippy -D warnings, every Rust test, the Python
+#                                  package (pip) and its tests, the deployment tests (CI runs this)
 #   scripts/dev.sh bench-ucx [..]  ucx-bindings throughput against ucx_perftest (BENCHMARKS.md)
 #   scripts/dev.sh bench [..]      prefixd against redis-server and ucx_perftest (BENCHMARKS.md)
 #   scripts/dev.sh faults [N] [..] N random faults (default 1000) against real processes: kill -9,
@@ -118,7 +118,7 @@ case $cmd in
     exit $status
     ;;
   *)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     [[ $cmd == help || $cmd == -h || $cmd == --help ]] || exit 2
     ;;
 esac
