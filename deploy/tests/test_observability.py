@@ -148,7 +148,15 @@ def test_every_panel_and_alert_against_a_live_prefixd(repo, prefixd_factory, tmp
         for c in extra:
             c.close()
         subprocess.run([binary("chaos-client"), "bad-header", server.endpoint, "m"], check=True, timeout=30)
-        # Last, so the pool stays full: 1200 chunks of 32 KiB through 8 MiB, steady evictions.
+        # Last, so the pool stays full: 1200 chunks of 32 KiB through 8 MiB, steady evictions
+        # (after the killed producer's reservation has expired: its 2 MiB freed later would
+        # leave the pool below the alert's 80%).
+        def reservations():
+            with urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            return float(re.search(r"^prefixd_active_reservations (\S+)$", text, re.M).group(1))
+
+        prom.wait(lambda: reservations() == 0, 30, "the killed producer's reservation to expire")
         small = np.ones((2, 32 * 1024), dtype=np.uint8)
         for p in range(600):
             fast.put(list(range(50_000_000 + p * 1000, 50_000_000 + p * 1000 + 512)), small)
