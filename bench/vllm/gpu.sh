@@ -84,7 +84,10 @@ while (( $# )); do
   echo "######## $phase $(date +%T)"
   case $phase in
     setup)
-      rm -rf /tmp/site "$dev" && cp -r .device "$dev"
+      # .device travels with this call, or an earlier call on this machine left it in $dev.
+      if [[ -d .device ]]; then rm -rf "$dev" && cp -r .device "$dev"; fi
+      [[ -x $dev/prefixd ]] || { echo "no .device here and none in $dev: carry .device"; exit 2; }
+      rm -rf /tmp/site
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$dev"/wheel/*.whl
       python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site "$dev"/whl/*.whl
       python3 "$dev/mkmodel.py" "$model" 4b

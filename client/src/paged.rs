@@ -384,8 +384,10 @@ fn engine_batch(
 #[derive(Debug)]
 pub(crate) struct Staging {
     pub region: std::sync::Arc<ucx_bindings::MemRegion>,
-    /// The region's device address, once registered with CUDA (and whether we registered it).
+    /// The region's device address, once page-locked for CUDA.
     device: Option<u64>,
+    /// Whether we page-locked it (UCX's cuda_copy may have done so first: then it unregisters).
+    registered_here: bool,
 }
 
 // SAFETY: the region is Send + Sync; `device` is a plain address.
@@ -400,7 +402,7 @@ impl Staging {
     ) -> crate::Result<&mut Staging> {
         if !slot.as_ref().is_some_and(|s| s.region.len() >= len) {
             *slot = None; // unregisters the old buffer before a new one is made
-            *slot = Some(Staging { region: alloc()?, device: None });
+            *slot = Some(Staging { region: alloc()?, device: None, registered_here: false });
         }
         slot.as_mut().ok_or_else(|| crate::Error::InvalidArgument("no staging buffer".into()))
     }
@@ -426,16 +428,23 @@ impl Staging {
                 let dev = match self.device {
                     Some(d) => d,
                     None => {
+                        let host = self.region.as_ptr();
                         // SAFETY: the region lives as long as self (unregistered before it goes);
                         // PORTABLE | DEVICEMAP.
-                        ok("cuMemHostRegister", unsafe {
-                            cu::cuMemHostRegister_v2(self.region.as_ptr().cast(), self.region.len(), 1 | 2)
-                        })?;
+                        let r = unsafe { cu::cuMemHostRegister_v2(host.cast(), self.region.len(), 1 | 2) };
+                        // UCX registers host buffers itself when its context has cuda_copy (a
+                        // remote client with a GPU): the region is page-locked already, which
+                        // is all the copy needs (found on 2x H200: every remote load failed).
+                        if r != cu::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED {
+                            ok("cuMemHostRegister", r)?;
+                            self.registered_here = true;
+                        }
                         let mut d: cu::CUdeviceptr = 0;
-                        // SAFETY: registered just above; valid out-pointer; flags 0.
-                        ok("cuMemHostGetDevicePointer", unsafe {
-                            cu::cuMemHostGetDevicePointer_v2(&mut d, self.region.as_ptr().cast(), 0)
-                        })?;
+                        // SAFETY: registered above; valid out-pointer; flags 0.
+                        let r = unsafe { cu::cuMemHostGetDevicePointer_v2(&mut d, host.cast(), 0) };
+                        // Without DEVICEMAP (UCX's registration), unified addressing still maps
+                        // page-locked memory at its host address.
+                        let d = if r == cu::CUresult::CUDA_SUCCESS && d != 0 { d } else { host as u64 };
                         self.device = Some(d);
                         d
                     }
@@ -456,8 +465,8 @@ impl Staging {
     }
 
     fn unregister(&self) {
-        if self.device.is_some() {
-            // SAFETY: registered in `scatter`, once; the region is still mapped.
+        if self.registered_here {
+            // SAFETY: registered in `scatter`, once, by us; the region is still mapped.
             unsafe { cu::cuMemHostUnregister(self.region.as_ptr().cast()) };
         }
     }

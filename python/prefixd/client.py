@@ -229,15 +229,15 @@ class Client:
 
     def get_paged(self, tokens, fragments, *, namespace=None):
         """Reads the longest cached prefix of `tokens` (at most fragments.chunks chunks) into
-        the fragments; returns the number of tokens read."""
+        the fragments; returns the number of tokens read. Same-host sessions copy straight from
+        the pools; remote ones fetch into a staging buffer and scatter from there."""
         keys = self.keys(tokens)[: fragments.chunks]
         if len(keys) < fragments.chunks:
             raise ValueError(f"{fragments.chunks} chunks of fragments; the tokens have {len(keys)} full chunks")
         for i, t in enumerate(fragments.tensors):
             _memory.describe(t, writable=True, what=f"tensor {i}")
-        hits = self._c.get_paged(
-            namespace or self.namespace, keys, fragments.packed, fragments.fragment_bytes, fragments.bounds
-        )
+        read = self._c.get_paged if self.data_path == "rma" else self._c.get_paged_any
+        hits = read(namespace or self.namespace, keys, fragments.packed, fragments.fragment_bytes, fragments.bounds)
         return hits * self.chunk_tokens
 
 

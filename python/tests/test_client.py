@@ -102,6 +102,23 @@ def test_paged_host_fragments_round_trip(client):
         assert not b[:, :, 2 * CHUNK:].any(), "tokens past the chunks must be untouched"
 
 
+def test_paged_get_on_a_remote_session(server, client):
+    """A client of another node (forced onto active messages over tcp) reads paged chunks
+    too: fetched into its staging buffer, then scattered into the fragments."""
+    layers, heads, dim, n = 2, 2, 8, 2 * CHUNK + 7
+    src = [random_kv((1, heads, n, dim), 300 + i) for i in range(2 * layers)]
+    t = tokens(9, n)
+    assert client.put_paged(t, prefixd.Fragments.token_runs(src, token_dim=2, first_token=0, chunks=2)).stored == 2
+    with prefixd.Client(server.endpoint, device=None, transports="tcp", force_remote=True) as remote:
+        assert remote.data_path == "active_message"
+        dst = [np.zeros_like(a) for a in src]
+        back = prefixd.Fragments.token_runs(dst, token_dim=2, first_token=0, chunks=2)
+        assert remote.get_paged(t, back) == 2 * CHUNK
+    for a, b in zip(src, dst):
+        assert np.array_equal(a[:, :, : 2 * CHUNK], b[:, :, : 2 * CHUNK])
+        assert not b[:, :, 2 * CHUNK:].any()
+
+
 def test_paged_put_of_later_chunks_extends_the_prefix(client):
     t = tokens(7, 3 * CHUNK)
     kv = [random_kv((1, 2, 3 * CHUNK, 16), 70 + i) for i in range(2)]

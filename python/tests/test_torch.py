@@ -122,3 +122,25 @@ def test_cuda_paged_reads_chunks_demoted_to_the_host_tier():
         cons.close()
     finally:
         s.stop()
+
+
+@cuda
+def test_cuda_paged_remote_get_into_gpu(gpu_server):
+    """The cross-node path as vLLM's decode uses it: a client forced onto active messages with
+    "cuda_copy,tcp" fetches chunks held in the GPU pool into paged CUDA tensors. UCX's cuda_copy
+    page-locks the client's staging buffer itself; the scatter must accept that (on 2x H200
+    every such load once failed with CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED)."""
+    dp, dc = _devices()
+    prod = prefixd.Client(gpu_server.endpoint, device=dp)
+    cons = prefixd.Client(gpu_server.endpoint, device=dc, transports="cuda_copy,tcp", force_remote=True)
+    n = 2 * CHUNK + 3
+    src = [torch.randn(1, 8, n, 128, device=f"cuda:{dp}", dtype=torch.bfloat16) for _ in range(4)]
+    t = tokens(33, n)
+    assert prod.put_paged(t, prefixd.Fragments.token_runs(src, token_dim=2, first_token=0, chunks=2)).stored == 2
+    for _ in range(2):  # the second get reuses the staging buffer
+        dst = [torch.zeros(1, 8, n, 128, device=f"cuda:{dc}", dtype=torch.bfloat16) for _ in range(4)]
+        assert cons.get_paged(t, prefixd.Fragments.token_runs(dst, token_dim=2, first_token=0, chunks=2)) == 2 * CHUNK
+        for a, b in zip(src, dst):
+            assert torch.equal(a[:, :, : 2 * CHUNK].cpu().view(torch.int16), b[:, :, : 2 * CHUNK].cpu().view(torch.int16))
+    prod.close()
+    cons.close()

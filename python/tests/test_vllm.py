@@ -332,14 +332,16 @@ def test_decode_waits_for_announced_chunks_then_recomputes(model_dir, server):
     tokens = [(i * 13 + 1) % 4000 for i in range(300)]
     vc = vllm_config(model_dir, "kv_consumer", {"endpoint": server.endpoint, "pd_wait_ms": 300})
     sched = scheduler(vc)
+    t0 = time.monotonic()  # the wait counts from when the connector first sees the request
     sched.add_request(request("d3", tokens, params={"prefixd": {"endpoint": server.endpoint, "chunks": 2}}))
-    t0 = time.monotonic()
     out = sched.schedule()
     assert not out.num_scheduled_tokens, "the request waits for the announced chunks"
     while not out.num_scheduled_tokens:
         assert time.monotonic() - t0 < 5
         sched.update_from_output(out, EMPTY_MODEL_RUNNER_OUTPUT)
-        time.sleep(0.02)
+        # The engine loop comes back far more often than the connector retries its lookup:
+        # every call in between must still say "wait" (once, a call there let the miss through).
+        time.sleep(0.0005)
         out = sched.schedule()
     assert time.monotonic() - t0 >= 0.3
     assert out.scheduled_new_reqs[0].num_computed_tokens == 0
@@ -389,6 +391,8 @@ def test_expired_lease_is_a_load_error_and_vllm_recomputes(model_dir, tmp_path):
         assert len(errors) == 18
         assert sched.requests["d4"].num_computed_tokens == 0, "vLLM rolled back to recompute"
         assert conn._worker.counters.snapshot().get("lease_expired") == 1
+        # vLLM asks the connector again; offering the same load again would loop on a source
+        # that keeps failing (the remote path did on the GPU machine): the prompt is recomputed.
         conn.shutdown()
     finally:
         srv.stop()
@@ -423,6 +427,34 @@ def test_remote_sidecar_over_the_active_message_path(model_dir, server):
     for i in range(32):
         assert block_bytes(conn, blocks[i]) == content[i], f"block {i}"
     assert conn._worker.counters.snapshot().get("remote_loads") == 1
+    conn.shutdown()
+
+
+def test_failed_remote_load_is_recomputed_not_retried(model_dir, server):
+    """An asynchronous (remote) load fails while the lookup still hits: vLLM moves the request
+    back to waiting and asks the connector again. The connector must answer 0 (recompute) rather
+    than offer the same load again: on 2x H200 a broken remote data path looped one request
+    forever. The failure is injected where the worker reaches the remote sidecar's data path."""
+    tokens = [(i * 19 + 4) % 4000 for i in range(300)]
+    params, _, _ = prefill(model_dir, server.endpoint, tokens, rid="p6", seed=16)
+    vc = vllm_config(model_dir, "kv_consumer", {"endpoint": server.endpoint, "force_remote": True})
+    sched, conn = scheduler(vc), worker(vc)
+
+    def broken(endpoint):
+        raise ConnectionError(f"data path to {endpoint} is down")
+
+    conn._worker._remote_client = broken
+    sched.add_request(request("d6", tokens, params=params))
+    loads = 0
+    for _ in range(500):
+        out = sched.schedule()
+        loads += len(out.kv_connector_metadata.loads)
+        if out.num_scheduled_tokens:
+            break
+        step(sched, conn, out)
+        time.sleep(0.005)
+    assert loads == 1, "one load, then recompute"
+    assert out.num_scheduled_tokens.get("d6") == 300, "the whole prompt recomputed"
     conn.shutdown()
 
 

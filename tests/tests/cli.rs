@@ -36,6 +36,8 @@ fn doctor_passes_a_healthy_node_and_skips_what_does_not_apply() {
     assert_eq!(check(&r, "session")["data"]["data_path"], "rma");
     assert_eq!(check(&r, "bandwidth")["data"]["verified"], true);
     assert!(check(&r, "bandwidth")["data"]["memcpy_gbps"].as_f64().unwrap() > 0.0, "the baseline ran");
+    let latency = check(&r, "bandwidth")["data"]["get_latency_us"].as_f64().unwrap();
+    assert!(latency > 0.0 && latency < 1e6, "a 64 KiB get's latency was measured: {latency} µs");
     if !std::path::Path::new("/dev/nvidia0").exists() {
         assert_eq!(check(&r, "gpu.peers")["status"], "skip", "no GPU: skipped, with the reason");
     }

@@ -70,6 +70,7 @@ class _Lookup:
     first_seen: float  # when the request was first looked up (the P/D wait counts from here)
     result: tuple | None = None  # (hits, leases, locations) once consumed
     local: int = 0  # tokens vLLM had computed locally when the match was made
+    gave_up: bool = False  # the P/D wait ran out: take what is there
 
 
 @dataclass
@@ -131,6 +132,7 @@ class SchedulerSide:
         self._leases = {}  # req_id -> [(client, lease id, namespace)], until the load is read
         self._tracked = {}  # req_id -> _Tracked (producers)
         self._storing = set()  # req ids with at least one store planned
+        self._load_planned = set()  # req ids whose load went out (one load per request)
         self.scheduler_seconds = 0.0
 
     # -- lookups ------------------------------------------------------------------------------
@@ -183,6 +185,14 @@ class SchedulerSide:
     def _start(self, request, first_seen=None):
         params = getattr(request, "kv_transfer_params", None)
         remote, expected = _remote_source(params, self.cfg)
+        if not expected and not self.stores_enabled and first_seen is None:
+            # A decode instance (kv_consumer) gets its prompts through a P/D proxy: without the
+            # prefill's announcement it cannot wait for chunks still being stored.
+            self.counters.bump(
+                "no_prefill_params",
+                f"{request.request_id}: no prefixd kv_transfer_params from a prefill instance "
+                f"(got {params!r}); looking up what is there now, without waiting",
+            )
         plan = chunking.plan(request.block_hashes, len(request.block_hashes), self.cfg.chunk_blocks)
         if not plan:
             return None
@@ -202,6 +212,16 @@ class SchedulerSide:
     @_timed
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
         if not self.loads_enabled:
+            return 0, False
+        if request.request_id in self._load_planned:
+            # vLLM asks again only after the load we planned failed (its recompute policy
+            # rescheduled the request) or the request was preempted. Offering the same hit
+            # again would loop on a source that keeps failing (seen on 2x H200 with a broken
+            # remote path): the rest is recomputed.
+            self.counters.bump(
+                "reload_refused",
+                f"{request.request_id}: asked again after its load (a failed load or a preemption); recomputing",
+            )
             return 0, False
         look = self._lookups.get(request.request_id) or self._start(request)
         if look is None:
@@ -226,21 +246,24 @@ class SchedulerSide:
                 except Exception as e:
                     self.counters.bump("lookup_failed", f"lookup failed, recomputing: {e}")
                     look.result = (0, [], None)
-            hits = look.result[0]
-            # P/D: the prefill announced chunks it has not committed yet: ask again, at most
-            # every PD_RETRY_S (the engine loop comes back far more often than that).
-            if look.expected and hits < look.expected:
-                now = time.monotonic()
-                if (now - look.first_seen) * 1000 < self.cfg.pd_wait_ms:
-                    if now - look.started >= PD_RETRY_S:
-                        self._release(look.result[1])
-                        self._start(request, first_seen=look.first_seen)
-                    return None, False
-                self.counters.bump(
-                    "pd_incomplete",
-                    f"{request.request_id}: {hits} of {look.expected} announced chunks after "
-                    f"{self.cfg.pd_wait_ms:.0f} ms; recomputing the rest",
-                )
+        # P/D: the prefill announced chunks it has not committed yet: ask again, at most every
+        # PD_RETRY_S (the engine loop comes back far more often than that). This runs on every
+        # call, not only the one that took the lookup's answer: a call between two retries once
+        # let a partial hit through (found on 2x H200: most prompts loaded part or none).
+        hits = look.result[0]
+        if look.expected and hits < look.expected and not look.gave_up:
+            now = time.monotonic()
+            if (now - look.first_seen) * 1000 < self.cfg.pd_wait_ms:
+                if now - look.started >= PD_RETRY_S:
+                    self._release(look.result[1])
+                    self._start(request, first_seen=look.first_seen)
+                return None, False
+            look.gave_up = True
+            self.counters.bump(
+                "pd_incomplete",
+                f"{request.request_id}: {hits} of {look.expected} announced chunks after "
+                f"{self.cfg.pd_wait_ms:.0f} ms; recomputing the rest",
+            )
         hits, leases, located = look.result
         look.local = num_computed_tokens
         blocks = chunking.blocks_hit(look.chunks, hits)
@@ -288,14 +311,16 @@ class SchedulerSide:
             namespace=self.namespaces[0],
         )
         self._loads[request.request_id] = spec
+        self._load_planned.add(request.request_id)
         if leases:
             self._leases[request.request_id] = leases
         log.info(
-            "prefixd: %s loads %d tokens (%d chunks%s) after %d local",
+            "prefixd: %s loads %d tokens (%d chunks%s; %d announced) after %d local",
             request.request_id,
             num_external_tokens,
             len(keys),
             f" from {look.remote}" if look.remote else "",
+            look.expected,
             local_blocks * self.block_size,
         )
 
@@ -374,6 +399,7 @@ class SchedulerSide:
     def request_finished(self, request, block_ids):
         req_id = request.request_id
         self._forget(req_id)
+        self._load_planned.discard(req_id)
         for lease in self._leases.pop(req_id, []):
             self._release([lease])
         t = self._tracked.pop(req_id, None)
@@ -382,6 +408,13 @@ class SchedulerSide:
         params = None
         if t is not None and t.stored_chunks:
             params = {"prefixd": {"endpoint": self.cfg.advertise, "chunks": t.stored_chunks}}
+            self.counters.add("announced_chunks", t.stored_chunks)
+        elif t is not None and request.num_prompt_tokens >= self.block_size:
+            self.counters.bump(
+                "finished_unannounced",
+                f"{req_id} finished with no chunk planned for storing ({request.num_prompt_tokens} prompt "
+                f"tokens, {t.stored_blocks} blocks stored, {len(t.block_ids)} block ids known)",
+            )
         return delay, params
 
     def stats(self):

@@ -4,11 +4,12 @@
 //! transports they share, a real session (its data path and the UCX lanes it got), the
 //! environment traps operators meet (UCX_TLS, UCX_MEMTYPE_CACHE, PYTHONHASHSEED), the GPUs
 //! (devices, peer access and link, where the server's GPU pool is), and a short bandwidth run
-//! through prefixd's own data path next to the physical copy. Each prints OK, WARN, FAIL or SKIP
+//! and the latency of a one-chunk get through prefixd's own data path, next to the physical copy. Each prints OK, WARN, FAIL or SKIP
 //! with its fix; the exit code is the worst (0 OK, 1 WARN, 2 FAIL).
 
 use crate::gpu;
 use crate::report::{Check, Report};
+use prefixd_client::ucx_bindings::RegionSlice;
 use prefixd_client::{ChunkKey, Client, ClientOptions, DataPath, Stats, WorkerInit};
 use serde_json::json;
 use std::sync::Arc;
@@ -18,6 +19,9 @@ use std::time::Instant;
 const SAME_HOST: &[&str] = &["posix", "sysv", "cma", "xpmem", "knem"];
 const NAMESPACE: &str = "prefixd-doctor";
 const CHUNK: usize = 4 << 20;
+/// The chunk whose get latency is measured: about one vLLM block of a small model's KV.
+const LATENCY_BYTES: usize = 64 << 10;
+const LATENCY_REPS: usize = 21;
 
 #[derive(Debug, Clone)]
 pub struct DoctorArgs {
@@ -513,6 +517,46 @@ fn fresh_keys(n: usize) -> Vec<ChunkKey> {
         .collect()
 }
 
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Median µs of a get of one small chunk through prefixd: lookup with lease, the copy, the
+/// release. That is what an engine waits for on a one-block hit, so it is mostly round trips.
+async fn get_latency_us(c: &Client, src: &RegionSlice, dst: &RegionSlice) -> prefixd_client::Result<f64> {
+    let key = fresh_keys(1);
+    c.put_chunks(NAMESPACE, &key, None, std::slice::from_ref(src)).await?;
+    let mut times = Vec::with_capacity(LATENCY_REPS);
+    let r = async {
+        c.get_chunks(NAMESPACE, &key, std::slice::from_ref(dst)).await?; // warm-up
+        for _ in 0..LATENCY_REPS {
+            let t = Instant::now();
+            c.get_chunks(NAMESPACE, &key, std::slice::from_ref(dst)).await?;
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok::<_, prefixd_client::Error>(())
+    }
+    .await;
+    let _ = c.delete(NAMESPACE, &key).await;
+    r.map(|()| median(&mut times))
+}
+
+/// Median µs of a memcpy of `LATENCY_BYTES`, the physical floor of a small host get.
+fn memcpy_latency_us() -> f64 {
+    let src = vec![5u8; LATENCY_BYTES];
+    let mut dst = vec![0u8; LATENCY_BYTES];
+    let mut times: Vec<f64> = (0..LATENCY_REPS)
+        .map(|_| {
+            let t = Instant::now();
+            dst.copy_from_slice(&src);
+            std::hint::black_box(&dst);
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    median(&mut times)
+}
+
 async fn host_bandwidth(c: &Client, bytes: usize) -> Check {
     let n = bytes.div_ceil(CHUNK).max(1);
     let bytes = n * CHUNK;
@@ -531,11 +575,12 @@ async fn host_bandwidth(c: &Client, bytes: usize) -> Check {
         let hits = c.get_chunks(NAMESPACE, &keys, &slices).await?;
         let get_s = t.elapsed().as_secs_f64();
         let same = hits == n && dst.to_vec(0, bytes)? == pattern;
-        Ok::<_, prefixd_client::Error>((put.stored, put_s, get_s, same))
+        let lat = get_latency_us(c, &src.slice(0, LATENCY_BYTES)?, &dst.slice(0, LATENCY_BYTES)?).await?;
+        Ok::<_, prefixd_client::Error>((put.stored, put_s, get_s, same, lat))
     }
     .await;
     let _ = c.delete(NAMESPACE, &keys).await;
-    let (stored, put_s, get_s, same) = match r {
+    let (stored, put_s, get_s, same, lat) = match r {
         Ok(v) => v,
         Err(e) => {
             return Check::warn(
@@ -546,16 +591,18 @@ async fn host_bandwidth(c: &Client, bytes: usize) -> Check {
         }
     };
     let base = crate::bench::memcpy_gbps(bytes);
+    let base_lat = memcpy_latency_us();
     let (put, get) = (bytes as f64 / put_s / 1e9, bytes as f64 / get_s / 1e9);
     let lines = vec![
-        format!("{:<22}{:>10}{:>12}{:>8}", "host memory", "prefixd", "memcpy", "ratio"),
-        format!("{:<22}{:>8.2} GB/s{:>8.2} GB/s{:>8.2}", "put (client → pool)", put, base, put / base),
-        format!("{:<22}{:>8.2} GB/s{:>8.2} GB/s{:>8.2}", "get (pool → client)", get, base, get / base),
+        format!("{:<24}{:>10}{:>12}{:>8}", "host memory", "prefixd", "memcpy", "ratio"),
+        format!("{:<24}{:>8.2} GB/s{:>8.2} GB/s{:>8.2}", "put (client → pool)", put, base, put / base),
+        format!("{:<24}{:>8.2} GB/s{:>8.2} GB/s{:>8.2}", "get (pool → client)", get, base, get / base),
+        format!("{:<24}{:>8.0} µs{:>10.1} µs{:>8.3}", "get 64 KiB, p50 latency", lat, base_lat, base_lat / lat),
     ];
     let data = json!({"bytes": bytes, "chunk": CHUNK, "put_gbps": put, "get_gbps": get, "memcpy_gbps": base,
-        "stored": stored, "verified": same});
+        "get_latency_us": lat, "memcpy_latency_us": base_lat, "stored": stored, "verified": same});
     let summary = format!(
-        "{} MiB in {} MiB chunks: put {put:.2} GB/s, get {get:.2} GB/s ({:.2}x / {:.2}x memcpy)",
+        "{} MiB in {} MiB chunks: put {put:.2} GB/s, get {get:.2} GB/s ({:.2}x / {:.2}x memcpy); 64 KiB get {lat:.0} µs",
         bytes >> 20,
         CHUNK >> 20,
         put / base,
@@ -587,15 +634,18 @@ async fn gpu_bandwidth(
     let n = bytes.div_ceil(CHUNK).max(1);
     let bytes = n * CHUNK;
     let pool_gpu = s.and_then(|s| devices.iter().find(|g| g.pci_bus_id == s.gpu_pool_device)).map(|g| g.ordinal);
-    let mut lines = vec![format!("{:<26}{:>12}{:>14}{:>8}", "GPU data path", "prefixd", "driver copy", "ratio")];
+    let mut lines = vec![format!("{:<32}{:>12}{:>14}{:>8}", "GPU data path", "prefixd", "driver copy", "ratio")];
     let mut rows = Vec::new();
     for d in devices {
         match gpu_row(endpoint, opts, d.ordinal, pool_gpu, bytes, n).await {
             Ok(r) => {
-                for (what, p, base) in &r {
-                    lines.push(format!("{:<26}{:>7.1} GB/s{:>9.1} GB/s{:>8.2}", what, p, base, p / base));
+                for (what, p, base) in &r.bandwidth {
+                    lines.push(format!("{:<32}{:>7.1} GB/s{:>9.1} GB/s{:>8.2}", what, p, base, p / base));
                     rows.push(json!({"path": what, "prefixd_gbps": p, "driver_gbps": base}));
                 }
+                let (what, p, base) = &r.latency;
+                lines.push(format!("{:<32}{:>9.0} µs{:>11.1} µs{:>8.3}", what, p, base, base / p));
+                rows.push(json!({"path": what, "prefixd_us": p, "driver_us": base}));
             }
             Err(e) => {
                 return Check::warn(
@@ -614,6 +664,13 @@ async fn gpu_bandwidth(
     Check::ok("bandwidth.gpu", summary).detail(lines).data(json!({"bytes": bytes, "rows": rows}))
 }
 
+/// One GPU's rows of the matrix: (path, prefixd, driver) in GB/s each way, and the p50 latency
+/// of a small get in µs.
+struct GpuRow {
+    bandwidth: Vec<(String, f64, f64)>,
+    latency: (String, f64, f64),
+}
+
 async fn gpu_row(
     endpoint: &str,
     opts: &ClientOptions,
@@ -621,18 +678,21 @@ async fn gpu_row(
     pool_gpu: Option<usize>,
     bytes: usize,
     n: usize,
-) -> Result<Vec<(String, f64, f64)>, String> {
+) -> Result<GpuRow, String> {
     let g = gpu::Gpu::open(ordinal)?;
     let buf = g.alloc(bytes)?;
     // The driver's copies between this GPU and where the pool is.
-    let (to_pool, from_pool) = match pool_gpu {
+    let small = g.alloc(LATENCY_BYTES)?;
+    let (to_pool, from_pool, copy_us) = match pool_gpu {
         Some(p) => {
             let pg = gpu::Gpu::open(p)?;
             let other = pg.alloc(bytes)?;
+            let other_small = pg.alloc(LATENCY_BYTES)?;
             g.current()?;
             (
                 gpu::best_gbps(bytes, 3, || gpu::copy_dtod(&other, &buf))?,
                 gpu::best_gbps(bytes, 3, || gpu::copy_dtod(&buf, &other))?,
+                gpu::median_us(LATENCY_REPS, || gpu::copy_dtod(&small, &other_small))?,
             )
         }
         None => {
@@ -640,6 +700,7 @@ async fn gpu_row(
             (
                 gpu::best_gbps(bytes, 3, || gpu::copy_dtoh(&host, &buf))?,
                 gpu::best_gbps(bytes, 3, || gpu::copy_htod(&buf, &host))?,
+                gpu::median_us(LATENCY_REPS, || gpu::copy_htod(&small, &host))?,
             )
         }
     };
@@ -665,10 +726,21 @@ async fn gpu_row(
     c.get_chunks(NAMESPACE, &keys, &slices).await.map_err(|e| e.to_string())?;
     let get = bytes as f64 / t.elapsed().as_secs_f64() / 1e9;
     let _ = c.delete(NAMESPACE, &keys).await;
+    // SAFETY: `small` is a live cuMemAlloc allocation of LATENCY_BYTES that outlives the
+    // client's use of it (closed below).
+    let small_region = unsafe { c.register_cuda(small.ptr, LATENCY_BYTES) }.map_err(|e| e.to_string())?;
+    let whole = small_region.slice(0, LATENCY_BYTES).map_err(|e| e.to_string())?;
+    let lat = get_latency_us(&c, &region.slice(0, LATENCY_BYTES).map_err(|e| e.to_string())?, &whole)
+        .await
+        .map_err(|e| e.to_string());
     let _ = c.close().await;
+    let lat = lat?;
     let pool = pool_gpu.map_or("host".to_owned(), |p| format!("GPU {p}"));
-    Ok(vec![
-        (format!("GPU {ordinal} → pool ({pool})"), put, to_pool),
-        (format!("pool ({pool}) → GPU {ordinal}"), get, from_pool),
-    ])
+    Ok(GpuRow {
+        bandwidth: vec![
+            (format!("GPU {ordinal} → pool ({pool})"), put, to_pool),
+            (format!("pool ({pool}) → GPU {ordinal}"), get, from_pool),
+        ],
+        latency: (format!("pool ({pool}) → GPU {ordinal}, 64 KiB p50"), lat, copy_us),
+    })
 }

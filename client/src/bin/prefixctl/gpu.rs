@@ -212,6 +212,21 @@ pub fn best_gbps(bytes: usize, reps: usize, mut copy: impl FnMut() -> Result<(),
     Ok(bytes as f64 / best / 1e9)
 }
 
+/// Median µs of `reps` runs of `copy`, each waited for: the latency floor of a small copy.
+pub fn median_us(reps: usize, mut copy: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
+    copy()?; // warm-up
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        copy()?;
+        // SAFETY: waits for the current context's work.
+        ok("cuCtxSynchronize", unsafe { cu::cuCtxSynchronize() })?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
 /// A synchronous device-to-device copy (peer or local), as cudaMemcpy would do it.
 pub fn copy_dtod(dst: &DeviceBuffer, src: &DeviceBuffer) -> Result<(), String> {
     let len = dst.len.min(src.len);
