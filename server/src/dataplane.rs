@@ -148,7 +148,11 @@ fn accept(state: &Arc<State>, msg: IncomingAm) -> Result<(), &'static str> {
     }
     let state = state.clone();
     tokio::spawn(async move {
-        let r = msg.recv_into(&slice, state.cfg.transfer_timeout).await;
+        let r = if loc.tier == Tier::Gpu {
+            receive_via_bounce(&state, msg, &loc).await
+        } else {
+            msg.recv_into(&slice, state.cfg.transfer_timeout).await.map_err(|e| e.to_string())
+        };
         if let Err(e) = &r {
             tracing::warn!(put = h.put_id, index = h.index, error = %e, "AM_PUT data did not arrive");
         }
@@ -156,4 +160,27 @@ fn accept(state: &Arc<State>, msg: IncomingAm) -> Result<(), &'static str> {
         state.arrivals.notify_waiters();
     });
     Ok(())
+}
+
+/// Receives a rendezvous AM_PUT bound for a GPU-tier slot through a host bounce buffer, then
+/// copies it up. A client whose UCX has no CUDA transport (tcp alone: another node, or a
+/// forced remote path) cannot send into device memory: UCX finds no protocol for "rndv_send
+/// from host memory to cuda" and the endpoint fails (found by `prefixctl doctor` on 2x H200).
+/// The get path bounces the same way (`Service::fetch_source`).
+async fn receive_via_bounce(state: &State, msg: IncomingAm, loc: &prefixd_cache::Location) -> Result<(), String> {
+    let cuda = state.cuda.as_ref().ok_or("a GPU-tier slot without CUDA")?;
+    let len = loc.len as usize;
+    let b = state.bounce.take(&state.ctx, len).map_err(|e| e.to_string())?;
+    let r = async {
+        let slice = b.slice(0, len).map_err(|e| e.to_string())?;
+        msg.recv_into(&slice, state.cfg.transfer_timeout).await.map_err(|e| e.to_string())?;
+        let dst = state.pool_base(Tier::Gpu) + loc.offset;
+        // SAFETY: the slot is reserved for this receive (begin_receive); the bounce buffer holds
+        // the `len` bytes just received and nothing else uses it until it is given back below.
+        unsafe { cuda.copy_htod(dst, b.as_ptr(), len) }.map_err(|e| format!("copy to the GPU slot: {e}"))
+    }
+    .await;
+    // recv_into returns only once UCX has let go of the buffer (or the endpoint is closed).
+    state.bounce.give(b);
+    r
 }

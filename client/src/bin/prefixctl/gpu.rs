@@ -138,6 +138,22 @@ impl Gpu {
         ok("cuCtxSetCurrent", unsafe { cu::cuCtxSetCurrent(self.ctx) })
     }
 
+    /// Lets this GPU's context reach `other`'s memory directly (NVLink or PCIe P2P), as the
+    /// engines and UCX's cuda_ipc do. Without it cuMemcpyPeer stages through host memory, and
+    /// the baseline measures that instead of the link (found on 2x H200: 38 GB/s over NVLink).
+    pub fn enable_peer(&self, other: &Gpu) -> Result<(), String> {
+        if self.dev == other.dev {
+            return Ok(());
+        }
+        self.current()?;
+        // SAFETY: both are retained primary contexts; flags must be 0.
+        let r = unsafe { cu::cuCtxEnablePeerAccess(other.ctx, 0) };
+        if r == cu::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED {
+            return Ok(());
+        }
+        ok("cuCtxEnablePeerAccess", r)
+    }
+
     /// Device memory, freed with the returned guard.
     pub fn alloc(&self, len: usize) -> Result<DeviceBuffer, String> {
         self.current()?;
