@@ -398,6 +398,32 @@ def test_expired_lease_is_a_load_error_and_vllm_recomputes(model_dir, tmp_path):
         srv.stop()
 
 
+def test_a_timed_out_lookup_leaks_no_lease(model_dir):
+    """A lookup that answers after its deadline counts as a miss; the lease its late answer
+    carries is released when it comes (it once stayed until its TTL, pinning the chunks and
+    holding a draining sidecar)."""
+    srv = Server("--host-pool", "64MiB")
+    try:
+        tokens = [(i * 11 + 2) % 4000 for i in range(300)]
+        params, _, _ = prefill(model_dir, srv.endpoint, tokens, rid="p7", seed=17)
+        vc = vllm_config(model_dir, "kv_consumer", {"endpoint": srv.endpoint, "lookup_timeout_ms": 0})
+        sched = scheduler(vc)
+        sched.add_request(request("d7", tokens))
+        out = schedule_new(sched)
+        assert out.num_scheduled_tokens["d7"] == 300, "the late lookup counted as a miss"
+        assert sched.connector._sched.counters.snapshot().get("lookup_timeout") == 1
+        with prefixd.Client(srv.endpoint, device=None) as c:
+            for _ in range(200):
+                if c.stats()["active_leases"] == 0:
+                    break
+                time.sleep(0.01)
+            assert c.stats()["active_leases"] == 0, "the late answer's lease was released"
+        sched.connector.shutdown()
+        assert srv.stop() == 0, "prefixd drained at once"
+    finally:
+        srv.stop()
+
+
 def test_remote_sidecar_over_the_active_message_path(model_dir, server):
     """Across nodes: D's connector pulls from the sidecar P named (forced onto the remote path:
     active messages over tcp), asynchronously; vLLM waits for it and then schedules the rest."""

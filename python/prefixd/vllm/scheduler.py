@@ -229,7 +229,10 @@ class SchedulerSide:
         if look.result is None:
             if not look.future.done():
                 waited = (time.monotonic() - look.started) * 1000
-                if waited < self.cfg.lookup_timeout_ms:
+                # Only a request's first lookup may hold the engine loop briefly; P/D retries
+                # (every PD_RETRY_S while announced chunks are missing) never do, or a step
+                # with many waiting requests would stall for lookup_inline_ms each.
+                if waited < self.cfg.lookup_timeout_ms and look.started == look.first_seen:
                     try:
                         look.future.result(timeout=self.cfg.lookup_inline_ms / 1000)
                     except Exception:
@@ -240,6 +243,9 @@ class SchedulerSide:
                     self.counters.bump("lookup_timeout", f"lookup of {request.request_id} took over "
                                        f"{self.cfg.lookup_timeout_ms:.0f} ms: counted as a miss")
                     look.result = (0, [], None)
+                    # Its answer still comes, with a lease that nobody reads: release it then
+                    # (it pinned the chunks until its TTL, and a draining sidecar waited for it).
+                    self._release_when_done(look.future)
             if look.result is None:
                 try:
                     look.result = look.future.result()
@@ -329,7 +335,11 @@ class SchedulerSide:
         if look is not None and look.result is not None:
             self._release(look.result[1])
         elif look is not None:
-            look.future.add_done_callback(lambda f: self._release(f.result()[1]) if not f.exception() else None)
+            self._release_when_done(look.future)
+
+    def _release_when_done(self, future):
+        """Releases the leases of a lookup whose answer is no longer wanted, once it comes."""
+        future.add_done_callback(lambda f: self._release(f.result()[1]) if not f.exception() else None)
 
     # -- stores -------------------------------------------------------------------------------
 
