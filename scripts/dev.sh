@@ -6,6 +6,8 @@
 #                                  package (pip) and its tests, the deployment tests (CI runs this)
 #   scripts/dev.sh bench-ucx [..]  ucx-bindings throughput against ucx_perftest (BENCHMARKS.md)
 #   scripts/dev.sh bench [..]      prefixd against redis-server and ucx_perftest (BENCHMARKS.md)
+#   scripts/dev.sh bench-remote [..]  remote gets through Python clients: prefixd (active messages
+#                                  over tcp) against Redis and Mooncake Store in the same run
 #   scripts/dev.sh faults [N] [..] N random faults (default 1000) against real processes: kill -9,
 #                                  SIGSTOP, server restarts, pool exhaustion; every byte checked
 #   scripts/dev.sh fuzz [SECONDS]  every cargo-fuzz target (fuzz/) for SECONDS each (default 60);
@@ -87,6 +89,15 @@ case $cmd in
     command -v redis-server >/dev/null || { say "installing redis-server (the benchmark's baseline)"; apt-get install -y -qq redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }; }
     cargo build --release --quiet -p prefixd-server -p prefixd-bench --bins
     exec target/release/prefixd-bench "$@"
+    ;;
+  bench-remote)
+    ensure_cargo; ensure_ucx
+    command -v redis-server >/dev/null || { say "installing redis-server (a baseline)"; apt-get install -y -qq redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }; }
+    ldconfig -p | grep -q libibverbs.so.1 || { say "installing libibverbs1 (Mooncake's binaries link it)"; apt-get install -y -qq libibverbs1 >/dev/null || { apt-get update -qq && apt-get install -y -qq libibverbs1; }; }
+    python3 -c 'import redis, hiredis, mooncake.store, msgpack' 2>/dev/null || { say "installing redis, hiredis, msgpack and mooncake-transfer-engine-non-cuda (baselines)"; python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore redis hiredis msgpack aiohttp requests 'mooncake-transfer-engine-non-cuda==0.3.13.post1'; }
+    cargo build --release --quiet -p prefixd-server
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --force-reinstall ./python
+    exec python3 bench/remote/compare.py "$@"
     ;;
   faults)
     ensure_cargo; ensure_ucx

@@ -1002,10 +1002,11 @@ impl Client {
                 Ok(_) => receive.await,
                 Err(status) => Err(status.into()),
             },
-            r = &mut receive => match r {
-                Ok(()) => call.await.map(|_| ()).map_err(Error::from),
-                Err(e) => Err(e),
-            },
+            // Every chunk is here: done. The server's reply would only follow the completion of
+            // its sends, which UCX reports up to a few hundred µs after the data arrived (measured
+            // over tcp: data at ~0.22 ms, reply at ~0.49 ms of a 4 KiB fetch); dropping the call
+            // leaves its sends to finish on the server, holding their pins (`do_fetch`).
+            r = &mut receive => r,
         };
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&tag);
         result

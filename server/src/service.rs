@@ -307,6 +307,8 @@ impl Service {
             let (slice, bounced) = self.fetch_source(loc)?;
             let (ep, pin, st2) = (ep.clone(), pin.clone(), st.clone());
             let header = FetchHeader { tag: r.tag, lease_id: r.lease_id, index: i }.encode();
+            let labels = ["out", session.path_label(), session.transport()];
+            let sent = st.metrics.transfer_bytes.with_label_values(&labels);
             inflight.push_back(tokio::spawn(async move {
                 let _pin = pin;
                 let len = slice.len() as u64;
@@ -314,13 +316,16 @@ impl Service {
                 if let Some(b) = bounced {
                     st2.bounce.give(b); // the send has completed: UCX no longer reads it
                 }
+                // Counted per send, so a call that fails half-way still counts what went out.
+                if r.is_ok() {
+                    sent.inc_by(len);
+                }
                 r
             }));
         }
         for h in inflight {
             bytes += join(h.await)?;
         }
-        st.metrics.transfer_bytes.with_label_values(&["out", session.path_label(), session.transport()]).inc_by(bytes);
         Ok(FetchResponse { bytes })
     }
 }
@@ -457,11 +462,19 @@ impl Prefixd for Service {
     async fn fetch(&self, req: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
         let caller = self.state.auth.caller(req.metadata()).map(|_| ());
         let r = req.into_inner();
-        self.observe("fetch", async {
-            caller?;
-            self.do_fetch(r).await
+        // A client stops listening once it has every chunk (`Client::fetch`), before the sends'
+        // completions: the call runs to its end anyway, so its metrics count and the session's
+        // in-call guard holds until its sends are done.
+        let svc = self.clone();
+        tokio::spawn(async move {
+            svc.observe("fetch", async {
+                caller?;
+                svc.do_fetch(r).await
+            })
+            .await
         })
         .await
+        .map_err(|e| Status::internal(format!("fetch task: {e}")))?
     }
 
     async fn release(&self, req: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {

@@ -61,6 +61,10 @@ pub struct ContextBuilder {
     name: Option<String>,
 }
 
+/// prefixd's tcp segment sizes (see `ContextBuilder::build`); `UCX_TCP_TX_SEG_SIZE` and
+/// `UCX_TCP_RX_SEG_SIZE` in the environment override them.
+pub const TCP_SEGMENTS: &[(&str, &str)] = &[("TCP_TX_SEG_SIZE", "512k"), ("TCP_RX_SEG_SIZE", "512k")];
+
 impl ContextBuilder {
     pub fn new() -> Self {
         Self::default()
@@ -100,6 +104,16 @@ impl ContextBuilder {
         }
         if let Some(d) = &self.net_devices {
             settings.push(("NET_DEVICES".into(), d.clone()));
+        }
+        // UCX's tcp transport moves data in 8 KiB send and 64 KiB receive segments by default:
+        // on loopback that caps a 1 MiB message at ~1.3 GB/s (770 µs), against ~4.8-6 GB/s with
+        // 256 KiB-1 MiB segments (ucx_perftest ucp_am_bw, BENCHMARKS.md §6). KV chunks are MiBs,
+        // so take larger segments unless the environment or the caller chose.
+        for (key, value) in TCP_SEGMENTS {
+            let chosen = std::env::var_os(format!("UCX_{key}")).is_some() || self.extra.iter().any(|(k, _)| k == key);
+            if !chosen {
+                settings.push(((*key).to_owned(), (*value).to_owned()));
+            }
         }
         settings.extend(self.extra.iter().cloned());
         let requested = self.transports.as_ref().map_or_else(|| "all".to_owned(), |t| t.to_ucx());
