@@ -35,11 +35,18 @@ pub struct Service {
 struct LeasePin {
     state: Arc<State>,
     lease_id: u64,
+    /// A lease the Fetch took itself (looked up by keys): released with the pin, once every
+    /// send is done with its slot.
+    own: Option<prefixd_cache::SessionId>,
 }
 
 impl Drop for LeasePin {
     fn drop(&mut self) {
-        self.state.index().unpin_lease(self.lease_id);
+        let mut idx = self.state.index();
+        idx.unpin_lease(self.lease_id);
+        if let Some(session) = self.own {
+            let _ = idx.release(self.lease_id, session);
+        }
     }
 }
 
@@ -279,10 +286,41 @@ impl Service {
             .cloned()
             .ok_or_else(|| Status::failed_precondition("the session has no data endpoint bound yet (send AM_HELLO)"))?;
         let st = &self.state;
-        let n = st.index().pin_lease(r.lease_id, session.id, Instant::now()).map_err(index_status)?;
+        let mut r = r;
+        let own = if r.lease_id == 0 && !r.keys.is_empty() {
+            // One call for a remote get: look the keys up under a lease of this call's own.
+            let found = self
+                .do_lookup(LookupRequest {
+                    session_token: r.session_token.clone(),
+                    namespace: std::mem::take(&mut r.namespace),
+                    keys: std::mem::take(&mut r.keys),
+                    lease: true,
+                    lease_ttl_ms: 0,
+                    chunk_tokens: r.chunk_tokens,
+                })
+                .await?;
+            if found.lease_id == 0 {
+                return Ok(FetchResponse { bytes: 0, hit_chunks: 0 });
+            }
+            r.lease_id = found.lease_id;
+            r.indices.clear();
+            Some(session.id)
+        } else {
+            None
+        };
+        let pinned = st.index().pin_lease(r.lease_id, session.id, Instant::now()).map_err(index_status);
+        let n = match pinned {
+            Ok(n) => n,
+            Err(e) => {
+                if own.is_some() {
+                    let _ = st.index().release(r.lease_id, session.id);
+                }
+                return Err(e);
+            }
+        };
         // Every send holds the pin until UCX has finished reading the slot, even when this call
         // is dropped half-way (the client went away): the sends run on as detached tasks.
-        let pin = Arc::new(LeasePin { state: st.clone(), lease_id: r.lease_id });
+        let pin = Arc::new(LeasePin { state: st.clone(), lease_id: r.lease_id, own });
         let indices: Vec<u32> = if r.indices.is_empty() { (0..n as u32).collect() } else { r.indices.clone() };
         if indices.len() > prefixd_proto::limits::MAX_KEYS_PER_REQUEST {
             return Err(Status::invalid_argument("too many indices"));
@@ -323,10 +361,12 @@ impl Service {
                 r
             }));
         }
+        let sent = indices.len() as u32;
+        drop(pin);
         for h in inflight {
             bytes += join(h.await)?;
         }
-        Ok(FetchResponse { bytes })
+        Ok(FetchResponse { bytes, hit_chunks: sent })
     }
 }
 
@@ -460,15 +500,23 @@ impl Prefixd for Service {
     }
 
     async fn fetch(&self, req: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
-        let caller = self.state.auth.caller(req.metadata()).map(|_| ());
+        let caller = self.state.auth.caller(req.metadata());
         let r = req.into_inner();
+        // With keys it looks them up itself: the same grant as Lookup.
+        let allowed = caller.and_then(|c| {
+            if r.lease_id == 0 && !r.keys.is_empty() {
+                c.check(Grant::Read, &r.namespace).map(|_| ())
+            } else {
+                Ok(())
+            }
+        });
         // A client stops listening once it has every chunk (`Client::fetch`), before the sends'
         // completions: the call runs to its end anyway, so its metrics count and the session's
         // in-call guard holds until its sends are done.
         let svc = self.clone();
         tokio::spawn(async move {
             svc.observe("fetch", async {
-                caller?;
+                allowed?;
                 svc.do_fetch(r).await
             })
             .await

@@ -129,6 +129,7 @@ async fn hostile_requests_get_clear_errors_and_change_nothing() {
         lease_id,
         indices,
         tag: 1,
+        ..Default::default()
     };
     let delete =
         |s: &[u8], keys: Vec<Vec<u8>>| DeleteRequest { namespace: "ns".into(), keys, session_token: s.to_vec() };
@@ -138,6 +139,15 @@ async fn hostile_requests_get_clear_errors_and_change_nothing() {
     case!("fetch: unknown lease", Code::NotFound, g.fetch(fetch(&sa, 77, vec![])));
     case!("fetch: index out of range", Code::InvalidArgument, g.fetch(fetch(&sa, lease.lease_id, vec![5])));
     case!("fetch: another session's lease", Code::PermissionDenied, g.fetch(fetch(&sb, lease.lease_id, vec![])));
+    let by_keys = |s: &[u8], keys: Vec<Vec<u8>>| FetchRequest { namespace: "ns".into(), keys, ..fetch(s, 0, vec![]) };
+    case!("fetch by keys: 16-byte key", Code::InvalidArgument, g.fetch(by_keys(&sa, vec![vec![1; 16]])));
+    case!("fetch by keys: 5000 keys", Code::InvalidArgument, g.fetch(by_keys(&sa, vec![key(1); 5000])));
+    case!("fetch by keys: unknown session", Code::NotFound, g.fetch(by_keys(&unknown, vec![key(1)])));
+    case!(
+        "fetch by keys: empty namespace",
+        Code::InvalidArgument,
+        g.fetch(FetchRequest { namespace: String::new(), ..by_keys(&sa, vec![key(1)]) })
+    );
     case!("delete: 8-byte key", Code::InvalidArgument, g.delete(delete(&sa, vec![vec![0; 8]])));
     case!("delete: no keys", Code::InvalidArgument, g.delete(delete(&sa, vec![])));
     case!("delete: no session", Code::InvalidArgument, g.delete(delete(&[], vec![key(1)])));
@@ -337,6 +347,7 @@ async fn a_cancelled_fetch_does_not_leak_its_lease() {
         lease_id: lease.lease_id,
         indices: vec![],
         tag: 5,
+        ..Default::default()
     });
     req.set_timeout(Duration::from_millis(300));
     assert!(g.fetch(req).await.is_err(), "the client gives up on the call");

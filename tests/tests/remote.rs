@@ -93,3 +93,40 @@ async fn remote_get_of_64_chunks_of_36_mib_over_tcp() {
         assert!(after < Duration::from_secs(5), "the failed get took {after:?} after the kill: {r:?}");
     }
 }
+
+/// Many small remote gets back to back, as a decode engine makes them: each is one Fetch call
+/// (the server looks the keys up), every byte checked, and a partial hit returns only the hits.
+/// Returning before the reply must not reset HTTP/2 streams: a client that dropped its calls
+/// was refused (ResourceExhausted) after about a thousand gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_small_remote_gets_in_a_row() {
+    let server = Server::start(&["--host-pool", "64MiB", "--transports", "tcp", "--rma", "never"]);
+    let opts = ClientOptions {
+        transports: "tcp".into(),
+        net_devices: Some("lo".into()),
+        force_remote: true,
+        ..ClientOptions::default()
+    };
+    let client = Client::connect_with(&server.grpc, opts).await.unwrap();
+    let keys: Vec<ChunkKey> = (0..2).map(|i| ChunkKey([0x31 + i as u8; 32])).collect();
+    let src = client.alloc(2 * 4096).unwrap();
+    src.write(0, &[7u8; 4096]).unwrap();
+    src.write(4096, &[9u8; 4096]).unwrap();
+    let slices = |r: &std::sync::Arc<ucx_bindings::MemRegion>, n: usize| -> Vec<_> {
+        (0..n).map(|i| r.slice(i * 4096, 4096).unwrap()).collect()
+    };
+    assert_eq!(client.put_chunks("small", &keys[..1], None, &slices(&src, 1)).await.unwrap().stored, 1);
+    let dst = client.alloc(2 * 4096).unwrap();
+    for n in 0..3000 {
+        dst.write(0, &[0u8; 4096]).unwrap();
+        let got = client.get_chunks("small", &keys[..1], &slices(&dst, 1)).await;
+        assert_eq!(got.unwrap_or_else(|e| panic!("get {n}: {e}")), 1);
+        assert_eq!(dst.to_vec(0, 4096).unwrap(), vec![7u8; 4096], "get {n}");
+    }
+    // Two keys, one stored: the prefix comes, the rest is left alone.
+    dst.write(4096, &[1u8; 4096]).unwrap();
+    assert_eq!(client.get_chunks("small", &keys, &slices(&dst, 2)).await.unwrap(), 1);
+    assert_eq!(dst.to_vec(4096, 4096).unwrap(), vec![1u8; 4096], "the miss's buffer is untouched");
+    // Nothing stored under these keys: a miss, at once.
+    assert_eq!(client.get_chunks("nothing", &keys, &slices(&dst, 2)).await.unwrap(), 0);
+}

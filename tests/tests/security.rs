@@ -153,6 +153,13 @@ async fn tokens_grant_per_namespace_over_mutual_tls() {
     assert!(e.to_string().contains("\"prefill\" has no write grant on namespace \"other\""), "{e}");
     let e = prefill.lookup("other", &tokens).await.unwrap_err();
     assert_eq!(code(&e), Some(Code::PermissionDenied), "{e}");
+    // A remote get_chunks looks its keys up inside Fetch: the same read grant is checked there.
+    let buf = prefill.alloc(2 * 4096).unwrap();
+    let slices = [buf.slice(0, 4096).unwrap(), buf.slice(4096, 4096).unwrap()];
+    let e = prefill.get_chunks("other", &prefill.keys(&tokens), &slices).await.unwrap_err();
+    assert_eq!(code(&e), Some(Code::PermissionDenied), "{e}");
+    assert_eq!(prefill.get_chunks("vllm|qwen", &prefill.keys(&tokens), &slices).await.unwrap(), 2);
+    assert_eq!(buf.to_vec(0, 2 * 4096).unwrap(), bytes, "one-call remote get, byte for byte");
 
     // A read-only token (secret from a file) reads but cannot write.
     let reader = Client::connect_with(&url, opts(pki.access(Some(READER)))).await.unwrap();

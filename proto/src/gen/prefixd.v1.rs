@@ -218,6 +218,8 @@ pub struct FetchRequest {
     /// The session token from ConnectResponse.
     #[prost(bytes = "vec", tag = "1")]
     pub session_token: ::prost::alloc::vec::Vec<u8>,
+    /// A lease from Lookup; 0 with `keys`: the server looks the keys up itself (one call for a
+    /// remote get), under a lease of its own that ends when its sends are done.
     #[prost(uint64, tag = "2")]
     pub lease_id: u64,
     /// Which chunks of the lease to send (indices into LookupResponse.chunks); empty means all.
@@ -226,6 +228,14 @@ pub struct FetchRequest {
     /// Echoed in every AM_FETCH header so the client can route the data.
     #[prost(uint64, tag = "4")]
     pub tag: u64,
+    /// With lease_id 0: the chunks to look up and send (the longest cached prefix of them).
+    #[prost(string, tag = "5")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", repeated, tag = "6")]
+    pub keys: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    /// Tokens per chunk, for the hit-token metrics (0: 256).
+    #[prost(uint32, tag = "7")]
+    pub chunk_tokens: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -233,6 +243,9 @@ pub struct FetchResponse {
     /// Bytes sent.
     #[prost(uint64, tag = "1")]
     pub bytes: u64,
+    /// Chunks sent (with keys: the hits).
+    #[prost(uint32, tag = "2")]
+    pub hit_chunks: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
