@@ -21,70 +21,12 @@
 //! Without a file, every call is allowed: the server then refuses to listen beyond loopback
 //! unless `--allow-insecure-remote` says that is meant.
 
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::path::Path;
+mod file;
+
+use file::covers;
+pub use file::{Auth, Grant};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
-
-/// What a call needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Grant {
-    Read = 1,
-    Write = 2,
-    Admin = 4,
-    Direct = 8,
-}
-
-impl Grant {
-    fn name(self) -> &'static str {
-        match self {
-            Grant::Read => "read",
-            Grant::Write => "write",
-            Grant::Admin => "admin",
-            Grant::Direct => "direct",
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenFile {
-    #[serde(default)]
-    token: Vec<TokenEntry>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenEntry {
-    name: String,
-    secret: Option<String>,
-    secret_file: Option<String>,
-    namespaces: Vec<String>,
-    grants: Vec<String>,
-}
-
-#[derive(Debug)]
-struct Rule {
-    name: String,
-    namespaces: Vec<String>,
-    grants: u8,
-}
-
-/// Whether namespace patterns (exact names, or prefixes ending in '*') cover `ns`.
-fn covers(patterns: &[String], ns: &str) -> bool {
-    patterns.iter().any(|p| match p.strip_suffix('*') {
-        Some(prefix) => ns.starts_with(prefix),
-        None => p == ns,
-    })
-}
-
-/// The token rules, by secret digest. Empty: authentication is off.
-#[derive(Debug, Default)]
-pub struct Auth {
-    by_digest: HashMap<[u8; 32], Rule>,
-}
 
 /// Who is calling: nobody in particular (authentication off), or a token's holder.
 #[derive(Debug, Clone, Copy)]
@@ -93,66 +35,7 @@ pub enum Caller<'a> {
     Token(&'a str, u8, &'a [String]),
 }
 
-fn digest(secret: &str) -> [u8; 32] {
-    Sha256::digest(secret.trim().as_bytes()).into()
-}
-
 impl Auth {
-    /// Reads the token file; every problem is one clear line.
-    pub fn load(path: &Path) -> Result<Auth, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("auth file {}: {e}", path.display()))?;
-        let file: TokenFile = toml::from_str(&text).map_err(|e| format!("auth file {}: {e}", path.display()))?;
-        if file.token.is_empty() {
-            return Err(format!("auth file {} names no [[token]]", path.display()));
-        }
-        let mut by_digest = HashMap::new();
-        for t in file.token {
-            let secret = match (&t.secret, &t.secret_file) {
-                (Some(s), None) => s.clone(),
-                (None, Some(f)) => std::fs::read_to_string(f)
-                    .map_err(|e| format!("auth file: token {:?}: secret_file {f}: {e}", t.name))?,
-                _ => return Err(format!("auth file: token {:?} needs exactly one of secret, secret_file", t.name)),
-            };
-            if secret.trim().len() < 16 {
-                return Err(format!("auth file: token {:?}: a secret needs at least 16 characters", t.name));
-            }
-            let mut grants = 0u8;
-            for g in &t.grants {
-                grants |= match g.as_str() {
-                    "read" => Grant::Read as u8,
-                    "write" => Grant::Write as u8,
-                    "admin" => Grant::Admin as u8,
-                    "direct" => Grant::Direct as u8,
-                    other => {
-                        return Err(format!(
-                            "auth file: token {:?}: grant {other:?} is none of read, write, admin, direct",
-                            t.name
-                        ))
-                    }
-                };
-            }
-            if t.namespaces.is_empty() || grants == 0 {
-                return Err(format!("auth file: token {:?} grants nothing (namespaces and grants)", t.name));
-            }
-            let rule = Rule { name: t.name.clone(), namespaces: t.namespaces, grants };
-            if by_digest.insert(digest(&secret), rule).is_some() {
-                return Err(format!("auth file: token {:?} repeats another token's secret", t.name));
-            }
-        }
-        Ok(Auth { by_digest })
-    }
-
-    pub fn enabled(&self) -> bool {
-        !self.by_digest.is_empty()
-    }
-
-    /// Names of the configured tokens (for the start-up log).
-    pub fn names(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.by_digest.values().map(|r| r.name.as_str()).collect();
-        v.sort_unstable();
-        v
-    }
-
     /// The caller of a request: its bearer token must be a known one when authentication is on.
     pub fn caller(&self, metadata: &MetadataMap) -> Result<Caller<'_>, Status> {
         if !self.enabled() {
@@ -166,7 +49,7 @@ impl Auth {
             .ok()
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <token>\""))?;
-        let rule = self.by_digest.get(&digest(secret)).ok_or_else(|| Status::unauthenticated("unknown token"))?;
+        let rule = self.rule(secret).ok_or_else(|| Status::unauthenticated("unknown token"))?;
         Ok(Caller::Token(&rule.name, rule.grants, &rule.namespaces))
     }
 }
@@ -267,5 +150,10 @@ grants = ["admin"]
         .contains("fly"));
         assert!(auth("").unwrap_err().contains("no [[token]]"));
         assert!(Auth::default().caller(&MetadataMap::new()).is_ok(), "no file: open");
+        // A secret_file that never ends (a typo for the secret's path) is refused, not read.
+        let e =
+            auth("[[token]]\nname = \"z\"\nsecret_file = \"/dev/zero\"\nnamespaces = [\"*\"]\ngrants = [\"read\"]\n")
+                .unwrap_err();
+        assert!(e.contains("not a secret") && e.contains("/dev/zero"), "{e}");
     }
 }
