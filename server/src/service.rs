@@ -331,6 +331,8 @@ impl Service {
             jobs.push((i, loc));
         }
         let timeout = st.cfg.transfer_timeout;
+        let out_bytes =
+            st.metrics.transfer_bytes.with_label_values(&["out", session.path_label(), session.transport()]);
         let mut inflight = std::collections::VecDeque::new();
         let mut bytes = 0u64;
         let join = |r: Result<ucx_bindings::Result<u64>, tokio::task::JoinError>| -> Result<u64, Status> {
@@ -345,8 +347,7 @@ impl Service {
             let (slice, bounced) = self.fetch_source(loc)?;
             let (ep, pin, st2) = (ep.clone(), pin.clone(), st.clone());
             let header = FetchHeader { tag: r.tag, lease_id: r.lease_id, index: i }.encode();
-            let labels = ["out", session.path_label(), session.transport()];
-            let sent = st.metrics.transfer_bytes.with_label_values(&labels);
+            let out_bytes = out_bytes.clone();
             inflight.push_back(tokio::spawn(async move {
                 let _pin = pin;
                 let len = slice.len() as u64;
@@ -356,7 +357,7 @@ impl Service {
                 }
                 // Counted per send, so a call that fails half-way still counts what went out.
                 if r.is_ok() {
-                    sent.inc_by(len);
+                    out_bytes.inc_by(len);
                 }
                 r
             }));
@@ -510,19 +511,11 @@ impl Prefixd for Service {
                 Ok(())
             }
         });
-        // A client stops listening once it has every chunk (`Client::fetch`), before the sends'
-        // completions: the call runs to its end anyway, so its metrics count and the session's
-        // in-call guard holds until its sends are done.
-        let svc = self.clone();
-        tokio::spawn(async move {
-            svc.observe("fetch", async {
-                allowed?;
-                svc.do_fetch(r).await
-            })
-            .await
+        self.observe("fetch", async {
+            allowed?;
+            self.do_fetch(r).await
         })
         .await
-        .map_err(|e| Status::internal(format!("fetch task: {e}")))?
     }
 
     async fn release(&self, req: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {

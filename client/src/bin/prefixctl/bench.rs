@@ -61,16 +61,22 @@ impl Progress {
 /// The best memcpy rate of `bytes` in this process: the host's physical copy, the baseline of
 /// `bench` and of doctor's bandwidth check.
 pub fn memcpy_gbps(bytes: usize) -> f64 {
+    let best = memcpy_seconds(bytes, 5).into_iter().fold(f64::MAX, f64::min);
+    bytes as f64 / best / 1e9
+}
+
+/// The seconds each of `reps` memcpys of `bytes` took.
+pub fn memcpy_seconds(bytes: usize, reps: usize) -> Vec<f64> {
     let src = vec![3u8; bytes];
     let mut dst = vec![0u8; bytes];
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
-        dst.copy_from_slice(&src);
-        std::hint::black_box(&dst);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    bytes as f64 / best / 1e9
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            dst.copy_from_slice(&src);
+            std::hint::black_box(&dst);
+            t.elapsed().as_secs_f64()
+        })
+        .collect()
 }
 
 pub async fn run(

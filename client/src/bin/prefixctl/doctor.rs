@@ -555,17 +555,7 @@ async fn get_latency_us(c: &Client, src: &RegionSlice, dst: &RegionSlice) -> pre
 
 /// Median µs of a memcpy of `LATENCY_BYTES`, the physical floor of a small host get.
 fn memcpy_latency_us() -> f64 {
-    let src = vec![5u8; LATENCY_BYTES];
-    let mut dst = vec![0u8; LATENCY_BYTES];
-    let mut times: Vec<f64> = (0..LATENCY_REPS)
-        .map(|_| {
-            let t = Instant::now();
-            dst.copy_from_slice(&src);
-            std::hint::black_box(&dst);
-            t.elapsed().as_secs_f64() * 1e6
-        })
-        .collect();
-    median(&mut times)
+    median(&mut crate::bench::memcpy_seconds(LATENCY_BYTES, LATENCY_REPS)) * 1e6
 }
 
 async fn host_bandwidth(c: &Client, bytes: usize) -> Check {
@@ -706,7 +696,7 @@ async fn gpu_row(
             (
                 gpu::best_gbps(bytes, 3, || gpu::copy_dtod(&other, &buf))?,
                 gpu::best_gbps(bytes, 3, || gpu::copy_dtod(&buf, &other))?,
-                gpu::median_us(LATENCY_REPS, || gpu::copy_dtod(&small, &other_small))?,
+                median(&mut gpu::copy_seconds(LATENCY_REPS, || gpu::copy_dtod(&small, &other_small))?) * 1e6,
             )
         }
         None => {
@@ -714,7 +704,7 @@ async fn gpu_row(
             (
                 gpu::best_gbps(bytes, 3, || gpu::copy_dtoh(&host, &buf))?,
                 gpu::best_gbps(bytes, 3, || gpu::copy_htod(&buf, &host))?,
-                gpu::median_us(LATENCY_REPS, || gpu::copy_htod(&small, &host))?,
+                median(&mut gpu::copy_seconds(LATENCY_REPS, || gpu::copy_htod(&small, &host))?) * 1e6,
             )
         }
     };

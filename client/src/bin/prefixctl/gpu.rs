@@ -215,32 +215,24 @@ impl Drop for HostBuffer {
 }
 
 /// GB/s of the best of `reps` runs of `copy` moving `bytes`, each waited for.
-pub fn best_gbps(bytes: usize, reps: usize, mut copy: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
-    copy()?; // warm-up: first-touch, peer mappings
-    let mut best = f64::MAX;
-    for _ in 0..reps {
-        let t = Instant::now();
-        copy()?;
-        // SAFETY: waits for the current context's work.
-        ok("cuCtxSynchronize", unsafe { cu::cuCtxSynchronize() })?;
-        best = best.min(t.elapsed().as_secs_f64());
-    }
+pub fn best_gbps(bytes: usize, reps: usize, copy: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
+    let best = copy_seconds(reps, copy)?.into_iter().fold(f64::MAX, f64::min);
     Ok(bytes as f64 / best / 1e9)
 }
 
-/// Median µs of `reps` runs of `copy`, each waited for: the latency floor of a small copy.
-pub fn median_us(reps: usize, mut copy: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
-    copy()?; // warm-up
+/// The seconds each of `reps` runs of `copy` took, each waited for, after one warm-up run
+/// (first touch, peer mappings).
+pub fn copy_seconds(reps: usize, mut copy: impl FnMut() -> Result<(), String>) -> Result<Vec<f64>, String> {
+    copy()?;
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
         let t = Instant::now();
         copy()?;
         // SAFETY: waits for the current context's work.
         ok("cuCtxSynchronize", unsafe { cu::cuCtxSynchronize() })?;
-        times.push(t.elapsed().as_secs_f64() * 1e6);
+        times.push(t.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(times)
 }
 
 /// A synchronous device-to-device copy (peer or local), as cudaMemcpy would do it.
