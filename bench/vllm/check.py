@@ -75,6 +75,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=150000)
     ap.add_argument("--debug-dir", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--tag", default="local", help="names the report: correctness-TAG.json")
     a = ap.parse_args()
     report = {"prompts": []}
 
@@ -119,7 +120,7 @@ def main():
     )
     print(f"tokens equal to the reference: {ok_tokens}/{a.n}; external hits >= len - {a.block}: {ok_hits}/{a.n}; "
           f"loaded blocks identical to stored: {matched}/{len(loads)} ({len(stores)} stored)")
-    json.dump(report, open(os.path.join(a.out, "correctness.json"), "w"), indent=1)
+    json.dump(report, open(os.path.join(a.out, f"correctness-{a.tag}.json"), "w"), indent=1)
     good = report["fingerprint_equal"] and ok_tokens == a.n and ok_hits == a.n and loads and matched == len(loads)
     return 0 if good else 1
 

@@ -5,19 +5,30 @@
 # survive between calls on the same machine):
 #   bash bench/vllm/gpu.sh setup          install the prefixd wheel, write the model, GPU tests
 #   bash bench/vllm/gpu.sh pd             start prefixd P/D (sidecar, prefill GPU0, decode GPU1, proxy)
+#                                         for `correct`: no prefix cache on the decode, debug hashes
+#   bash bench/vllm/gpu.sh pd-bench       restart prefixd P/D as a user runs it (the same flags as
+#                                         the NIXL baseline: prefix caching on both, no debug hook)
 #   bash bench/vllm/gpu.sh correct        50 prompts: tokens vs reference, external hits, KV hashes
 #   bash bench/vllm/gpu.sh bench NAME [WORKLOADS]   vllm bench serve against the proxy (or :7300)
 #   bash bench/vllm/gpu.sh pd-remote      restart P/D with the decode pulling from the prefill's
 #                                         sidecar over the remote path (a second sidecar, forced)
+#   bash bench/vllm/gpu.sh nixl-wheels    install NIXL from .device-nixl (carried on this call)
 #   bash bench/vllm/gpu.sh nixl           start vLLM's own P/D (NixlConnector) behind the same proxy
 #   bash bench/vllm/gpu.sh single         start one plain instance (GPU0, port 7300)
 #   bash bench/vllm/gpu.sh stop           stop everything
-# Results and logs land in $OUT (default /tmp/vllm-out).
+# Results and logs accumulate in /tmp/vllm-out on the machine; at the end of every call all of it
+# goes back as one tarball, $OUT/vllm-out-HHMMSS.tgz (a call may return 8 files at most).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
-out=${OUT:-/tmp/vllm-out}
+out=/tmp/vllm-out
 mkdir -p "$out" /tmp/vpd
+pack() {
+  [[ -n ${OUT:-} ]] || return 0
+  cp /tmp/vpd/*.out "$out/" 2>/dev/null
+  tar -czf "$OUT/vllm-out-$(date +%H%M%S).tgz" -C /tmp vllm-out
+}
+trap pack EXIT
 export PYTHONPATH=/tmp/site:/tmp/vllm-site PATH=/tmp/vllm-site/bin:$PATH HF_HUB_OFFLINE=1
 # Carried folders last one call only; setup copies .device to /tmp/dev for the later calls.
 dev=/tmp/dev
@@ -101,14 +112,28 @@ while (( $# )); do
       # The decode instance keeps no prefix cache of its own: every prompt's KV comes through
       # prefixd (a local hit would hide the path under test).
       # The checked run hashes every block on both sides (slow): give announced chunks time.
+      echo local > /tmp/vpd/mode
       PREFIXD_VLLM_DEBUG_DIR=/tmp/vpd/debug DECODE_FLAGS=--no-enable-prefix-caching \
         CONNECTOR_EXTRA='"pd_wait_ms": 10000' start_pd
+      ;;
+    pd-bench)
+      # What an operator runs (deploy/vllm/start.sh's defaults), with the flags the NIXL baseline
+      # gets: prefix caching on both instances (the decode's cascade attention over a shared
+      # prefix needs it), no debug hook.
+      echo bench > /tmp/vpd/mode
+      start_pd
+      ;;
+    nixl-wheels)
+      python3 -c 'import nixl' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/vllm-site .device-nixl/*.whl
+      python3 -c 'import nixl; print("nixl", nixl.__file__)' || status=1
       ;;
     correct)
       timeout 580 python3 bench/vllm/check.py --proxy http://127.0.0.1:9100 --prefill http://127.0.0.1:7100 \
         --decode http://127.0.0.1:7200 --model "$model" --debug-dir /tmp/vpd/debug --out "$out" \
-        > "$out/correctness.txt" 2>&1 || status=1
-      tail -4 "$out/correctness.txt"
+        --tag "$(cat /tmp/vpd/mode)" > "$out/correctness-$(cat /tmp/vpd/mode).txt" 2>&1 || status=1
+      tail -4 "$out/correctness-$(cat /tmp/vpd/mode).txt"
+      grep -h "KV Transfer metrics" /tmp/vpd/prefill.log | tail -2
+      save_logs "correct-$(cat /tmp/vpd/mode)"
       grep -h "KV Transfer metrics" /tmp/vpd/decode.log | tail -2
       ;;
     bench)
@@ -126,6 +151,7 @@ while (( $# )); do
       # A second sidecar for the decode side; the prefill's sidecar is named in kv_transfer_params
       # and pulled from over active messages (tcp), forced even though it is on this host.
       stop_all
+      echo remote > /tmp/vpd/mode
       setsid "$PREFIXD_BIN" --listen 127.0.0.1:50061 --metrics-listen 127.0.0.1:51061 --host-pool 8GiB \
         > /tmp/vpd/prefixd-b.out 2> /tmp/vpd/prefixd-b.log < /dev/null &
       PREFIXD_VLLM_DEBUG_DIR=/tmp/vpd/debug DECODE_FLAGS=--no-enable-prefix-caching \
