@@ -149,13 +149,15 @@ while (( $# )); do
       ;;
     pd-remote)
       # A second sidecar for the decode side; the prefill's sidecar is named in kv_transfer_params
-      # and pulled from over active messages (tcp), forced even though it is on this host.
+      # and pulled from over active messages (tcp), forced even though it is on this host. The
+      # checked run's debug hook slows the prefill's stores: the same 10 s P/D wait as `pd`
+      # (2026-11-30 ran it with the 2 s default: 22 of 50 prompts gave up waiting).
       stop_all
       echo remote > /tmp/vpd/mode
       setsid "$PREFIXD_BIN" --listen 127.0.0.1:50061 --metrics-listen 127.0.0.1:51061 --host-pool 8GiB \
         > /tmp/vpd/prefixd-b.out 2> /tmp/vpd/prefixd-b.log < /dev/null &
       PREFIXD_VLLM_DEBUG_DIR=/tmp/vpd/debug DECODE_FLAGS=--no-enable-prefix-caching \
-        DECODE_ENDPOINT=http://127.0.0.1:50061 CONNECTOR_EXTRA='"force_remote": true' start_pd
+        DECODE_ENDPOINT=http://127.0.0.1:50061 CONNECTOR_EXTRA='"force_remote": true, "pd_wait_ms": 10000' start_pd
       ;;
     nixl)
       stop_all
