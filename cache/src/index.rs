@@ -859,6 +859,17 @@ impl Index {
         n
     }
 
+    /// How many leading chunks of `keys` are Ready, changing nothing (no recency, no counters):
+    /// what a lookup waiting for chunks checks each time a put commits.
+    pub fn ready_prefix(&self, ns: &str, keys: &[ChunkKey]) -> Result<usize> {
+        Self::check_namespace(ns)?;
+        self.check_keys(keys)?;
+        let Some(nsid) = self.ns_lookup(ns) else {
+            return Ok(0);
+        };
+        Ok(keys.iter().take_while(|k| self.entries.get(&(nsid, **k)).is_some_and(|e| e.state == State::Ready)).count())
+    }
+
     /// Counts the leading Ready chunks; with `lease`, pins them until release or expiry.
     pub fn lookup(
         &mut self,

@@ -494,6 +494,16 @@ impl Client {
     /// get each chunk's address, which [`Client::scatter`] reads, from this process or from any
     /// other client process of the same host.
     pub async fn lease_keys(&self, namespace: &str, keys: &[ChunkKey]) -> Result<Lease> {
+        self.lease_keys_waiting(namespace, keys, Wait::NONE).await
+    }
+
+    /// As [`Client::lease_keys`], once the server has waited as `wait` says (see [`Wait`]). The
+    /// wait is a lookup of its own, before the lease: the lease's lifetime then counts from a
+    /// call that starts after the wait, as for any lease.
+    pub async fn lease_keys_waiting(&self, namespace: &str, keys: &[ChunkKey], wait: Wait) -> Result<Lease> {
+        if wait.chunks > 0 && !wait.up_to.is_zero() {
+            self.lookup_keys_waiting(namespace, keys, wait).await?;
+        }
         let (r, started) = self.lease(namespace, keys).await?;
         let expires = started + Duration::from_millis(r.lease_expires_in_ms);
         let chunks = r
@@ -762,7 +772,12 @@ impl Client {
 
     /// How many leading chunks of `keys` are cached.
     pub async fn lookup_keys(&self, namespace: &str, keys: &[ChunkKey]) -> Result<usize> {
-        let r = self.grpc.clone().lookup(self.lookup_request(namespace, keys, false)).await?.into_inner();
+        self.lookup_keys_waiting(namespace, keys, Wait::NONE).await
+    }
+
+    /// As [`Client::lookup_keys`], once the server has waited as `wait` says (see [`Wait`]).
+    pub async fn lookup_keys_waiting(&self, namespace: &str, keys: &[ChunkKey], wait: Wait) -> Result<usize> {
+        let r = self.grpc.clone().lookup(self.lookup_request(namespace, keys, false, wait)).await?.into_inner();
         Ok(r.hit_chunks as usize)
     }
 
@@ -888,11 +903,13 @@ impl Client {
 
     async fn lease(&self, namespace: &str, keys: &[ChunkKey]) -> Result<(LookupResponse, Instant)> {
         let started = Instant::now();
-        let r = self.grpc.clone().lookup(self.lookup_request(namespace, keys, true)).await?.into_inner();
+        let r = self.grpc.clone().lookup(self.lookup_request(namespace, keys, true, Wait::NONE)).await?.into_inner();
         Ok((r, started))
     }
 
-    fn lookup_request(&self, namespace: &str, keys: &[ChunkKey], lease: bool) -> LookupRequest {
+    fn lookup_request(&self, namespace: &str, keys: &[ChunkKey], lease: bool, wait: Wait) -> LookupRequest {
+        // The server answers within the wait; the call's own timeout must not cut it short.
+        let wait_for = wait.up_to.min(self.opts.timeout.saturating_sub(Duration::from_millis(500)));
         LookupRequest {
             session_token: self.token.clone(),
             namespace: namespace.to_owned(),
@@ -900,6 +917,8 @@ impl Client {
             lease,
             lease_ttl_ms: 0,
             chunk_tokens: self.opts.keys.chunk_tokens as u32,
+            want_chunks: u32::try_from(wait.chunks).unwrap_or(u32::MAX),
+            wait_ms: u32::try_from(wait_for.as_millis()).unwrap_or(u32::MAX),
         }
     }
 
@@ -1068,6 +1087,20 @@ impl Client {
         self.grpc.clone().disconnect(DisconnectRequest { session_token: self.token.clone() }).await?;
         Ok(())
     }
+}
+
+/// How long a lookup may wait on the server for chunks still being stored (a decode instance
+/// waiting for what a prefill announced): until the leading `chunks` keys are all cached, for at
+/// most `up_to` (capped by the server at 30 s and by the client's call timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    pub chunks: usize,
+    pub up_to: Duration,
+}
+
+impl Wait {
+    /// Answer at once with what is cached now.
+    pub const NONE: Wait = Wait { chunks: 0, up_to: Duration::ZERO };
 }
 
 /// Chunks pinned for reading: see [`Client::lease_keys`].

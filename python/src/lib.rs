@@ -10,12 +10,14 @@
 
 mod buffers;
 mod errors;
+mod pending;
 
 use buffers::{Bounds, Buffer};
 use errors::to_py;
+use pending::{Answer, Pending};
 use prefixd_client::{
-    Access, ChunkKey, Client, ClientOptions, CopyStream, Fragment, KeyConfig, LeasedChunk, Memory, PutOutcome,
-    Reconnecting, Secret, TlsOptions, WorkerInit,
+    Access, ChunkKey, Client, ClientOptions, CopyStream, Fragment, KeyConfig, Lease, LeasedChunk, Memory, PutOutcome,
+    Reconnecting, Secret, TlsOptions, Wait, WorkerInit,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -77,7 +79,17 @@ fn outcome(o: PutOutcome) -> (usize, usize, usize) {
 }
 
 /// A lease as Python sees it: (lease id, [(address, length, gpu_tier)], seconds left).
-type LeaseTuple = (u64, Vec<(u64, u64, bool)>, f64);
+pub(crate) type LeaseTuple = (u64, Vec<(u64, u64, bool)>, f64);
+
+fn lease_tuple(lease: Lease) -> LeaseTuple {
+    let left = lease.expires.saturating_duration_since(std::time::Instant::now()).as_secs_f64();
+    (lease.id, lease.chunks.iter().map(|c| (c.address, c.length, c.gpu_tier)).collect(), left)
+}
+
+/// `want` leading chunks, waited for up to `wait_ms` on the server (see `Client.lookup`).
+fn wait(want: usize, wait_ms: u64) -> Wait {
+    Wait { chunks: want, up_to: Duration::from_millis(wait_ms) }
+}
 
 /// A CUDA stream handle from Python (`torch.cuda.Stream.cuda_stream`): queue on it; none: wait.
 fn copy_stream(stream: Option<u64>) -> CopyStream {
@@ -250,13 +262,40 @@ impl NativeClient {
         Ok(self.get()?.keys(&tokens).into_iter().map(|k| k.0.to_vec()).collect())
     }
 
-    /// Leading chunks of `keys` that are cached.
-    fn lookup(&self, py: Python<'_>, namespace: String, keys: Vec<Vec<u8>>) -> PyResult<usize> {
+    /// Leading chunks of `keys` that are cached. With `want` and `wait_ms`, the server first
+    /// waits (up to `wait_ms`) until the leading `want` are all there.
+    #[pyo3(signature = (namespace, keys, want = 0, wait_ms = 0))]
+    fn lookup(
+        &self,
+        py: Python<'_>,
+        namespace: String,
+        keys: Vec<Vec<u8>>,
+        want: usize,
+        wait_ms: u64,
+    ) -> PyResult<usize> {
         let keys = parse_keys(keys)?;
+        let w = wait(want, wait_ms);
         self.call(py, |c| {
             let (namespace, keys) = (namespace.clone(), keys.clone());
-            async move { c.lookup_keys(&namespace, &keys).await }
+            async move { c.lookup_keys_waiting(&namespace, &keys, w).await }
         })
+    }
+
+    /// As `lookup`, in the background: returns a `Pending` at once (its `result()` is the hits).
+    #[pyo3(signature = (namespace, keys, want = 0, wait_ms = 0))]
+    fn lookup_start(&self, namespace: String, keys: Vec<Vec<u8>>, want: usize, wait_ms: u64) -> PyResult<Pending> {
+        let keys = parse_keys(keys)?;
+        let client = self.recovering()?;
+        let w = wait(want, wait_ms);
+        Ok(Pending::spawn(runtime()?, async move {
+            client
+                .run(|c| {
+                    let (namespace, keys) = (namespace.clone(), keys.clone());
+                    async move { c.lookup_keys_waiting(&namespace, &keys, w).await }
+                })
+                .await
+                .map(Answer::Hits)
+        }))
     }
 
     /// Stores one buffer per key: (chunks, stored, skipped).
@@ -383,15 +422,42 @@ impl NativeClient {
 
     /// Leases the longest cached prefix of `keys`: (lease id, [(address, length, gpu_tier)],
     /// seconds until it expires). Same-host sessions get addresses that `scatter` reads, from
-    /// any client process of this host. Lease id 0: nothing hit.
-    fn lease(&self, py: Python<'_>, namespace: String, keys: Vec<Vec<u8>>) -> PyResult<LeaseTuple> {
+    /// any client process of this host. Lease id 0: nothing hit. `want`, `wait_ms`: as for
+    /// `lookup` (the wait comes first; the lease's lifetime starts after it).
+    #[pyo3(signature = (namespace, keys, want = 0, wait_ms = 0))]
+    fn lease(
+        &self,
+        py: Python<'_>,
+        namespace: String,
+        keys: Vec<Vec<u8>>,
+        want: usize,
+        wait_ms: u64,
+    ) -> PyResult<LeaseTuple> {
         let keys = parse_keys(keys)?;
+        let w = wait(want, wait_ms);
         let lease = self.call(py, |c| {
             let (namespace, keys) = (namespace.clone(), keys.clone());
-            async move { c.lease_keys(&namespace, &keys).await }
+            async move { c.lease_keys_waiting(&namespace, &keys, w).await }
         })?;
-        let left = lease.expires.saturating_duration_since(std::time::Instant::now()).as_secs_f64();
-        Ok((lease.id, lease.chunks.iter().map(|c| (c.address, c.length, c.gpu_tier)).collect(), left))
+        Ok(lease_tuple(lease))
+    }
+
+    /// As `lease`, in the background: returns a `Pending` at once (its `result()` is the lease
+    /// tuple). A lease nobody takes runs out at its TTL; take it and `release` it.
+    #[pyo3(signature = (namespace, keys, want = 0, wait_ms = 0))]
+    fn lease_start(&self, namespace: String, keys: Vec<Vec<u8>>, want: usize, wait_ms: u64) -> PyResult<Pending> {
+        let keys = parse_keys(keys)?;
+        let client = self.recovering()?;
+        let w = wait(want, wait_ms);
+        Ok(Pending::spawn(runtime()?, async move {
+            client
+                .run(|c| {
+                    let (namespace, keys) = (namespace.clone(), keys.clone());
+                    async move { c.lease_keys_waiting(&namespace, &keys, w).await }
+                })
+                .await
+                .map(|l| Answer::Lease(lease_tuple(l)))
+        }))
     }
 
     /// Ends a lease (without waiting for the server's answer).
@@ -493,6 +559,7 @@ impl NativeClient {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeClient>()?;
+    m.add_class::<Pending>()?;
     m.add_function(wrap_pyfunction!(chunk_keys, m)?)?;
     m.add("PrefixdError", m.py().get_type::<errors::PrefixdError>())?;
     m.add("RetryableError", m.py().get_type::<errors::RetryableError>())?;

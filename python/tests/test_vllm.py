@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
@@ -348,6 +349,52 @@ def test_decode_waits_for_announced_chunks_then_recomputes(model_dir, server):
     assert out.num_scheduled_tokens["d3"] == 300
     assert sched.connector._sched.counters.snapshot().get("pd_incomplete") == 1
     sched.connector.shutdown()
+
+
+def lookup_calls(srv):
+    """Lookup RPCs the sidecar has answered (its Prometheus counter)."""
+    text = urllib.request.urlopen(f"http://{srv.metrics}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("prefixd_requests_total{") and 'op="lookup"' in line)
+
+
+def test_decode_waiting_for_the_prefill_is_answered_when_it_commits(model_dir):
+    """D's request arrives before P has stored anything (under load P's stores run behind its
+    responses). D's lookup waits on the sidecar for the announced chunks and is answered as soon
+    as P commits them: a couple of lookup calls, not one every few milliseconds. (On 2x H200 the
+    polling engine process's lookups queued for over 100 ms behind its busy loop.)"""
+    srv = Server("--host-pool", "64MiB")
+    try:
+        tokens = [(i * 37 + 9) % 4000 for i in range(300)]
+        params = {"prefixd": {"endpoint": srv.endpoint, "chunks": 2}}
+        vc = vllm_config(model_dir, "kv_consumer", {"endpoint": srv.endpoint, "pd_wait_ms": 5000})
+        sched = scheduler(vc)
+        before = lookup_calls(srv)
+        sched.add_request(request("d9", tokens, params=params))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.3:  # the engine loop keeps asking while P computes
+            out = sched.schedule()
+            assert not out.num_scheduled_tokens, "nothing stored yet: the request waits"
+            sched.update_from_output(out, EMPTY_MODEL_RUNNER_OUTPUT)
+            time.sleep(0.001)
+        prefill(model_dir, srv.endpoint, tokens, rid="p9", seed=19)
+        stored = time.monotonic()
+        out = sched.schedule()
+        while not out.num_scheduled_tokens:
+            assert time.monotonic() - stored < 2, "the waiting lookup was not answered when P committed"
+            sched.update_from_output(out, EMPTY_MODEL_RUNNER_OUTPUT)
+            time.sleep(0.001)
+            out = sched.schedule()
+        answered = time.monotonic() - stored
+        assert out.scheduled_new_reqs[0].num_computed_tokens == 288
+        # One waiting lookup, one lease after it; polling every 5 ms made over 60 in 0.3 s.
+        calls = lookup_calls(srv) - before
+        assert calls <= 3, f"{calls:.0f} lookup calls for one waiting request"
+        assert answered < 0.5, f"answered {answered:.3f} s after P committed"
+        assert "pd_incomplete" not in sched.connector._sched.counters.snapshot()
+        sched.connector.shutdown()
+    finally:
+        srv.stop()
 
 
 def test_prefixd_down_means_recompute(model_dir):

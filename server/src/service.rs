@@ -19,6 +19,9 @@ use ucx_bindings::AmData;
 
 /// Sends in flight at once per Fetch call.
 const FETCH_WINDOW: usize = 8;
+/// The longest a Lookup may wait for chunks (`wait_ms`): a waiting call holds one of the
+/// `max_concurrent_rpcs`, so it cannot be parked for ever.
+const MAX_LOOKUP_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct Service {
@@ -218,6 +221,7 @@ impl Service {
             match result {
                 Ok((chunks, bytes)) => {
                     st.count_bytes("in", &session, bytes);
+                    st.commits.notify_waiters();
                     return Ok(CommitPutResponse { committed: chunks });
                 }
                 Err(e) if e.kind == prefixd_cache::ErrorKind::FailedPrecondition && Instant::now() < give_up => {
@@ -239,6 +243,11 @@ impl Service {
         let st = &self.state;
         if r.lease && st.is_draining() {
             return Err(Status::unavailable("prefixd is shutting down"));
+        }
+        let want = (r.want_chunks as usize).min(keys.len());
+        if want > 0 && r.wait_ms > 0 {
+            let wait = Duration::from_millis(r.wait_ms.into()).min(MAX_LOOKUP_WAIT);
+            self.wait_for_chunks(&r.namespace, &keys, want, wait).await?;
         }
         let (lease, session) = if r.lease {
             let s = self.session(&r.session_token)?;
@@ -279,6 +288,26 @@ impl Service {
         Ok(LookupResponse { hit_chunks: res.hits as u32, lease_id, chunks, lease_expires_in_ms: expires_in })
     }
 
+    /// Waits until the leading `want` of `keys` are all cached, `wait` runs out, or the server
+    /// starts draining, whichever comes first. A decode instance waiting for the chunks a prefill
+    /// is still storing then makes one call, answered the moment the last one commits, instead of
+    /// polling. Holds no lock while it waits; a caller that goes away just drops it.
+    async fn wait_for_chunks(&self, ns: &str, keys: &[ChunkKey], want: usize, wait: Duration) -> Result<(), Status> {
+        let st = &self.state;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Made before the check: a commit between the check and the await still wakes it.
+            let committed = st.commits.notified();
+            let ready = st.index().ready_prefix(ns, keys).map_err(|e| self.index_err(e))?;
+            if ready >= want || st.is_draining() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, committed).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
     async fn do_fetch(&self, r: FetchRequest) -> Result<FetchResponse, Status> {
         let session = self.session(&r.session_token)?;
         let ep = session
@@ -297,6 +326,8 @@ impl Service {
                     lease: true,
                     lease_ttl_ms: 0,
                     chunk_tokens: r.chunk_tokens,
+                    want_chunks: 0,
+                    wait_ms: 0,
                 })
                 .await?;
             if found.lease_id == 0 {

@@ -86,6 +86,8 @@ pub struct State {
     pub transports: Vec<String>,
     /// Woken whenever active-message put data lands (CommitPut waits on it).
     pub arrivals: Notify,
+    /// Woken whenever a put commits, and when draining starts (lookups that wait for chunks).
+    pub commits: Notify,
     draining: AtomicBool,
     /// Same-host RMA sessions whose process holds the shared host pool (and may write the pools
     /// until it exits): token -> session id.
@@ -236,6 +238,7 @@ impl State {
             host_id: host_id(),
             transports,
             arrivals: Notify::new(),
+            commits: Notify::new(),
             draining: AtomicBool::new(false),
             writers: Mutex::new(HashMap::new()),
             writerless: Mutex::new(Default::default()),
@@ -338,6 +341,7 @@ impl State {
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.commits.notify_waiters();
     }
 
     pub fn is_draining(&self) -> bool {

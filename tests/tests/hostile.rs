@@ -28,7 +28,7 @@ fn begin(s: &[u8], keys: Vec<Vec<u8>>, sizes: Vec<u64>) -> BeginPutRequest {
 }
 
 fn lookup(s: &[u8], keys: Vec<Vec<u8>>, lease: bool) -> LookupRequest {
-    LookupRequest { session_token: s.to_vec(), namespace: "ns".into(), keys, lease, lease_ttl_ms: 0, chunk_tokens: 0 }
+    LookupRequest { session_token: s.to_vec(), namespace: "ns".into(), keys, lease, ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -182,6 +182,14 @@ pub struct LookupRequest {
     /// Tokens per chunk in this namespace, for the hit/miss token metrics; 0 means 256.
     #[prost(uint32, tag = "6")]
     pub chunk_tokens: u32,
+    /// With wait_ms: first wait until the leading `want_chunks` keys are all cached (a decode
+    /// instance waiting for chunks a prefill is still storing makes one call instead of polling).
+    /// The answer comes once they are, when wait_ms runs out (with what is there then), or when the
+    /// server starts draining. The wait is capped at 30 s; 0 means no wait.
+    #[prost(uint32, tag = "7")]
+    pub want_chunks: u32,
+    #[prost(uint32, tag = "8")]
+    pub wait_ms: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -1,10 +1,15 @@
 """The scheduler half of the connector: decides what to load and what to store.
 
 It runs inside vLLM's engine loop, so nothing here may stall it:
-- Lookups start when a request arrives (`on_new_request`) on a thread of their own and lease the
-  hit chunks on the local sidecar (leased chunks cannot be evicted or moved before they are read);
-  `get_num_new_matched_tokens` waits for one at most `lookup_inline_ms`, otherwise answers "ask me
-  again" (None), and counts a lookup still pending after `lookup_timeout_ms` as a miss.
+- Lookups start when a request arrives (`on_new_request`) and run on the prefixd client's own
+  runtime (no Python thread, so nothing of theirs competes with the engine loop for the GIL).
+  They lease the hit chunks on the local sidecar (leased chunks cannot be evicted or moved before
+  they are read). `get_num_new_matched_tokens` waits for a request's first lookup at most
+  `lookup_inline_ms` (with the GIL released), otherwise answers "ask me again" (None), and counts
+  a lookup still pending after `lookup_timeout_ms` as a miss.
+- P/D: a decode request whose prefill announced N chunks (in `kv_transfer_params`) looks up with
+  "wait for N": the sidecar answers the moment the last of them commits (or when `pd_wait_ms`
+  runs out), one call instead of polling every few milliseconds.
 - Local loads are synchronous in vLLM's terms (the worker queues one kernel on the compute stream
   before the forward), with the lease's chunk addresses in the step's metadata; the lease is
   released when the workers report that step (its output reaches the scheduler only after the
@@ -23,7 +28,6 @@ import functools
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import chunks as chunking
@@ -33,8 +37,12 @@ from .state import Counters, ReconnectingClient
 # Under vLLM's logger, so that its handlers (and level) show the connector's lines too.
 log = logging.getLogger("vllm.prefixd")
 
-# While a prefill's announced chunks are not all there, look again this often.
+# A P/D lookup that came back short while the wait has time left (the sidecar cut the wait
+# short: its own cap, a call timeout, a sidecar too old to wait) is started again, at most this
+# often.
 PD_RETRY_S = 0.005
+# The longest the sidecar holds a waiting lookup (server/src/service.rs MAX_LOOKUP_WAIT).
+LOOKUP_WAIT_CAP_S = 30.0
 
 
 @dataclass
@@ -60,14 +68,80 @@ class StoreSpec:
     block_ids: list  # per chunk
 
 
+class _Pending:
+    """One request's lookup in flight: a lease per TP rank's namespace on the local sidecar, or a
+    lookup on the remote one, each a `prefixd` Pending call (no thread of ours waits in it).
+    `result()` gives (hits, leases, locations) as the scheduler uses them."""
+
+    def __init__(self, side, plan, remote, want, wait_ms):
+        keys = [c.key for c in plan]
+        self.handles = []  # (client, namespace, native Pending)
+        self.error = None
+        try:
+            if remote is not None:
+                c = side._remote_client(remote)
+                self.handles.append((c, None, c.call("lookup_start", side.namespaces[0], keys, want, wait_ms)))
+            else:
+                for ns in side.namespaces:
+                    self.handles.append((side.local, ns, side.local.call("lease_start", ns, keys, want, wait_ms)))
+        except Exception as e:  # unreachable sidecar, lost session: a failed lookup
+            self.error = e
+
+    def done(self):
+        return self.error is not None or all(h.done() for _, _, h in self.handles)
+
+    def wait(self, timeout):
+        """Waits up to `timeout` seconds (with the GIL released) for every answer; `done()`."""
+        deadline = time.monotonic() + timeout
+        for _, _, h in self.handles:
+            if self.error is None and not h.done() and not h.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def result(self, timeout=0.0):
+        """(hits, leases, (locations, lease expiry) or None); raises the lookup's error, or
+        TimeoutError when it has not answered within `timeout` seconds. Taken once."""
+        if self.error is not None:
+            raise self.error
+        if not self.wait(timeout):
+            raise TimeoutError("lookup still pending")
+        answers, failure = [], None
+        for client, ns, h in self.handles:
+            try:
+                answers.append((client, ns, client.take(h)))
+            except Exception as e:
+                failure = failure or e
+        self.error = failure or RuntimeError("lookup result already taken")
+        if failure is not None:
+            for client, ns, a in answers:
+                if ns is not None and a[0]:
+                    client.release(a[0])
+            raise failure
+        if answers and answers[0][1] is None:  # remote: hits only
+            return answers[0][2], [], None
+        leases, hits, located = [], None, None
+        for client, ns, (lease_id, chunks, left) in answers:
+            if lease_id:
+                leases.append((client, lease_id, ns))
+            hits = len(chunks) if hits is None else min(hits, len(chunks))
+            if located is None:
+                located = (chunks, time.time() + left)
+        if not hits:
+            for client, lease_id, _ns in leases:
+                client.release(lease_id)
+            return 0, [], None
+        return hits, leases, (located[0][:hits], located[1])
+
+
 @dataclass
 class _Lookup:
-    future: object
+    future: _Pending
     started: float
     chunks: list
     remote: str | None
     expected: int  # chunks the prefill announced (P/D), 0 if none
     first_seen: float  # when the request was first looked up (the P/D wait counts from here)
+    wait_ms: float = 0.0  # how long the sidecar may hold this lookup for announced chunks
     result: tuple | None = None  # (hits, leases, locations) once consumed
     local: int = 0  # tokens vLLM had computed locally when the match was made
     gave_up: bool = False  # the P/D wait ran out: take what is there
@@ -125,8 +199,6 @@ class SchedulerSide:
         self.local = ReconnectingClient(cfg, cfg.endpoint, "vllm-scheduler", self.counters, transports="sm,tcp")
         self._remotes = {}
         self._remotes_lock = threading.Lock()
-        # Lookups of one step's new requests run side by side (each is one RPC of ~0.5 ms).
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="prefixd-lookup")
         self._lookups = {}
         self._loads = {}  # req_id -> LoadSpec, until emitted in metadata
         self._leases = {}  # req_id -> [(client, lease id, namespace)], until the load is read
@@ -152,32 +224,6 @@ class SchedulerSide:
                 self._remotes[endpoint] = c
             return c
 
-    def _do_lookup(self, plan, remote):
-        """Runs on a lookup thread: (hits, leases, locations)."""
-        keys = [c.key for c in plan]
-        if remote is not None:
-            hits = self._remote_client(remote).call("lookup", self.namespaces[0], keys)
-            return hits, [], None
-        leases = []
-        hits = len(keys)
-        locations = None
-        try:
-            for i, ns in enumerate(self.namespaces):
-                lease_id, chunks, left = self.local.call("lease", ns, keys[:hits])
-                if lease_id:
-                    leases.append((self.local, lease_id, ns))
-                hits = min(hits, len(chunks))
-                if i == 0:
-                    locations = chunks
-                    expires = time.time() + left
-            if hits == 0:
-                self._release(leases)
-                return 0, [], None
-            return hits, leases, (locations[:hits], expires)
-        except BaseException:
-            self._release(leases)
-            raise
-
     def _release(self, leases):
         for client, lease_id, _ns in leases:
             client.release(lease_id)
@@ -197,8 +243,13 @@ class SchedulerSide:
         if not plan:
             return None
         now = time.monotonic()
-        future = self._pool.submit(self._do_lookup, plan, remote)
-        look = _Lookup(future, now, plan, remote, expected, first_seen if first_seen is not None else now)
+        first_seen = first_seen if first_seen is not None else now
+        # P/D: the sidecar holds the lookup until the announced chunks are all there, for what
+        # is left of the P/D wait (one call, answered the moment the last one commits).
+        want = min(expected, len(plan))
+        wait_ms = max(0.0, self.cfg.pd_wait_ms - (now - first_seen) * 1000) if want else 0.0
+        pending = _Pending(self, plan, remote, want, int(wait_ms))
+        look = _Lookup(pending, now, plan, remote, expected, first_seen, wait_ms=wait_ms)
         self._lookups[request.request_id] = look
         return look
 
@@ -230,18 +281,17 @@ class SchedulerSide:
             if not look.future.done():
                 waited = (time.monotonic() - look.started) * 1000
                 # Only a request's first lookup may hold the engine loop briefly; P/D retries
-                # (every PD_RETRY_S while announced chunks are missing) never do, or a step
-                # with many waiting requests would stall for lookup_inline_ms each.
-                if waited < self.cfg.lookup_timeout_ms and look.started == look.first_seen:
-                    try:
-                        look.future.result(timeout=self.cfg.lookup_inline_ms / 1000)
-                    except Exception:
-                        pass
+                # never do, or a step with many waiting requests would stall for
+                # lookup_inline_ms each. A lookup the sidecar holds for announced chunks is
+                # given that wait on top of the timeout.
+                limit = self.cfg.lookup_timeout_ms + look.wait_ms
+                if waited < limit and look.started == look.first_seen:
+                    look.future.wait(self.cfg.lookup_inline_ms / 1000)
                 if not look.future.done():
-                    if waited < self.cfg.lookup_timeout_ms:
+                    if waited < limit:
                         return None, False
                     self.counters.bump("lookup_timeout", f"lookup of {request.request_id} took over "
-                                       f"{self.cfg.lookup_timeout_ms:.0f} ms: counted as a miss")
+                                       f"{limit:.0f} ms: counted as a miss")
                     look.result = (0, [], None)
                     # Its answer still comes, with a lease that nobody reads: release it then
                     # (it pinned the chunks until its TTL, and a draining sidecar waited for it).
@@ -252,10 +302,10 @@ class SchedulerSide:
                 except Exception as e:
                     self.counters.bump("lookup_failed", f"lookup failed, recomputing: {e}")
                     look.result = (0, [], None)
-        # P/D: the prefill announced chunks it has not committed yet: ask again, at most every
-        # PD_RETRY_S (the engine loop comes back far more often than that). This runs on every
-        # call, not only the one that took the lookup's answer: a call between two retries once
-        # let a partial hit through (found on 2x H200: most prompts loaded part or none).
+        # P/D: fewer chunks than the prefill announced, and the wait has time left (the sidecar
+        # answered early: a capped wait, or a sidecar that does not wait): ask again, at most
+        # every PD_RETRY_S. This runs on every call, not only the one that took the lookup's
+        # answer: a call between two retries once let a partial hit through (2x H200).
         hits = look.result[0]
         if look.expected and hits < look.expected and not look.gave_up:
             now = time.monotonic()
@@ -337,9 +387,18 @@ class SchedulerSide:
         elif look is not None:
             self._release_when_done(look.future)
 
-    def _release_when_done(self, future):
-        """Releases the leases of a lookup whose answer is no longer wanted, once it comes."""
-        future.add_done_callback(lambda f: self._release(f.result()[1]) if not f.exception() else None)
+    def _release_when_done(self, pending):
+        """Releases the leases of a lookup whose answer is no longer wanted, once it comes (on a
+        thread of its own: rare, and an idle engine runs no steps that could do it)."""
+
+        def release():
+            try:
+                pending.wait(LOOKUP_WAIT_CAP_S)
+                self._release(pending.result()[1])
+            except Exception:
+                pass  # failed or never answered: it holds no lease (or one that runs out)
+
+        threading.Thread(target=release, name="prefixd-late-lease", daemon=True).start()
 
     # -- stores -------------------------------------------------------------------------------
 
@@ -437,7 +496,12 @@ class SchedulerSide:
         return d
 
     def shutdown(self):
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for look in self._lookups.values():
+            if look.result is None and look.future.wait(0.2):
+                try:
+                    self._release(look.future.result()[1])
+                except Exception:
+                    pass
         self.local.close()
         for c in self._remotes.values():
             c.close()

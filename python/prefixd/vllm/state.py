@@ -118,6 +118,17 @@ class ReconnectingClient:
             self.drop(str(e))
             raise
 
+    def take(self, pending):
+        """The answer of a call started in the background (`*_start`); a lost session is dropped
+        (and the error raised), as for `call`."""
+        import prefixd
+
+        try:
+            return pending.result()
+        except prefixd.SessionLostError as e:
+            self.drop(str(e))
+            raise
+
     def release(self, lease_id):
         try:
             self.call("release", lease_id)

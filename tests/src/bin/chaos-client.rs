@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
                         lease: true,
                         lease_ttl_ms: 0,
                         chunk_tokens: 0,
+                        ..Default::default()
                     })
                     .await?
                     .into_inner();
