@@ -81,6 +81,10 @@ type EntryKey = (NsId, ChunkKey);
 enum State {
     Reserved(PutId),
     Ready,
+    /// Demoted to a slower tier: the entry already names its new slot, but the bytes are still
+    /// being copied there (outside the index lock). Not found by lookups, never evicted or
+    /// deleted, until [`Index::finish_move`] makes it Ready or drops it.
+    Moving,
 }
 
 #[derive(Debug, Clone)]
@@ -106,11 +110,14 @@ pub struct Location {
 }
 
 /// A chunk demoted from a faster tier to a slower one. The index has already recorded the new
-/// location; the caller must copy the bytes before releasing the index (see [`Index::take_moves`]).
+/// location, with the chunk Moving; the caller copies the bytes from `from` to `to` (the index
+/// need not be held) before the put that took `from` gets its slot, then calls
+/// [`Index::finish_move`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Move {
     pub from: Location,
     pub to: Location,
+    entry: EntryKey,
 }
 
 /// Bytes by tier (for metrics that say which path the bytes took).
@@ -477,12 +484,14 @@ impl Index {
                     if let Some(e) = self.entries.get_mut(&k) {
                         e.tier = lower;
                         e.offset = to_off;
+                        e.state = State::Moving;
                     }
                     self.file(k);
                     self.pool_mut(tier)?.free(from_off, vlen);
                     self.moves.push(Move {
                         from: Location { tier, offset: from_off, len: vlen },
                         to: Location { tier: lower, offset: to_off, len: vlen },
+                        entry: k,
                     });
                     self.counters.demotions += 1;
                 }
@@ -502,24 +511,37 @@ impl Index {
         tiers.into_iter().find_map(|t| self.alloc_demoting(t, len).map(|off| (t, off)))
     }
 
-    /// Demotions recorded since the last call. The caller copies each chunk's bytes from `from`
-    /// to `to` while it still holds the index (nobody can lease the chunk's new location before
-    /// the bytes are there, and the old slot is not written before the copy, since the index
-    /// is not released in between).
+    /// Demotions recorded since the last call: take them under the same hold of the index as
+    /// the call that made them. Until [`Index::finish_move`], the chunk is Moving (nobody can
+    /// lease it, at either place), its new slot is its own, and its old slot belongs to the
+    /// reservation that needed the room, whose writer must not get the address before the copy
+    /// is done. The copy itself needs no lock.
     pub fn take_moves(&mut self) -> Vec<Move> {
         std::mem::take(&mut self.moves)
     }
 
-    /// Forgets the chunk now at `at`: a demotion whose copy failed left no valid bytes there.
-    /// Returns whether a chunk was there. (Called with the index held since the demotion, so
-    /// nobody can have leased it.)
-    pub fn forget_at(&mut self, at: Location) -> bool {
-        let k = self
+    /// Ends a demotion: with `copied`, the chunk is Ready at its new place; otherwise its new
+    /// slot holds no valid bytes and the chunk is dropped (4e6c6e7 served such a slot as a hit).
+    /// Returns whether the chunk is still cached.
+    pub fn finish_move(&mut self, m: &Move, copied: bool) -> bool {
+        let k = m.entry;
+        let ours = self
             .entries
-            .iter()
-            .find(|(_, e)| e.tier == at.tier && e.offset == at.offset && e.state == State::Ready)
-            .map(|(k, _)| *k);
-        k.and_then(|k| self.remove_entry(k)).is_some()
+            .get(&k)
+            .is_some_and(|e| e.state == State::Moving && e.tier == m.to.tier && e.offset == m.to.offset);
+        if !ours {
+            return false;
+        }
+        if !copied {
+            self.remove_entry(k);
+            return false;
+        }
+        self.unfile(k);
+        if let Some(e) = self.entries.get_mut(&k) {
+            e.state = State::Ready;
+        }
+        self.file(k);
+        true
     }
 
     /// Evicts leaves while a tier is above its high watermark, down to the low one.
@@ -1064,7 +1086,8 @@ impl Index {
                     self.remove_entry(k);
                     deleted += 1;
                 }
-                Some(e) if e.state == State::Ready => leased += 1,
+                // Leased, or Moving (a demotion's copy in flight): not deleted now.
+                Some(e) if matches!(e.state, State::Ready | State::Moving) => leased += 1,
                 _ => {}
             }
         }

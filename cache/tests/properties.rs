@@ -364,6 +364,7 @@ fn gpu_pressure_demotes_to_host_instead_of_dropping() {
         let moves = idx.take_moves();
         for m in &moves {
             assert_eq!((m.from.tier, m.to.tier), (Tier::Gpu, Tier::Host));
+            assert!(idx.finish_move(m, true), "copied: the chunk stays cached");
         }
         idx.check_invariants().unwrap();
     }
@@ -382,7 +383,9 @@ fn gpu_pressure_demotes_to_host_instead_of_dropping() {
     for p in 100..104 {
         let b = idx.begin_put(1, "ns", &[key(p, 0)], &[1024], None, false, now, ttl).unwrap();
         idx.commit_put(b.put_id, 1, now).unwrap();
-        idx.take_moves();
+        for m in idx.take_moves() {
+            idx.finish_move(&m, true);
+        }
     }
     assert_eq!(idx.lease_chunk(lease, 1, 0, now).unwrap(), before, "leased chunk moved");
     idx.check_invariants().unwrap();
@@ -434,6 +437,7 @@ fn new_prompts_take_the_gpu_tier_even_when_it_is_full_of_chains() {
         idx.commit_put(b.put_id, 1, now).unwrap();
         for m in idx.take_moves() {
             assert_eq!((m.from.tier, m.to.tier), (Tier::Gpu, Tier::Host));
+            assert!(idx.finish_move(&m, true));
         }
         idx.check_invariants().unwrap();
         // The newest prompt is whole and fast; older ones are whole, partly on the host.
@@ -449,7 +453,7 @@ fn new_prompts_take_the_gpu_tier_even_when_it_is_full_of_chains() {
 }
 
 /// Defect 11 (4e6c6e7): when a demotion's copy failed, the entry already pointed at its host
-/// slot and was served as a hit of uninitialised memory. The caller now forgets it.
+/// slot and was served as a hit of uninitialised memory. A failed move now drops it.
 #[test]
 fn a_failed_demotion_copy_drops_the_chunk() {
     let mut idx = Index::new(IndexConfig {
@@ -467,9 +471,48 @@ fn a_failed_demotion_copy_drops_the_chunk() {
     let moves = idx.take_moves();
     assert_eq!(moves.len(), 1, "the first chunk was demoted to make room");
     // The copy failed: the chunk is forgotten, not served from a slot of garbage.
-    assert!(idx.forget_at(moves[0].to));
+    assert!(!idx.finish_move(&moves[0], false));
     assert_eq!(idx.lookup("ns", &first, None, now).unwrap().hits, 0);
     assert_eq!(idx.usage().iter().find(|u| u.tier == Tier::Host).unwrap().used, 0);
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    idx.check_invariants().unwrap();
+}
+
+/// Defect 11, second half (4e6c6e7): demotion copied whole chunks (36 MiB at the Qwen3-4B shape)
+/// while holding the index lock, so every call waited for PCIe. The copy now runs outside the
+/// lock; meanwhile the chunk is Moving: no lookup finds it (its new slot has no bytes yet, its
+/// old one belongs to the put that needed the room), nothing evicts or deletes it, and other
+/// work goes on. Its move's end publishes it. On 4e6c6e7 it was a hit the moment it moved.
+#[test]
+fn a_chunk_in_motion_is_invisible_until_its_copy_is_done() {
+    let mut idx = Index::new(IndexConfig {
+        tiers: vec![(Tier::Gpu, 4 * 1024), (Tier::Host, 8 * 1024)],
+        high_watermark: 1.0,
+        low_watermark: 1.0,
+        grace: Duration::ZERO,
+        ..IndexConfig::default()
+    });
+    let (now, ttl) = (Instant::now(), Duration::from_secs(5));
+    let old = [key(1, 0)];
+    let b = idx.begin_put(1, "ns", &old, &[4 * 1024], None, false, now, ttl).unwrap();
+    idx.commit_put(b.put_id, 1, now).unwrap();
+    // A new chunk needs the GPU tier: the old one moves to host.
+    let b = idx.begin_put(1, "ns", &[key(2, 0)], &[4 * 1024], None, false, now, ttl).unwrap();
+    let moves = idx.take_moves();
+    assert_eq!(moves.len(), 1);
+    assert!(matches!(b.slots[0], Slot::Reserved(l) if l == moves[0].from), "the put got the old slot");
+    // In motion: not found, not leasable, not deleted, not evicted by the host tier's needs.
+    assert_eq!(idx.lookup("ns", &old, None, now).unwrap().hits, 0);
+    assert!(idx.lookup("ns", &old, Some((1, ttl)), now).unwrap().lease.is_none());
+    assert_eq!(idx.delete("ns", &old).unwrap(), (0, 1), "busy, not deleted");
+    let filler = idx.begin_put(1, "ns", &[key(3, 0)], &[8 * 1024], None, false, now, ttl);
+    assert!(filler.is_err(), "the host tier's only other room is the moving chunk's: not taken");
+    idx.check_invariants().unwrap();
+    // Copied: it is a hit, at its new place.
+    assert!(idx.finish_move(&moves[0], true));
+    let r = idx.lookup("ns", &old, Some((1, ttl)), now).unwrap();
+    assert_eq!(r.hits, 1);
+    assert_eq!(r.locations[0], moves[0].to);
     idx.commit_put(b.put_id, 1, now).unwrap();
     idx.check_invariants().unwrap();
 }

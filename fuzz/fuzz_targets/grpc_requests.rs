@@ -47,7 +47,10 @@ fuzz_target!(|data: &[u8]| {
                     if let Ok(b) = idx.begin_put(session, &r.namespace, &k, &r.sizes, parent, am, now, ttl) {
                         puts.push((b.put_id, session, am, k.len()));
                     }
-                    let _ = idx.take_moves();
+                    // Copies succeed or fail as the input says (a failed one drops its chunk).
+                    for m in idx.take_moves() {
+                        idx.finish_move(&m, !msg.last().is_some_and(|b| b % 8 == 0));
+                    }
                 }
             }
             1 if !puts.is_empty() => {

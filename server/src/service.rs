@@ -187,14 +187,27 @@ impl Service {
         };
         let am = session.path != DataPath::Rma;
         let st = &self.state;
-        let b = {
+        let gate = st.alloc_gate.clone().lock_owned().await;
+        let (b, moves) = {
             let mut idx = st.index();
             let b =
                 idx.begin_put(session.id, &r.namespace, &keys, &r.sizes, parent, am, Instant::now(), st.cfg.lease_ttl);
-            // Chunks demoted to make room are copied before anyone can see their new place.
-            st.copy_moves(&mut idx);
-            b.map_err(|e| self.index_err(e))?
+            (b, idx.take_moves())
         };
+        // Chunks demoted to make room (even for a put that then failed) are copied out of the
+        // slots this put takes over, without the index lock, before its writer learns them. In a
+        // task of its own: a caller that goes away must not leave chunks Moving for ever.
+        if !moves.is_empty() {
+            let st = st.clone();
+            let _ = tokio::spawn(async move {
+                st.finish_moves(moves).await;
+                drop(gate);
+            })
+            .await;
+        } else {
+            drop(gate);
+        }
+        let b = b.map_err(|e| self.index_err(e))?;
         if !am {
             self.scrub(&b.slots).await?;
         }

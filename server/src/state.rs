@@ -5,7 +5,7 @@ use crate::config::{Config, RmaPolicy};
 use crate::gpu::Cuda;
 use crate::metrics::Metrics;
 use crate::sessions::{Session, Sessions};
-use prefixd_cache::{Index, IndexConfig, Tier};
+use prefixd_cache::{Index, IndexConfig, Move, Tier};
 use prefixd_proto::dataplane::SessionToken;
 use prefixd_proto::v1::DataPath;
 use std::collections::HashMap;
@@ -88,6 +88,11 @@ pub struct State {
     pub arrivals: Notify,
     /// Woken whenever a put commits, and when draining starts (lookups that wait for chunks).
     pub commits: Notify,
+    /// Held by a BeginPut from its allocation until its demotions' copies are done: the room a
+    /// demotion frees (more than the new chunk may take, or all of it if the put then fails)
+    /// must not go to another put while the old bytes are still being copied out of it.
+    /// Lookups, commits and reads never take it.
+    pub alloc_gate: Arc<tokio::sync::Mutex<()>>,
     draining: AtomicBool,
     /// Same-host RMA sessions whose process holds the shared host pool (and may write the pools
     /// until it exits): token -> session id.
@@ -239,6 +244,7 @@ impl State {
             transports,
             arrivals: Notify::new(),
             commits: Notify::new(),
+            alloc_gate: Arc::new(tokio::sync::Mutex::new(())),
             draining: AtomicBool::new(false),
             writers: Mutex::new(HashMap::new()),
             writerless: Mutex::new(Default::default()),
@@ -316,27 +322,54 @@ impl State {
         }
     }
 
-    /// Copies demoted chunks GPU -> host. Called with the index lock held (see `Index::take_moves`).
-    pub fn copy_moves(&self, idx: &mut Index) {
-        let moves = idx.take_moves();
+    /// Copies demoted chunks GPU -> host, then makes each Ready at its new place, or drops it if
+    /// its copy failed (its new slot holds no valid bytes: 4e6c6e7 served it). Runs without the
+    /// index lock (4e6c6e7 held it for every copy, up to 36 MiB each over PCIe, and every call
+    /// waited), on a blocking thread; the chunks are Moving meanwhile (see `Index::take_moves`).
+    /// The caller hands the old slots to their put's writer only after this returns.
+    pub async fn finish_moves(self: &Arc<Self>, moves: Vec<Move>) {
         if moves.is_empty() {
             return;
         }
-        let Some(cuda) = &self.cuda else { return };
-        for m in &moves {
-            let dst = self.pool_base(m.to.tier) + m.to.offset;
-            let src = self.pool_base(m.from.tier) + m.from.offset;
-            // SAFETY: both ranges are slots of our pools (the index hands out in-range offsets);
-            // the source is a Ready, unleased chunk and the destination a fresh slot, and the
-            // index lock held by the caller keeps anyone else from touching either.
-            let r = unsafe { cuda.copy_dtoh(dst as *mut u8, src, m.from.len as usize) };
-            if let Err(e) = r {
-                // Its new slot holds no valid bytes: it must not be served (4e6c6e7 did).
-                let forgotten = idx.forget_at(m.to);
-                tracing::error!(error = %e, forgotten, "demotion copy failed; the chunk is dropped");
+        let st = self.clone();
+        let copied = tokio::task::spawn_blocking(move || {
+            let copied: Vec<bool> = moves.iter().map(|m| st.copy_move(m)).collect();
+            (moves, copied)
+        })
+        .await;
+        let Ok((moves, copied)) = copied else {
+            tracing::error!("a demotion copy thread died; its chunks stay Moving until restart");
+            return;
+        };
+        {
+            let mut idx = self.index();
+            for (m, ok) in moves.iter().zip(&copied) {
+                idx.finish_move(m, *ok);
             }
         }
         self.metrics.demotions.inc_by(moves.len() as u64);
+        // Waiting lookups may have been waiting for one of these.
+        self.commits.notify_waiters();
+    }
+
+    fn copy_move(&self, m: &Move) -> bool {
+        let Some(cuda) = &self.cuda else {
+            tracing::error!("a demotion without CUDA; the chunk is dropped");
+            return false;
+        };
+        let dst = self.pool_base(m.to.tier) + m.to.offset;
+        let src = self.pool_base(m.from.tier) + m.from.offset;
+        // SAFETY: both ranges are slots of our pools (the index hands out in-range offsets). The
+        // chunk is Moving: no lease can name either slot, the destination is its own new slot,
+        // and the source now belongs to a reservation whose writer gets its address only after
+        // this copy (`finish_moves`' caller waits for it).
+        match unsafe { cuda.copy_dtoh(dst as *mut u8, src, m.from.len as usize) } {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "demotion copy failed; the chunk is dropped");
+                false
+            }
+        }
     }
 
     pub fn start_draining(&self) {
