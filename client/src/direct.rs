@@ -5,6 +5,7 @@
 //!
 //! Trust is unchanged: a same-host RMA session already holds a remote key to the whole pool.
 
+use crate::cuda::check;
 use cudarc::driver::sys as cu;
 use std::sync::OnceLock;
 use ucx_bindings::shm::SharedMemory;
@@ -24,14 +25,6 @@ pub(crate) struct SharedHostPool {
     _liveness: std::os::unix::net::UnixStream,
 }
 
-fn cuda_ok(what: &str, r: cu::CUresult) -> Result<(), String> {
-    if r == cu::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(format!("{what}: {r:?}"))
-    }
-}
-
 /// Makes current the CUDA context that owns device pointer `ptr` (tokio threads have none).
 pub(crate) fn bind_context_of(ptr: u64) -> Result<(), String> {
     // SAFETY: only ever reached for regions registered as CUDA memory, so a driver is loaded.
@@ -47,9 +40,9 @@ pub(crate) fn bind_context_of(ptr: u64) -> Result<(), String> {
             ptr,
         )
     };
-    cuda_ok("cuPointerGetAttribute(CONTEXT)", r)?;
+    check("cuPointerGetAttribute(CONTEXT)", r)?;
     // SAFETY: a context the driver just reported as live.
-    cuda_ok("cuCtxSetCurrent", unsafe { cu::cuCtxSetCurrent(ctx) })
+    check("cuCtxSetCurrent", unsafe { cu::cuCtxSetCurrent(ctx) })
 }
 
 impl SharedHostPool {
@@ -96,14 +89,14 @@ impl SharedHostPool {
             let host = self.mem.as_ptr();
             // SAFETY: the mapping lives as long as self; flags as above.
             let r = unsafe { cu::cuMemHostRegister_v2(host.cast(), self.mem.len(), 1 | 2) };
-            let ours = r == cu::CUresult::CUDA_SUCCESS;
+            let ours = r.result().is_ok();
             if !ours && r != cu::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED {
                 return None;
             }
             let mut dev: cu::CUdeviceptr = 0;
             // SAFETY: registered above; valid out-pointer; flags must be 0.
             let r = unsafe { cu::cuMemHostGetDevicePointer_v2(&mut dev, host.cast(), 0) };
-            (r == cu::CUresult::CUDA_SUCCESS && dev != 0).then_some((dev, ours))
+            (r.result().is_ok() && dev != 0).then_some((dev, ours))
         })
     }
 
@@ -167,7 +160,7 @@ impl SharedHostPool {
                         cu::cuMemcpyHtoD_v2(here as u64, pool.cast(), local.len())
                     }
                 };
-                cuda_ok("cuMemcpy", r)
+                check("cuMemcpy", r)
             }
         }
     }

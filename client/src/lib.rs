@@ -13,6 +13,7 @@
 //! the same [`KeyConfig`]. Only full chunks are cached.
 
 mod access;
+pub mod cuda;
 mod direct;
 mod paged;
 mod recover;

@@ -9,6 +9,7 @@
 //! without stalling it (no legacy default stream, no device-wide synchronize), or one of ours
 //! that the call waits for.
 
+use crate::cuda::check;
 use cudarc::driver::sys as cu;
 
 /// One fragment of a paged chunk: `len` bytes at `ptr` (device memory, or page-locked host memory).
@@ -16,14 +17,6 @@ use cudarc::driver::sys as cu;
 pub struct Fragment {
     pub ptr: u64,
     pub len: usize,
-}
-
-fn ok(what: &str, r: cu::CUresult) -> Result<(), String> {
-    if r == cu::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(format!("{what}: {r:?}"))
-    }
 }
 
 /// The server's GPU pool opened in this process (cuIpcOpenMemHandle), in the context that was
@@ -56,7 +49,7 @@ impl GpuPoolMapping {
         let mut local: cu::CUdeviceptr = 0;
         // SAFETY: a handle the server made with cuIpcGetMemHandle; LAZY_ENABLE_PEER_ACCESS (1)
         // lets a pool on another GPU be reached over NVLink; valid out-pointer.
-        ok("cuIpcOpenMemHandle", unsafe { cu::cuIpcOpenMemHandle_v2(&mut local, h, 1) })?;
+        check("cuIpcOpenMemHandle", unsafe { cu::cuIpcOpenMemHandle_v2(&mut local, h, 1) })?;
         Ok(GpuPoolMapping { remote_base, len, local_base: local })
     }
 
@@ -206,7 +199,7 @@ static COPIERS: std::sync::Mutex<Vec<(usize, Result<ContextCopier, String>)>> = 
 fn current_context() -> Result<cu::CUcontext, String> {
     let mut ctx: cu::CUcontext = std::ptr::null_mut();
     // SAFETY: valid out-pointer; the caller made a context current.
-    ok("cuCtxGetCurrent", unsafe { cu::cuCtxGetCurrent(&mut ctx) })?;
+    check("cuCtxGetCurrent", unsafe { cu::cuCtxGetCurrent(&mut ctx) })?;
     Ok(ctx)
 }
 
@@ -215,14 +208,14 @@ impl ContextCopier {
         let ptx = std::ffi::CString::new(GATHER_PTX).map_err(|e| e.to_string())?;
         let mut module: cu::CUmodule = std::ptr::null_mut();
         // SAFETY: NUL-terminated PTX text; valid out-pointer; the module is never unloaded.
-        ok("cuModuleLoadData", unsafe { cu::cuModuleLoadData(&mut module, ptx.as_ptr().cast()) })?;
+        check("cuModuleLoadData", unsafe { cu::cuModuleLoadData(&mut module, ptx.as_ptr().cast()) })?;
         let mut kernel: cu::CUfunction = std::ptr::null_mut();
         // SAFETY: a loaded module and a NUL-terminated name present in it.
-        ok("cuModuleGetFunction", unsafe { cu::cuModuleGetFunction(&mut kernel, module, c"gather".as_ptr()) })?;
+        check("cuModuleGetFunction", unsafe { cu::cuModuleGetFunction(&mut kernel, module, c"gather".as_ptr()) })?;
         let mut own_stream: cu::CUstream = std::ptr::null_mut();
         // SAFETY: a context is current; valid out-pointer; CU_STREAM_NON_BLOCKING (1): never
         // implicitly ordered with the legacy default stream.
-        ok("cuStreamCreate", unsafe { cu::cuStreamCreate(&mut own_stream, 1) })?;
+        check("cuStreamCreate", unsafe { cu::cuStreamCreate(&mut own_stream, 1) })?;
         Ok(ContextCopier { kernel, slabs: Vec::new(), own_stream })
     }
 
@@ -230,17 +223,17 @@ impl ContextCopier {
     fn slab(&mut self, words: usize) -> Result<usize, String> {
         for (i, s) in self.slabs.iter().enumerate() {
             // SAFETY: an event we created; querying has no other effect.
-            if s.cap >= words && unsafe { cu::cuEventQuery(s.done) } == cu::CUresult::CUDA_SUCCESS {
+            if s.cap >= words && unsafe { cu::cuEventQuery(s.done) }.result().is_ok() {
                 return Ok(i);
             }
         }
         let cap = words.max(SLAB_WORDS_MIN).next_power_of_two();
         let mut host: *mut std::ffi::c_void = std::ptr::null_mut();
         // SAFETY: valid out-pointer; PORTABLE (1). Freed never: slabs live as long as the process.
-        ok("cuMemHostAlloc", unsafe { cu::cuMemHostAlloc(&mut host, cap * 8, 1) })?;
+        check("cuMemHostAlloc", unsafe { cu::cuMemHostAlloc(&mut host, cap * 8, 1) })?;
         let mut done: cu::CUevent = std::ptr::null_mut();
         // SAFETY: valid out-pointer; DISABLE_TIMING (2). A fresh event counts as completed.
-        ok("cuEventCreate", unsafe { cu::cuEventCreate(&mut done, 2) })?;
+        check("cuEventCreate", unsafe { cu::cuEventCreate(&mut done, 2) })?;
         self.slabs.push(Slab { host: host.cast(), cap, done });
         Ok(self.slabs.len() - 1)
     }
@@ -264,11 +257,11 @@ impl ContextCopier {
         let mut dev: cu::CUdeviceptr = 0;
         // SAFETY: valid out-pointer; a live stream of the current context (stream-ordered
         // allocation from the device's default pool, released below in the same order).
-        ok("cuMemAllocAsync", unsafe { cu::cuMemAllocAsync(&mut dev, bytes, stream) })?;
+        check("cuMemAllocAsync", unsafe { cu::cuMemAllocAsync(&mut dev, bytes, stream) })?;
         // SAFETY: `dev` holds `bytes`; the page-locked source stays untouched until `done`.
-        ok("cuMemcpyHtoDAsync", unsafe { cu::cuMemcpyHtoDAsync_v2(dev, slab.host.cast(), bytes, stream) })?;
+        check("cuMemcpyHtoDAsync", unsafe { cu::cuMemcpyHtoDAsync_v2(dev, slab.host.cast(), bytes, stream) })?;
         // SAFETY: an event of ours, recorded on a live stream.
-        ok("cuEventRecord", unsafe { cu::cuEventRecord(slab.done, stream) })?;
+        check("cuEventRecord", unsafe { cu::cuEventRecord(slab.done, stream) })?;
         let (mut pd, mut ps, mut pl, mut pn) = (dev, dev + 8 * n as u64, dev + 16 * n as u64, n as u64);
         let mut params: [*mut std::ffi::c_void; 4] = [
             (&mut pd as *mut u64).cast(),
@@ -279,11 +272,11 @@ impl ContextCopier {
         let grid = n.min(8192) as u32;
         // SAFETY: the kernel's four u64 parameters point at live locals (copied at launch); the
         // tables describe ranges the caller vouches for (fragments, reserved or leased slots).
-        let launched = ok("cuLaunchKernel", unsafe {
+        let launched = check("cuLaunchKernel", unsafe {
             cu::cuLaunchKernel(self.kernel, grid, 1, 1, 256, 1, 1, 0, stream, params.as_mut_ptr(), std::ptr::null_mut())
         });
         // SAFETY: allocated above on this stream; freed once, after the kernel in stream order.
-        let freed = ok("cuMemFreeAsync", unsafe { cu::cuMemFreeAsync(dev, stream) });
+        let freed = check("cuMemFreeAsync", unsafe { cu::cuMemFreeAsync(dev, stream) });
         launched.and(freed)
     }
 }
@@ -336,7 +329,7 @@ pub(crate) fn batch_copy(
         }
         if on == CopyStream::Wait {
             // SAFETY: a live stream; waits for the copy just queued.
-            ok("cuStreamSynchronize", unsafe { cu::cuStreamSynchronize(stream) })?;
+            check("cuStreamSynchronize", unsafe { cu::cuStreamSynchronize(stream) })?;
         }
         Ok(())
     })
@@ -346,7 +339,7 @@ pub(crate) fn batch_copy(
 pub(crate) fn synchronize(ctx_ptr: u64, stream: u64) -> Result<(), String> {
     crate::direct::bind_context_of(ctx_ptr)?;
     // SAFETY: a stream handle of the caller's, in the context just made current.
-    ok("cuStreamSynchronize", unsafe { cu::cuStreamSynchronize(stream as cu::CUstream) })
+    check("cuStreamSynchronize", unsafe { cu::cuStreamSynchronize(stream as cu::CUstream) })
 }
 
 /// Unaligned fragments: one copy-engine batch on `stream` (slower per fragment than the kernel).
@@ -376,7 +369,7 @@ fn engine_batch(
             stream,
         )
     };
-    ok("cuMemcpyBatchAsync", r)
+    check("cuMemcpyBatchAsync", r)
 }
 
 /// A registered host buffer that fetched chunks land in before their scatter into fragments,
@@ -436,7 +429,7 @@ impl Staging {
                         // remote client with a GPU): the region is page-locked already, which
                         // is all the copy needs (found on 2x H200: every remote load failed).
                         if r != cu::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED {
-                            ok("cuMemHostRegister", r)?;
+                            check("cuMemHostRegister", r)?;
                             self.registered_here = true;
                         }
                         let mut d: cu::CUdeviceptr = 0;
@@ -444,7 +437,7 @@ impl Staging {
                         let r = unsafe { cu::cuMemHostGetDevicePointer_v2(&mut d, host.cast(), 0) };
                         // Without DEVICEMAP (UCX's registration), unified addressing still maps
                         // page-locked memory at its host address.
-                        let d = if r == cu::CUresult::CUDA_SUCCESS && d != 0 { d } else { host as u64 };
+                        let d = if r.result().is_ok() && d != 0 { d } else { host as u64 };
                         self.device = Some(d);
                         d
                     }

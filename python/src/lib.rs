@@ -120,13 +120,7 @@ fn bind_primary_context(device: i32) -> Result<(), String> {
     if !unsafe { cu::is_culib_present() } {
         return Err("no CUDA driver on this machine".into());
     }
-    let check = |what: &str, r: cu::CUresult| {
-        if r == cu::CUresult::CUDA_SUCCESS {
-            Ok(())
-        } else {
-            Err(format!("{what}: {r:?}"))
-        }
-    };
+    use prefixd_client::cuda::check;
     let mut dev: cu::CUdevice = 0;
     let mut ctx: cu::CUcontext = std::ptr::null_mut();
     // SAFETY: cuInit may be called repeatedly; valid out-pointers; the retained primary context

@@ -21,12 +21,9 @@ impl fmt::Display for CudaError {
     }
 }
 
+/// `Ok` for `CUDA_SUCCESS`, else the call and the driver's description (cudarc's result layer).
 fn check(what: &str, r: cu::CUresult) -> Result<(), CudaError> {
-    if r == cu::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(CudaError(format!("{what} failed: {r:?}")))
-    }
+    r.result().map_err(|e| CudaError(format!("{what} failed: {e}")))
 }
 
 /// Whether `libcuda.so.1` can be loaded. Asked before any other call: cudarc panics on the
@@ -84,8 +81,8 @@ impl Cuda {
         let mut buf = [0 as std::ffi::c_char; 32];
         // SAFETY: the ordinal was valid at open; valid out-pointers; the buffer's length is passed.
         let ok = unsafe {
-            cu::cuDeviceGet(&mut dev, self.ordinal as i32) == cu::CUresult::CUDA_SUCCESS
-                && cu::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, dev) == cu::CUresult::CUDA_SUCCESS
+            cu::cuDeviceGet(&mut dev, self.ordinal as i32).result().is_ok()
+                && cu::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, dev).result().is_ok()
         };
         if !ok {
             return String::new();
@@ -201,7 +198,7 @@ impl Drop for Cuda {
     fn drop(&mut self) {
         let mut dev: cu::CUdevice = 0;
         // SAFETY: valid out-pointer; the ordinal was valid at open.
-        if unsafe { cu::cuDeviceGet(&mut dev, self.ordinal as i32) } == cu::CUresult::CUDA_SUCCESS {
+        if unsafe { cu::cuDeviceGet(&mut dev, self.ordinal as i32) }.result().is_ok() {
             // SAFETY: releases the retain made in open, once.
             let _ = unsafe { cu::cuDevicePrimaryCtxRelease_v2(dev) };
         }

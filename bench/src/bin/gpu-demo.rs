@@ -21,11 +21,7 @@ use std::time::{Duration, Instant};
 type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 fn check(what: &str, r: cu::CUresult) -> BoxResult<()> {
-    if r == cu::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(format!("{what}: {r:?}").into())
-    }
+    Ok(prefixd_client::cuda::check(what, r)?)
 }
 
 /// The primary context of device 0, current on the calling thread.

@@ -5,15 +5,8 @@
 //! that need it are skipped.
 
 use cudarc::driver::sys as cu;
+use prefixd_client::cuda::check;
 use std::time::Instant;
-
-fn ok(what: &str, r: cu::CUresult) -> Result<(), String> {
-    if r == cu::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(format!("{what}: {r:?}"))
-    }
-}
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Device {
@@ -51,24 +44,24 @@ pub fn devices() -> Result<Vec<Device>, String> {
         return Err("no CUDA driver (libcuda.so.1) on this machine".into());
     }
     // SAFETY: the library is present; cuInit may be called any number of times.
-    ok("cuInit", unsafe { cu::cuInit(0) })?;
+    check("cuInit", unsafe { cu::cuInit(0) })?;
     let mut n = 0;
     // SAFETY: valid out-pointer.
-    ok("cuDeviceGetCount", unsafe { cu::cuDeviceGetCount(&mut n) })?;
+    check("cuDeviceGetCount", unsafe { cu::cuDeviceGetCount(&mut n) })?;
     let mut out = Vec::new();
     for i in 0..n.max(0) {
         let mut dev: cu::CUdevice = 0;
         // SAFETY: i < count; valid out-pointer.
-        ok("cuDeviceGet", unsafe { cu::cuDeviceGet(&mut dev, i) })?;
+        check("cuDeviceGet", unsafe { cu::cuDeviceGet(&mut dev, i) })?;
         let mut name = [0 as std::ffi::c_char; 128];
         let mut bus = [0 as std::ffi::c_char; 32];
         let mut mem = 0usize;
         // SAFETY: valid device, out-pointers and buffer lengths; the strings come back
         // NUL-terminated.
         unsafe {
-            ok("cuDeviceGetName", cu::cuDeviceGetName(name.as_mut_ptr(), name.len() as i32, dev))?;
-            ok("cuDeviceGetPCIBusId", cu::cuDeviceGetPCIBusId(bus.as_mut_ptr(), bus.len() as i32, dev))?;
-            ok("cuDeviceTotalMem", cu::cuDeviceTotalMem_v2(&mut mem, dev))?;
+            check("cuDeviceGetName", cu::cuDeviceGetName(name.as_mut_ptr(), name.len() as i32, dev))?;
+            check("cuDeviceGetPCIBusId", cu::cuDeviceGetPCIBusId(bus.as_mut_ptr(), bus.len() as i32, dev))?;
+            check("cuDeviceTotalMem", cu::cuDeviceTotalMem_v2(&mut mem, dev))?;
         }
         // SAFETY: NUL-terminated by the driver (above).
         let text =
@@ -92,13 +85,13 @@ pub fn peers(devices: &[Device]) -> Result<Vec<Peer>, String> {
             let (mut access, mut atomics, mut rank) = (0, 0, 0);
             // SAFETY: ordinals from `devices`; valid out-pointers.
             unsafe {
-                ok("cuDeviceGet", cu::cuDeviceGet(&mut da, a.ordinal as i32))?;
-                ok("cuDeviceGet", cu::cuDeviceGet(&mut db, b.ordinal as i32))?;
-                ok("cuDeviceCanAccessPeer", cu::cuDeviceCanAccessPeer(&mut access, da, db))?;
+                check("cuDeviceGet", cu::cuDeviceGet(&mut da, a.ordinal as i32))?;
+                check("cuDeviceGet", cu::cuDeviceGet(&mut db, b.ordinal as i32))?;
+                check("cuDeviceCanAccessPeer", cu::cuDeviceCanAccessPeer(&mut access, da, db))?;
                 let attr = cu::CUdevice_P2PAttribute::CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED;
-                ok("cuDeviceGetP2PAttribute", cu::cuDeviceGetP2PAttribute(&mut atomics, attr, da, db))?;
+                check("cuDeviceGetP2PAttribute", cu::cuDeviceGetP2PAttribute(&mut atomics, attr, da, db))?;
                 let attr = cu::CUdevice_P2PAttribute::CU_DEVICE_P2P_ATTRIBUTE_PERFORMANCE_RANK;
-                ok("cuDeviceGetP2PAttribute", cu::cuDeviceGetP2PAttribute(&mut rank, attr, da, db))?;
+                check("cuDeviceGetP2PAttribute", cu::cuDeviceGetP2PAttribute(&mut rank, attr, da, db))?;
             }
             out.push(Peer {
                 from: a.ordinal,
@@ -125,8 +118,8 @@ impl Gpu {
         let mut ctx = std::ptr::null_mut();
         // SAFETY: the driver was initialised by `devices`; valid out-pointers; released in Drop.
         unsafe {
-            ok("cuDeviceGet", cu::cuDeviceGet(&mut dev, ordinal as i32))?;
-            ok("cuDevicePrimaryCtxRetain", cu::cuDevicePrimaryCtxRetain(&mut ctx, dev))?;
+            check("cuDeviceGet", cu::cuDeviceGet(&mut dev, ordinal as i32))?;
+            check("cuDevicePrimaryCtxRetain", cu::cuDevicePrimaryCtxRetain(&mut ctx, dev))?;
         }
         let g = Gpu { ctx, dev };
         g.current()?;
@@ -135,7 +128,7 @@ impl Gpu {
 
     pub fn current(&self) -> Result<(), String> {
         // SAFETY: a retained primary context.
-        ok("cuCtxSetCurrent", unsafe { cu::cuCtxSetCurrent(self.ctx) })
+        check("cuCtxSetCurrent", unsafe { cu::cuCtxSetCurrent(self.ctx) })
     }
 
     /// Lets this GPU's context reach `other`'s memory directly (NVLink or PCIe P2P), as the
@@ -151,7 +144,7 @@ impl Gpu {
         if r == cu::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED {
             return Ok(());
         }
-        ok("cuCtxEnablePeerAccess", r)
+        check("cuCtxEnablePeerAccess", r)
     }
 
     /// Device memory, freed with the returned guard.
@@ -159,7 +152,7 @@ impl Gpu {
         self.current()?;
         let mut ptr = 0;
         // SAFETY: valid out-pointer, current context.
-        ok("cuMemAlloc", unsafe { cu::cuMemAlloc_v2(&mut ptr, len) })?;
+        check("cuMemAlloc", unsafe { cu::cuMemAlloc_v2(&mut ptr, len) })?;
         Ok(DeviceBuffer { ptr, len, ctx: self.ctx })
     }
 
@@ -168,7 +161,7 @@ impl Gpu {
         self.current()?;
         let mut p = std::ptr::null_mut();
         // SAFETY: valid out-pointer; freed in HostBuffer's Drop.
-        ok("cuMemAllocHost", unsafe { cu::cuMemAllocHost_v2(&mut p, len) })?;
+        check("cuMemAllocHost", unsafe { cu::cuMemAllocHost_v2(&mut p, len) })?;
         Ok(HostBuffer { ptr: p.cast(), len, ctx: self.ctx })
     }
 }
@@ -229,7 +222,7 @@ pub fn copy_seconds(reps: usize, mut copy: impl FnMut() -> Result<(), String>) -
         let t = Instant::now();
         copy()?;
         // SAFETY: waits for the current context's work.
-        ok("cuCtxSynchronize", unsafe { cu::cuCtxSynchronize() })?;
+        check("cuCtxSynchronize", unsafe { cu::cuCtxSynchronize() })?;
         times.push(t.elapsed().as_secs_f64());
     }
     Ok(times)
@@ -240,17 +233,17 @@ pub fn copy_dtod(dst: &DeviceBuffer, src: &DeviceBuffer) -> Result<(), String> {
     let len = dst.len.min(src.len);
     // SAFETY: both buffers are live device allocations of at least `len` bytes; the driver
     // picks the peer path between contexts.
-    ok("cuMemcpyPeer", unsafe { cu::cuMemcpyPeer(dst.ptr, dst.ctx, src.ptr, src.ctx, len) })
+    check("cuMemcpyPeer", unsafe { cu::cuMemcpyPeer(dst.ptr, dst.ctx, src.ptr, src.ctx, len) })
 }
 
 pub fn copy_htod(dst: &DeviceBuffer, src: &HostBuffer) -> Result<(), String> {
     let len = dst.len.min(src.len);
     // SAFETY: live buffers of at least `len` bytes.
-    ok("cuMemcpyHtoD", unsafe { cu::cuMemcpyHtoD_v2(dst.ptr, src.ptr.cast(), len) })
+    check("cuMemcpyHtoD", unsafe { cu::cuMemcpyHtoD_v2(dst.ptr, src.ptr.cast(), len) })
 }
 
 pub fn copy_dtoh(dst: &HostBuffer, src: &DeviceBuffer) -> Result<(), String> {
     let len = dst.len.min(src.len);
     // SAFETY: live buffers of at least `len` bytes.
-    ok("cuMemcpyDtoH", unsafe { cu::cuMemcpyDtoH_v2(dst.ptr.cast(), src.ptr, len) })
+    check("cuMemcpyDtoH", unsafe { cu::cuMemcpyDtoH_v2(dst.ptr.cast(), src.ptr, len) })
 }
