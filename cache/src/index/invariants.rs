@@ -5,6 +5,12 @@ use super::*;
 impl Index {
     /// Checks every structural invariant; for tests. Returns the first violation found.
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        for (i, (tier, _)) in self.pools.iter().enumerate() {
+            let n = self.entries.values().filter(|e| e.tier == *tier).count() as u64;
+            if n != self.orders[i].entries {
+                return Err(format!("{tier} counts {} entries, has {n}", self.orders[i].entries));
+            }
+        }
         for (tier, a) in &self.pools {
             let zombies = self.puts.values().flat_map(|p| p.zombies.iter()).filter(|z| z.0 == *tier);
             let mut spans: Vec<(u64, u64)> = self
@@ -44,9 +50,17 @@ impl Index {
             if Self::is_demotable(e) != self.orders[i].demotable.contains(&(e.tick, *k)) {
                 return Err(format!("demotable set disagrees for {:?}", k.1));
             }
-            let children = self.entries.iter().filter(|(ck, c)| ck.0 == k.0 && c.parent == Some(k.1)).count() as u32;
-            if children != e.children {
-                return Err(format!("{:?} counts {} children, has {children}", k.1, e.children));
+            let mut children: Vec<ChunkKey> = self
+                .entries
+                .iter()
+                .filter(|(ck, c)| ck.0 == k.0 && c.parent == Some(k.1))
+                .map(|(ck, _)| ck.1)
+                .collect();
+            let mut listed = e.children.clone();
+            children.sort_unstable();
+            listed.sort_unstable();
+            if children != listed {
+                return Err(format!("{:?} lists {} children, has {}", k.1, listed.len(), children.len()));
             }
             let leases: u32 = self
                 .leases

@@ -105,8 +105,9 @@ struct Entry {
     offset: u64,
     len: u64,
     parent: Option<ChunkKey>,
-    /// Entries (Reserved or Ready) whose parent is this one.
-    children: u32,
+    /// Entries (Reserved, Ready or Moving) whose parent is this one: a chain has one, a shared
+    /// prefix a few.
+    children: Vec<ChunkKey>,
     leases: u32,
     /// Recency stamp; the key into its tier's orders while evictable or demotable.
     tick: u64,
@@ -262,6 +263,9 @@ struct TierOrder {
     evictable: BTreeSet<(u64, EntryKey)>,
     /// Ready, unleased entries: may be moved to a slower tier.
     demotable: BTreeSet<(u64, EntryKey)>,
+    /// Entries in this tier, in any state (kept as they come and go: stats and every metrics
+    /// scrape read it, and 4e6c6e7 counted them by scanning every entry under the lock).
+    entries: u64,
 }
 
 #[derive(Debug)]
@@ -364,11 +368,24 @@ impl Index {
         self.pools.iter().position(|(t, _)| *t == tier)
     }
 
-    fn add_child(&mut self, ns: NsId, parent: Option<ChunkKey>, delta: i32) {
+    /// Counts an entry into (`came`) or out of `tier`.
+    fn count_entry(&mut self, tier: Tier, came: bool) {
+        if let Some(i) = self.tier_index(tier) {
+            let n = &mut self.orders[i].entries;
+            *n = if came { *n + 1 } else { n.saturating_sub(1) };
+        }
+    }
+
+    /// Links `child` under `parent` (`linked`) or unlinks it.
+    fn link_child(&mut self, ns: NsId, parent: Option<ChunkKey>, child: ChunkKey, linked: bool) {
         let Some(p) = parent else { return };
         let pk = (ns, p);
         if let Some(e) = self.entries.get_mut(&pk) {
-            e.children = e.children.saturating_add_signed(delta);
+            if linked {
+                e.children.push(child);
+            } else {
+                e.children.retain(|c| *c != child);
+            }
             self.refile(pk);
         }
     }
@@ -387,16 +404,14 @@ impl Index {
     fn detach_entry(&mut self, k: EntryKey) -> Option<Entry> {
         self.unfile(k);
         let e = self.entries.remove(&k)?;
+        self.count_entry(e.tier, false);
         self.namespaces.release(k.0);
-        self.add_child(k.0, e.parent, -1);
-        if e.children > 0 {
-            // Orphan the children: they stay reachable only through their own prefix walk.
-            let orphans: Vec<EntryKey> =
-                self.entries.iter().filter(|(ck, c)| ck.0 == k.0 && c.parent == Some(k.1)).map(|(ck, _)| *ck).collect();
-            for ck in orphans {
-                if let Some(c) = self.entries.get_mut(&ck) {
-                    c.parent = None;
-                }
+        self.link_child(k.0, e.parent, k.1, false);
+        // Orphan the children: they stay reachable only through their own prefix walk. (Found
+        // from the entry's own list: 4e6c6e7 scanned every entry, under the lock, per removal.)
+        for c in &e.children {
+            if let Some(c) = self.entries.get_mut(&(k.0, *c)) {
+                c.parent = None;
             }
         }
         Some(e)
@@ -426,7 +441,7 @@ impl Index {
                 tier: *t,
                 used: a.used(),
                 capacity: a.capacity(),
-                entries: self.entries.values().filter(|e| e.tier == *t).count() as u64,
+                entries: self.tier_index(*t).map_or(0, |i| self.orders[i].entries),
             })
             .collect()
     }

@@ -87,10 +87,20 @@ impl Index {
             let parent = prev.filter(|p| self.entries.contains_key(&(nsid, *p)));
             self.entries.insert(
                 k,
-                Entry { state: State::Reserved(put_id), tier, offset, len: size, parent, children: 0, leases: 0, tick },
+                Entry {
+                    state: State::Reserved(put_id),
+                    tier,
+                    offset,
+                    len: size,
+                    parent,
+                    children: Vec::new(),
+                    leases: 0,
+                    tick,
+                },
             );
+            self.count_entry(tier, true);
             self.namespaces.retain(nsid);
-            self.add_child(nsid, parent, 1);
+            self.link_child(nsid, parent, key, true);
             reserved.push((i as u32, key));
             reserved_bytes += Allocator::footprint(size);
             slots.push(Slot::Reserved(Location { tier, offset, len: size }));

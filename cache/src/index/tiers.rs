@@ -9,7 +9,7 @@ impl Index {
     }
 
     pub(super) fn is_evictable(e: &Entry) -> bool {
-        Self::is_demotable(e) && e.children == 0
+        Self::is_demotable(e) && e.children.is_empty()
     }
 
     /// Takes an entry out of its tier's orders (before any change to its tier, tick or state).
@@ -99,6 +99,8 @@ impl Index {
                         e.offset = to_off;
                         e.state = State::Moving;
                     }
+                    self.count_entry(tier, false);
+                    self.count_entry(lower, true);
                     self.file(k);
                     self.pool_mut(tier)?.free(from_off, vlen);
                     self.moves.push(Move {
