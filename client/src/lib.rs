@@ -16,11 +16,14 @@ mod access;
 pub mod cuda;
 mod direct;
 mod paged;
+mod plane;
 mod recover;
 
 pub use access::{channel_with, grpc as grpc_client, Access, Grpc, Secret, TlsOptions};
 pub use paged::{CopyStream, Fragment, Memory};
 pub use recover::Reconnecting;
+
+use plane::{AmPlane, Plane, RmaPlane};
 
 use prefixd_proto::dataplane::{FetchHeader, HelloAck, PutHeader, AM_FETCH, AM_HELLO, AM_HELLO_ACK, AM_PUT};
 pub use prefixd_proto::keys::{parse_tokens, ChunkKey, KeyConfig};
@@ -30,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
-use ucx_bindings::{AmData, Endpoint, ErrorMode, IncomingAm, MemRegion, RegionSlice, RemoteKey, RemoteRegion, Worker};
+use ucx_bindings::{AmData, Endpoint, ErrorMode, IncomingAm, MemRegion, RegionSlice, RemoteRegion, Worker};
 
 pub use prefixd_proto::v1::DataPath;
 pub use prefixd_proto::v1::StatsResponse as Stats;
@@ -179,17 +182,8 @@ pub struct Client {
     token: Vec<u8>,
     worker: Worker,
     ep: Endpoint,
-    path: DataPath,
-    /// RMA sessions: the server's pools (GPU and host), found by address.
-    pools: Vec<RemoteKey>,
-    /// Same host: the server's host pool mapped here, for direct copies.
-    shared: Option<direct::SharedHostPool>,
-    /// Same host with a GPU pool: its IPC handle, base and length, opened on first paged use.
-    gpu_ipc: Option<(Vec<u8>, u64, u64)>,
-    gpu_map: std::sync::OnceLock<Result<paged::GpuPoolMapping, String>>,
-    /// Active-message sessions: where paged gets land before their scatter (kept, and grown,
-    /// across calls: registering memory costs more than the copy).
-    staging: tokio::sync::Mutex<Option<paged::Staging>>,
+    /// RMA (same host) or active messages, with what each needs (see `plane`).
+    plane: Plane,
     routes: FetchRoutes,
     next_tag: AtomicU64,
     opts: ClientOptions,
@@ -201,7 +195,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("session", &format_args!("{:016x}", self.session_id))
-            .field("path", &self.path)
+            .field("path", &self.plane.path())
             .finish()
     }
 }
@@ -334,24 +328,28 @@ impl Client {
         let data_host = if resp.data_host.is_empty() { host_of(endpoint)? } else { resp.data_host.clone() };
         let data_addr = resolve(&data_host, resp.data_port, endpoint).await?;
         let ep = bind_data_endpoint(&worker, data_addr, path, &resp.session_token, opts.timeout).await?;
-        let mut pools = Vec::new();
-        if path == DataPath::Rma {
+        let plane = if path == DataPath::Rma {
+            let mut pools = Vec::new();
             for p in &resp.pools {
                 pools.push(ep.unpack_rkey(&RemoteRegion { base: p.base, len: p.length, rkey: p.rkey.clone() }).await?);
             }
-        }
-        // Map the host pool where the server offers it; without it, RMA still works.
-        let shared = match (path, resp.pools.iter().find(|p| p.tier == "host")) {
-            (DataPath::Rma, Some(host)) if !resp.host_pool_socket.is_empty() => {
-                direct::SharedHostPool::open(&resp.host_pool_socket, &resp.session_token, host.base, host.length).ok()
-            }
-            _ => None,
-        };
-        let gpu_ipc = match (path, resp.pools.iter().find(|p| p.tier == "gpu")) {
-            (DataPath::Rma, Some(g)) if resp.gpu_pool_ipc_handle.len() == 64 => {
-                Some((resp.gpu_pool_ipc_handle.clone(), g.base, g.length))
-            }
-            _ => None,
+            // Map the host pool where the server offers it; without it, RMA still works.
+            let shared = match resp.pools.iter().find(|p| p.tier == "host") {
+                Some(host) if !resp.host_pool_socket.is_empty() => {
+                    direct::SharedHostPool::open(&resp.host_pool_socket, &resp.session_token, host.base, host.length)
+                        .ok()
+                }
+                _ => None,
+            };
+            let gpu_ipc = match resp.pools.iter().find(|p| p.tier == "gpu") {
+                Some(g) if resp.gpu_pool_ipc_handle.len() == 64 => {
+                    Some((resp.gpu_pool_ipc_handle.clone(), g.base, g.length))
+                }
+                _ => None,
+            };
+            Plane::Rma(RmaPlane { pools, shared, gpu_ipc, gpu_map: std::sync::OnceLock::new() })
+        } else {
+            Plane::ActiveMessage(AmPlane { staging: tokio::sync::Mutex::new(None) })
         };
         let routes: FetchRoutes = Arc::default();
         let router = tokio::spawn(route_fetches(fetch_rx, routes.clone()));
@@ -362,12 +360,7 @@ impl Client {
             token: resp.session_token,
             worker,
             ep,
-            path,
-            pools,
-            shared,
-            gpu_ipc,
-            gpu_map: std::sync::OnceLock::new(),
-            staging: tokio::sync::Mutex::new(None),
+            plane,
             routes,
             next_tag: AtomicU64::new(1),
             opts,
@@ -376,43 +369,27 @@ impl Client {
         })
     }
 
-    /// A direct copy to (`to_pool`) or from the mapped host pool.
-    fn direct(&self, addr: u64, local: &RegionSlice, to_pool: bool) -> ucx_bindings::Result<()> {
-        let pool = self.shared.as_ref().ok_or(ucx_bindings::Error::WorkerStopped)?;
-        pool.copy(addr, local, to_pool).map_err(ucx_bindings::Error::InvalidArgument)
+    /// The RMA plane, or a clear error naming `what` needs it.
+    fn rma(&self, what: &str) -> Result<&RmaPlane> {
+        match &self.plane {
+            Plane::Rma(r) => Ok(r),
+            Plane::ActiveMessage(_) => Err(Error::InvalidArgument(format!("{what}: needs a same-host (RMA) session"))),
+        }
     }
 
-    /// The local address of a server pool range, for batched copies: the GPU pool through its
-    /// IPC mapping (opened on first use, in the context of `ctx_ptr`), the host pool through its
-    /// memfd mapping.
-    fn local_address(&self, addr: u64, len: u64, ctx_ptr: u64) -> Result<u64> {
-        if let Some(sh) = &self.shared {
-            if let Some(local) = sh.local_for_cuda(addr, len as usize) {
-                return Ok(local);
-            }
-        }
-        if let Some((handle, base, plen)) = &self.gpu_ipc {
-            let map = self.gpu_map.get_or_init(|| paged::GpuPoolMapping::open(handle, *base, *plen, ctx_ptr));
-            match map {
-                Ok(m) => {
-                    if let Some(local) = m.translate(addr, len) {
-                        return Ok(local);
-                    }
-                }
-                Err(e) => return Err(Error::InvalidArgument(format!("cannot map the server's GPU pool: {e}"))),
-            }
-        }
-        Err(Error::StalePool(addr))
-    }
-
-    fn check_paged(&self, keys: &[ChunkKey], chunks: &[Vec<Fragment>]) -> Result<u64> {
-        if self.path != DataPath::Rma {
-            return Err(Error::InvalidArgument("paged chunks need a same-host (RMA) session".into()));
-        }
+    /// The RMA plane and the first fragment's address (its CUDA context is the copies').
+    fn check_paged(&self, keys: &[ChunkKey], chunks: &[Vec<Fragment>]) -> Result<(&RmaPlane, u64)> {
+        let rma = self.rma("paged chunks")?;
         if keys.len() != chunks.len() {
             return Err(Error::InvalidArgument(format!("{} keys but {} fragment lists", keys.len(), chunks.len())));
         }
-        chunks.iter().flatten().next().map(|f| f.ptr).ok_or_else(|| Error::InvalidArgument("no fragments".into()))
+        let ctx_ptr = chunks
+            .iter()
+            .flatten()
+            .next()
+            .map(|f| f.ptr)
+            .ok_or_else(|| Error::InvalidArgument("no fragments".into()))?;
+        Ok((rma, ctx_ptr))
     }
 
     /// Stores chunks given as fragment lists (a chunk's bytes are its fragments in order): every
@@ -441,7 +418,7 @@ impl Client {
         memory: Memory,
         on: CopyStream,
     ) -> Result<PutOutcome> {
-        let ctx_ptr = self.check_paged(keys, chunks)?;
+        let (rma, ctx_ptr) = self.check_paged(keys, chunks)?;
         let sizes: Vec<u64> = chunks.iter().map(|c| c.iter().map(|f| f.len as u64).sum()).collect();
         let put = self.begin_put(namespace, keys, &sizes, parent).await?;
         let slots: Vec<(u64, u64)> =
@@ -449,11 +426,11 @@ impl Client {
         let frags: Vec<&Vec<Fragment>> =
             put.begin.slots.iter().zip(chunks).filter(|(s, _)| !s.present).map(|(_, f)| f).collect();
         let copied = match memory {
-            Memory::Device => self.device_copy(&slots, &frags, ctx_ptr, true, on).and_then(|()| match on {
+            Memory::Device => rma.device_copy(&slots, &frags, ctx_ptr, true, on).and_then(|()| match on {
                 CopyStream::Caller(stream) => paged::synchronize(ctx_ptr, stream).map_err(Error::InvalidArgument),
                 CopyStream::Wait => Ok(()),
             }),
-            Memory::Host => self.host_copy(&slots, &frags, true),
+            Memory::Host => rma.host_copy(&slots, &frags, true),
         };
         let copied =
             copied.and_then(
@@ -538,11 +515,7 @@ impl Client {
         memory: Memory,
         on: CopyStream,
     ) -> Result<()> {
-        if self.path != DataPath::Rma {
-            return Err(Error::InvalidArgument(
-                "reading leased chunks directly needs a same-host (RMA) session".into(),
-            ));
-        }
+        let rma = self.rma("reading leased chunks directly")?;
         if chunks.len() != frags.len() {
             return Err(Error::InvalidArgument(format!("{} chunks but {} fragment lists", chunks.len(), frags.len())));
         }
@@ -561,52 +534,9 @@ impl Client {
         let ranges: Vec<(u64, u64)> = chunks.iter().map(|c| (c.address, c.length)).collect();
         let frags: Vec<&Vec<Fragment>> = frags.iter().collect();
         match memory {
-            Memory::Device => self.device_copy(&ranges, &frags, ctx_ptr, false, on),
-            Memory::Host => self.host_copy(&ranges, &frags, false),
+            Memory::Device => rma.device_copy(&ranges, &frags, ctx_ptr, false, on),
+            Memory::Host => rma.host_copy(&ranges, &frags, false),
         }
-    }
-
-    /// Queues one kernel copying between pool ranges (`(address, length)`, server addresses)
-    /// and device fragments: into the pool (`to_pool`) or out of it.
-    fn device_copy(
-        &self,
-        ranges: &[(u64, u64)],
-        frags: &[&Vec<Fragment>],
-        ctx_ptr: u64,
-        to_pool: bool,
-        on: CopyStream,
-    ) -> Result<()> {
-        // The pools' local addresses are made in the caller's context (this thread may not have
-        // it current, e.g. a fresh Python thread).
-        direct::bind_context_of(ctx_ptr).map_err(Error::InvalidArgument)?;
-        let n: usize = frags.iter().map(|f| f.len()).sum();
-        let (mut dsts, mut srcs, mut lens) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        for (&(addr, len), fs) in ranges.iter().zip(frags) {
-            let mut at = self.local_address(addr, len, ctx_ptr)?;
-            for f in fs.iter() {
-                let (d, s) = if to_pool { (at, f.ptr) } else { (f.ptr, at) };
-                dsts.push(d);
-                srcs.push(s);
-                lens.push(f.len);
-                at += f.len as u64;
-            }
-        }
-        paged::batch_copy(ctx_ptr, dsts, srcs, lens, on).map_err(Error::InvalidArgument)
-    }
-
-    /// Copies between host-pool ranges and host fragments, by memcpy through the mapped pool.
-    /// (GPU-tier chunks and host fragments do not meet here: a client of host memory talks to a
-    /// server whose chunks are in host memory, or uses the whole-chunk calls.)
-    fn host_copy(&self, ranges: &[(u64, u64)], frags: &[&Vec<Fragment>], to_pool: bool) -> Result<()> {
-        for (&(addr, len), fs) in ranges.iter().zip(frags) {
-            let pool = self.shared.as_ref().filter(|p| p.contains(addr, len as usize)).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "{addr:#x}+{len} is not in the mapped host pool: host fragments move only to and from it"
-                ))
-            })?;
-            pool.copy_fragments(addr, fs, to_pool).map_err(Error::InvalidArgument)?;
-        }
-        Ok(())
     }
 
     /// Reads the longest cached prefix of `keys` into fragment lists on any session; returns
@@ -622,19 +552,22 @@ impl Client {
         if keys.len() != chunks.len() {
             return Err(Error::InvalidArgument(format!("{} keys but {} fragment lists", keys.len(), chunks.len())));
         }
-        if self.path == DataPath::Rma {
-            let lease = self.lease_keys(namespace, keys).await?;
-            let n = lease.chunks.len();
-            let r = self.scatter(&lease.chunks, &chunks[..n], memory, CopyStream::Wait).and_then(|()| {
-                if Instant::now() > lease.expires {
-                    Err(Error::Expired("lease"))
-                } else {
-                    Ok(())
-                }
-            });
-            self.release_lease(lease.id);
-            return r.map(|()| n);
-        }
+        let am = match &self.plane {
+            Plane::ActiveMessage(am) => am,
+            Plane::Rma(_) => {
+                let lease = self.lease_keys(namespace, keys).await?;
+                let n = lease.chunks.len();
+                let r = self.scatter(&lease.chunks, &chunks[..n], memory, CopyStream::Wait).and_then(|()| {
+                    if Instant::now() > lease.expires {
+                        Err(Error::Expired("lease"))
+                    } else {
+                        Ok(())
+                    }
+                });
+                self.release_lease(lease.id);
+                return r.map(|()| n);
+            }
+        };
         // One call: the server looks the keys up and sends the hits into a staging buffer laid
         // out by the fragments (a chunk of another size fails its receive: a clear error).
         let sizes: Vec<usize> = chunks.iter().map(|f| f.iter().map(|f| f.len).sum()).collect();
@@ -642,7 +575,7 @@ impl Client {
         if total == 0 {
             return Ok(0);
         }
-        let mut staging = self.staging.lock().await;
+        let mut staging = am.staging.lock().await;
         let st = paged::Staging::ensure(&mut staging, total, || self.alloc(total))?;
         let mut slices = Vec::with_capacity(sizes.len());
         let mut off = 0;
@@ -657,14 +590,7 @@ impl Client {
 
     /// Whether host-tier chunks move by direct copies through the mapped pool (same host).
     pub fn direct_host_pool(&self) -> bool {
-        self.shared.is_some()
-    }
-
-    /// The server pool holding `addr` (RMA sessions).
-    fn pool_at(&self, addr: u64) -> ucx_bindings::Result<&RemoteKey> {
-        self.pools.iter().find(|p| addr >= p.base() && addr - p.base() < p.len()).ok_or_else(|| {
-            ucx_bindings::Error::InvalidArgument(format!("address {addr:#x} is in none of the server's pools"))
-        })
+        matches!(&self.plane, Plane::Rma(r) if r.shared.is_some())
     }
 
     /// Registers the caller's CUDA device memory for the chunk-level calls (needs a client whose
@@ -681,7 +607,7 @@ impl Client {
 
     /// The data path the server chose for this session.
     pub fn data_path(&self) -> DataPath {
-        self.path
+        self.plane.path()
     }
 
     /// Transports both sides can use, as the server reported them.
@@ -846,15 +772,13 @@ impl Client {
             .collect();
         for batch in jobs.chunks(WINDOW) {
             let sends = batch.iter().map(|&(i, slot, d)| async move {
-                match self.path {
+                match &self.plane {
                     // Same host, host tier: copy into the mapped pool.
-                    DataPath::Rma if self.shared.as_ref().is_some_and(|p| p.contains(slot.address, d.len())) => {
-                        self.direct(slot.address, d, true)
-                    }
+                    Plane::Rma(r) if r.in_shared(slot.address, d.len()) => r.direct(slot.address, d, true),
                     // RMA: write straight into the reserved slot.
-                    DataPath::Rma => self.ep.put(d, self.pool_at(slot.address)?, slot.address, t).await,
+                    Plane::Rma(r) => self.ep.put(d, r.pool_at(slot.address)?, slot.address, t).await,
                     // Active message: the server picks the buffer and pulls the data.
-                    _ => {
+                    Plane::ActiveMessage(_) => {
                         let h = PutHeader { put_id: begin.put_id, index: i as u32 };
                         self.ep.am_send(AM_PUT, &h.encode(), AmData::Region(d.clone()), t).await
                     }
@@ -864,7 +788,7 @@ impl Client {
                 r?;
             }
         }
-        if self.path == DataPath::Rma {
+        if let Plane::Rma(_) = self.plane {
             // A put completes locally: make it land before anyone is told the bytes are there.
             self.ep.flush(t).await?;
         }
@@ -880,7 +804,7 @@ impl Client {
         if keys.len() != dest.len() {
             return Err(Error::InvalidArgument(format!("{} keys but {} buffers", keys.len(), dest.len())));
         }
-        if self.path != DataPath::Rma {
+        if let Plane::ActiveMessage(_) = self.plane {
             return self.fetch_keys(namespace, keys, dest).await; // one call (`fetch_into`)
         }
         let (lease, started) = self.lease(namespace, keys).await?;
@@ -930,18 +854,18 @@ impl Client {
         }
         let deadline = started + Duration::from_millis(lease.lease_expires_in_ms);
         let t = self.opts.timeout;
-        match self.path {
-            DataPath::Rma => {
+        match &self.plane {
+            Plane::Rma(rma) => {
                 let mut done = 0;
                 while done < dest.len() {
                     // Window of gets in flight; the futures borrow the pool keys and run concurrently.
                     let end = (done + WINDOW).min(dest.len());
                     let batch = (done..end).map(|i| async move {
                         let addr = lease.chunks[i].address;
-                        if self.shared.as_ref().is_some_and(|p| p.contains(addr, dest[i].len())) {
-                            return self.direct(addr, &dest[i], false);
+                        if rma.in_shared(addr, dest[i].len()) {
+                            return rma.direct(addr, &dest[i], false);
                         }
-                        self.ep.get(&dest[i], self.pool_at(addr)?, addr, t).await
+                        self.ep.get(&dest[i], rma.pool_at(addr)?, addr, t).await
                     });
                     for r in join_all(batch).await {
                         r?;
@@ -949,7 +873,7 @@ impl Client {
                     done = end;
                 }
             }
-            _ => self.fetch(lease, dest).await?,
+            Plane::ActiveMessage(_) => self.fetch(lease, dest).await?,
         }
         if Instant::now() > deadline {
             return Err(Error::Expired("lease"));
