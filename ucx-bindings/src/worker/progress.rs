@@ -32,7 +32,10 @@ const MAX_SLEEP: Duration = Duration::from_millis(100);
 /// Protocols that bounce many fragments between the two workers (rendezvous pipelines, the
 /// software RMA emulation UCX uses in peer error mode) would otherwise pay a sleep/wake-up per
 /// fragment; measured over shared memory, that cost turned a 1 MiB get from ~0.15 ms into ~1 ms.
-/// An idle worker still sleeps: the window starts only from real activity.
+/// An idle worker still sleeps: the window starts only from real activity. While polling, the
+/// thread yields its core after each round: a busy spin took the cores from the very threads
+/// it waited for when they outnumber the cores (2-core machine, 1 MiB remote gets over tcp:
+/// 0.48-0.61x Redis spinning, 0.69-1.06x with one reader and 0.80-0.87x with four yielding).
 const SPIN_AFTER_ACTIVITY: Duration = Duration::from_micros(200);
 /// How long a graceful endpoint close may take before it is abandoned.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -298,7 +301,7 @@ impl Progress {
                 break;
             }
             if last_activity.elapsed() < SPIN_AFTER_ACTIVITY {
-                std::hint::spin_loop();
+                std::thread::yield_now();
                 continue;
             }
             self.sleep();
