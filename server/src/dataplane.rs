@@ -124,7 +124,7 @@ fn accept(state: &Arc<State>, msg: IncomingAm) -> Result<(), &'static str> {
         state.index().end_receive(h.put_id, h.index, false);
         return Err("wrong_size");
     }
-    let slice = match state.pool(loc.tier).map(|p| p.slice(loc.offset as usize, loc.len as usize)) {
+    let slice = match state.pools.region(loc.tier).map(|p| p.slice(loc.offset as usize, loc.len as usize)) {
         Some(Ok(s)) => s,
         _ => {
             state.index().end_receive(h.put_id, h.index, false);
@@ -135,7 +135,7 @@ fn accept(state: &Arc<State>, msg: IncomingAm) -> Result<(), &'static str> {
         // Eager data is already here in host memory: copy it to the GPU slot.
         let ok = match (msg.into_eager_bytes(), &state.cuda) {
             (Ok(bytes), Some(cuda)) => {
-                let dst = state.pool_base(Tier::Gpu) + loc.offset;
+                let dst = state.pools.base(Tier::Gpu) + loc.offset;
                 // SAFETY: the slot is reserved for this receive (begin_receive) and `bytes` holds
                 // exactly loc.len bytes (checked above).
                 unsafe { cuda.copy_htod(dst, bytes.as_ptr(), bytes.len()) }.is_ok()
@@ -174,7 +174,7 @@ async fn receive_via_bounce(state: &State, msg: IncomingAm, loc: &prefixd_cache:
     let r = async {
         let slice = b.slice(0, len).map_err(|e| e.to_string())?;
         msg.recv_into(&slice, state.cfg.transfer_timeout).await.map_err(|e| e.to_string())?;
-        let dst = state.pool_base(Tier::Gpu) + loc.offset;
+        let dst = state.pools.base(Tier::Gpu) + loc.offset;
         // SAFETY: the slot is reserved for this receive (begin_receive); the bounce buffer holds
         // the `len` bytes just received and nothing else uses it until it is given back below.
         unsafe { cuda.copy_htod(dst, b.as_ptr(), len) }.map_err(|e| format!("copy to the GPU slot: {e}"))

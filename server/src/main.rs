@@ -19,6 +19,7 @@ mod gpu;
 mod http;
 mod metrics;
 mod netdev;
+mod pools;
 mod service;
 mod sessions;
 mod shutdown;

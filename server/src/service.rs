@@ -146,7 +146,7 @@ impl Service {
         let pools = if path == DataPath::Rma {
             [Tier::Gpu, Tier::Host]
                 .into_iter()
-                .filter_map(|t| st.pool(t).map(|p| (t, p.remote())))
+                .filter_map(|t| st.pools.region(t).map(|p| (t, p.remote())))
                 .map(|(t, remote)| PoolDescriptor {
                     tier: t.to_string(),
                     base: remote.base,
@@ -172,8 +172,8 @@ impl Service {
             data_path: path as i32,
             pools,
             server_host_id: st.host_id.clone(),
-            host_pool_socket: if path == DataPath::Rma { st.host_pool_socket.clone() } else { String::new() },
-            gpu_pool_ipc_handle: if path == DataPath::Rma { st.gpu_ipc_handle.clone() } else { Vec::new() },
+            host_pool_socket: if path == DataPath::Rma { st.pools.host_socket().to_owned() } else { String::new() },
+            gpu_pool_ipc_handle: if path == DataPath::Rma { st.pools.gpu_ipc_handle().to_vec() } else { Vec::new() },
         })
     }
 
@@ -216,7 +216,7 @@ impl Service {
             .iter()
             .map(|s| match s {
                 Slot::Present => PutSlot { present: true, address: 0 },
-                Slot::Reserved(loc) if !am => PutSlot { present: false, address: st.pool_base(loc.tier) + loc.offset },
+                Slot::Reserved(loc) if !am => PutSlot { present: false, address: st.pools.base(loc.tier) + loc.offset },
                 Slot::Reserved(_) => PutSlot { present: false, address: 0 },
             })
             .collect();
@@ -282,7 +282,7 @@ impl Service {
             .locations
             .iter()
             .map(|l| ChunkLocation {
-                address: if rma { st.pool_base(l.tier) + l.offset } else { 0 },
+                address: if rma { st.pools.base(l.tier) + l.offset } else { 0 },
                 length: l.len,
                 tier: l.tier.to_string(),
             })
@@ -426,7 +426,7 @@ impl Service {
         let mut host = Vec::new();
         for s in slots {
             let Slot::Reserved(loc) = s else { continue };
-            let at = st.pool_base(loc.tier) + loc.offset;
+            let at = st.pools.base(loc.tier) + loc.offset;
             match (loc.tier, &st.cuda) {
                 (Tier::Gpu, Some(cuda)) => {
                     // SAFETY: a slot of the GPU pool reserved by this put; nobody else uses it
@@ -459,7 +459,7 @@ impl Service {
         loc: prefixd_cache::Location,
     ) -> Result<(ucx_bindings::RegionSlice, Option<Arc<ucx_bindings::MemRegion>>), Status> {
         let st = &self.state;
-        let pool = st.pool(loc.tier).ok_or_else(|| Status::internal("chunk in a tier without a pool"))?;
+        let pool = st.pools.region(loc.tier).ok_or_else(|| Status::internal("chunk in a tier without a pool"))?;
         let (cuda, Tier::Gpu) = (&st.cuda, loc.tier) else {
             let slice = pool
                 .slice(loc.offset as usize, loc.len as usize)
@@ -469,7 +469,7 @@ impl Service {
         let cuda = cuda.as_ref().ok_or_else(|| Status::internal("a GPU-tier chunk without CUDA"))?;
         let len = loc.len as usize;
         let b = st.bounce.take(&st.ctx, len).map_err(ucx_status)?;
-        let src = st.pool_base(Tier::Gpu) + loc.offset;
+        let src = st.pools.base(Tier::Gpu) + loc.offset;
         // SAFETY: the destination is a fresh or returned bounce buffer of at least `len` bytes that
         // nothing else uses; the source is a slot of the GPU pool pinned by the caller's lease.
         unsafe { cuda.copy_dtoh(b.as_ptr(), src, len) }
@@ -639,7 +639,7 @@ impl Prefixd for Service {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 quarantined_bytes,
                 ucx_version: st.ctx.info().version.clone(),
-                gpu_pool_device: match (&st.cuda, &st.gpu_pool) {
+                gpu_pool_device: match (&st.cuda, &st.pools.gpu()) {
                     (Some(c), Some(_)) => c.pci_bus_id(),
                     _ => String::new(),
                 },

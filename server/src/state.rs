@@ -1,9 +1,10 @@
-//! Everything the server's tasks share: configuration, the index (one mutex), the host pool,
-//! the UCX worker, client sessions and metrics.
+//! Everything the server's tasks share: configuration, the index (one mutex), the pools (see
+//! `pools`), the UCX worker, client sessions and metrics, and the demotions' copies.
 
 use crate::config::{Config, RmaPolicy};
 use crate::gpu::Cuda;
 use crate::metrics::Metrics;
+use crate::pools::Pools;
 use crate::sessions::{Session, Sessions};
 use prefixd_cache::{Index, IndexConfig, Move, Tier};
 use prefixd_proto::dataplane::SessionToken;
@@ -13,67 +14,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-use ucx_bindings::shm::SharedMemory;
-use ucx_bindings::{Context, MemRegion, MemoryType, Worker};
-
-/// The GPU tier's memory: one cuMemAlloc'd range, registered with UCX as CUDA memory.
-#[derive(Debug)]
-pub struct GpuPool {
-    pub cuda: Arc<Cuda>,
-    pub ptr: u64,
-    pub len: usize,
-    pub region: Option<Arc<MemRegion>>,
-}
-
-impl Drop for GpuPool {
-    fn drop(&mut self) {
-        // Unregister first; free only if no transfer still holds the registration.
-        match self.region.take().map(Arc::try_unwrap) {
-            Some(Ok(region)) => {
-                drop(region);
-                self.cuda.free(self.ptr);
-            }
-            Some(Err(_)) => tracing::warn!("GPU pool still in use at shutdown; not freed"),
-            None => self.cuda.free(self.ptr),
-        }
-    }
-}
-
-/// Keeps the host pool page-locked for CUDA; unlocks it before the pool goes away.
-#[derive(Debug)]
-struct Pinned {
-    cuda: Arc<Cuda>,
-    ptr: *mut u8,
-}
-
-// SAFETY: only the pointer value is kept, to unregister it; nothing is read or written through it.
-unsafe impl Send for Pinned {}
-// SAFETY: as above.
-unsafe impl Sync for Pinned {}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        // SAFETY: ptr was registered with host_register in State::new and is unregistered once.
-        unsafe { self.cuda.host_unregister(self.ptr) };
-    }
-}
+use ucx_bindings::{Context, Worker};
 
 pub struct State {
     pub cfg: Config,
     index: Mutex<Index>,
     pub ctx: Context,
     pub worker: Worker,
-    // Field order is drop order: unpin the host pool and free the GPU pool before the host pool
-    // and the context go.
-    _pinned: Option<Pinned>,
-    pub gpu_pool: Option<GpuPool>,
-    pub host_pool: Arc<MemRegion>,
-    /// The memfd behind the host pool (same-host RMA allowed): unmapped after `host_pool`.
-    _host_shm: Option<SharedMemory>,
-    /// Abstract socket that hands the host pool to same-host clients ("" when not offered).
-    pub host_pool_socket: String,
-    /// CUDA IPC handle of the GPU pool for same-host clients (empty without a GPU pool).
-    pub gpu_ipc_handle: Vec<u8>,
+    /// The host and GPU pools, and how same-host clients reach them.
+    pub pools: Pools,
     pub cuda: Option<Arc<Cuda>>,
     pub sessions: Sessions,
     pub metrics: Metrics,
@@ -125,92 +74,21 @@ impl State {
         cuda: Option<Arc<Cuda>>,
         auth: crate::auth::Auth,
     ) -> anyhow::Result<Arc<State>> {
-        let len = cfg.host_pool.0 as usize;
         // The pool socket hands the host pool only to a live same-host RMA session (its token is
         // the proof); the state it asks is set once built.
         let gate: Arc<std::sync::OnceLock<std::sync::Weak<State>>> = Arc::default();
-        let (host_pool, host_shm, host_pool_socket) = if cfg.rma == RmaPolicy::SameHost {
-            // Shareable memory: same-host clients may map it and copy directly (see ucx_bindings::shm).
-            let shm = SharedMemory::create("prefixd-host-pool", len)
-                .map_err(|e| anyhow::anyhow!("cannot allocate the {} host pool: {e}", cfg.host_pool))?;
-            // SAFETY: the mapping lives in `_host_shm`, which is dropped after `host_pool`.
-            let region = unsafe { MemRegion::register(&ctx, shm.as_ptr(), len, MemoryType::Host) }
-                .map_err(|e| anyhow::anyhow!("cannot register the {} host pool: {e}", cfg.host_pool))?;
-            let mut nonce = [0u8; 8];
-            crate::sessions::random_fill(&mut nonce)?;
-            let name = format!("prefixd-pool-{}-{:016x}", std::process::id(), u64::from_le_bytes(nonce));
-            // The serving thread keeps the raw fd; `_host_shm` keeps it open for the process's life.
-            let (g1, g2) = (gate.clone(), gate.clone());
-            let authorize = move |proof: &SessionToken| {
-                g1.get().and_then(std::sync::Weak::upgrade).is_some_and(|st| st.writer_arrived(proof))
-            };
-            let gone = move |proof: &SessionToken| {
-                if let Some(st) = g2.get().and_then(std::sync::Weak::upgrade) {
-                    st.writer_gone(proof);
-                }
-            };
-            let socket = match ucx_bindings::shm::serve_fd(&name, shm.fd(), len as u64, authorize, gone) {
-                Ok(()) => format!("@{name}"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "host pool not shared; same-host clients use RMA only");
-                    String::new()
-                }
-            };
-            (region, Some(shm), socket)
-        } else {
-            let region = MemRegion::alloc_host(&ctx, len)
-                .map_err(|e| anyhow::anyhow!("cannot allocate and register the {} host pool: {e}", cfg.host_pool))?;
-            (region, None, String::new())
+        let (g1, g2) = (gate.clone(), gate.clone());
+        let authorize = move |proof: &SessionToken| {
+            g1.get().and_then(std::sync::Weak::upgrade).is_some_and(|st| st.writer_arrived(proof))
         };
-        let pinned = cuda.as_ref().and_then(|c| {
-            // SAFETY: the host pool stays mapped until after `pinned` is dropped (field order).
-            match unsafe { c.host_register(host_pool.as_ptr(), host_pool.len()) } {
-                Ok(true) => Some(Pinned { cuda: c.clone(), ptr: host_pool.as_ptr() }),
-                Ok(false) => {
-                    tracing::info!("host pool already page-locked (by UCX's registration)");
-                    None
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "host pool not page-locked; host<->GPU copies will be slower");
-                    None
-                }
-            }
-        });
-        let gpu_pool = match (cfg.gpu_pool, &cuda) {
-            (None, _) => None,
-            (Some(size), None) => anyhow::bail!("--gpu-pool {size} needs CUDA, which is not available here"),
-            (Some(size), Some(c)) => {
-                if !ctx.supports(MemoryType::Cuda) {
-                    anyhow::bail!(
-                        "--gpu-pool needs UCX's cuda transports: add cuda_copy (and cuda_ipc) to --transports (now {})",
-                        cfg.transports
-                    );
-                }
-                let len = size.0 as usize;
-                let ptr = c.alloc(len).map_err(|e| anyhow::anyhow!("cannot allocate the {size} GPU pool: {e}"))?;
-                let mut pool = GpuPool { cuda: c.clone(), ptr, len, region: None };
-                // SAFETY: ptr..ptr+len is our cuMemAlloc allocation, freed only in GpuPool's Drop
-                // after this registration is gone.
-                let region = unsafe { MemRegion::register(&ctx, ptr as *mut u8, len, MemoryType::Cuda) }
-                    .map_err(|e| anyhow::anyhow!("cannot register the GPU pool with UCX: {e}"))?;
-                pool.region = Some(region);
-                Some(pool)
+        let gone = move |proof: &SessionToken| {
+            if let Some(st) = g2.get().and_then(std::sync::Weak::upgrade) {
+                st.writer_gone(proof);
             }
         };
-        let gpu_ipc_handle = match (&gpu_pool, cfg.rma) {
-            (Some(g), RmaPolicy::SameHost) => g.cuda.ipc_handle(g.ptr).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "GPU pool not exported; paged chunks unavailable");
-                Vec::new()
-            }),
-            _ => Vec::new(),
-        };
-        let mut tiers = Vec::new();
-        if let Some(g) = &gpu_pool {
-            tiers.push((Tier::Gpu, g.len as u64));
-        }
-        tiers.push((Tier::Host, cfg.host_pool.0));
+        let pools = Pools::new(&cfg, &ctx, cuda.as_ref(), authorize, gone)?;
         let index = Index::new(IndexConfig {
-            tiers,
+            tiers: pools.tiers(),
             max_chunk_size: cfg.max_chunk_size.0,
             high_watermark: cfg.high_watermark,
             low_watermark: cfg.low_watermark,
@@ -229,12 +107,7 @@ impl State {
             index: Mutex::new(index),
             ctx,
             worker,
-            _pinned: pinned,
-            gpu_pool,
-            host_pool,
-            _host_shm: host_shm,
-            host_pool_socket,
-            gpu_ipc_handle,
+            pools,
             cuda,
             sessions,
             metrics,
@@ -295,25 +168,10 @@ impl State {
         }
     }
 
-    pub fn pool_base(&self, tier: Tier) -> u64 {
-        match tier {
-            Tier::Host => self.host_pool.as_ptr() as u64,
-            Tier::Gpu => self.gpu_pool.as_ref().map_or(0, |g| g.ptr),
-        }
-    }
-
-    /// The registered memory of a tier.
-    pub fn pool(&self, tier: Tier) -> Option<&Arc<MemRegion>> {
-        match tier {
-            Tier::Host => Some(&self.host_pool),
-            Tier::Gpu => self.gpu_pool.as_ref().and_then(|g| g.region.as_ref()),
-        }
-    }
-
     /// Counts chunk bytes of a session by direction, data path and (per tier) transport. RMA
     /// clients move bytes themselves: they count at commit (in) and at lease (out).
     pub fn count_bytes(&self, direction: &str, session: &Session, bytes: prefixd_cache::TierBytes) {
-        let shared = !self.host_pool_socket.is_empty();
+        let shared = !self.pools.host_socket().is_empty();
         for (tier, n) in [(Tier::Gpu, bytes.gpu), (Tier::Host, bytes.host)] {
             if n > 0 {
                 let transport = session.transport_for(tier, shared);
@@ -357,8 +215,8 @@ impl State {
             tracing::error!("a demotion without CUDA; the chunk is dropped");
             return false;
         };
-        let dst = self.pool_base(m.to.tier) + m.to.offset;
-        let src = self.pool_base(m.from.tier) + m.from.offset;
+        let dst = self.pools.base(m.to.tier) + m.to.offset;
+        let src = self.pools.base(m.from.tier) + m.from.offset;
         // SAFETY: both ranges are slots of our pools (the index hands out in-range offsets). The
         // chunk is Moving: no lease can name either slot, the destination is its own new slot,
         // and the source now belongs to a reservation whose writer gets its address only after
