@@ -10,6 +10,7 @@ PREFIXD_REQUIRE_VLLM=1 (set by `scripts/dev.sh test`), where they fail.
 
 import json
 import os
+import pathlib
 import subprocess
 import time
 import urllib.request
@@ -60,7 +61,11 @@ init_none_hash(sha256_cbor)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Qwen3 config (no weights: nothing runs the model here)."""
-    d = tmp_path_factory.mktemp("qwen3-tiny")
+    return write_tiny_model(tmp_path_factory.mktemp("qwen3-tiny"))
+
+
+def write_tiny_model(d):
+    """Writes the tiny Qwen3 config into directory `d` (also used by bench/vllm/sched_cost.py)."""
     cfg = {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
         "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": EOS, "head_dim": HEAD,
@@ -70,7 +75,7 @@ def model_dir(tmp_path_factory):
         "rope_scaling": None, "rope_theta": 10000, "sliding_window": None, "tie_word_embeddings": True,
         "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 4000,
     }
-    (d / "config.json").write_text(json.dumps(cfg))
+    (pathlib.Path(d) / "config.json").write_text(json.dumps(cfg))
     return str(d)
 
 
@@ -395,6 +400,30 @@ def test_decode_waiting_for_the_prefill_is_answered_when_it_commits(model_dir):
         sched.connector.shutdown()
     finally:
         srv.stop()
+
+
+def test_a_pending_lookup_holds_the_engine_loop_once_at_most(model_dir, server):
+    """The engine asks about a waiting request every step. The connector may wait for its lookup
+    (up to lookup_inline_ms) once per request, never on every call: that cost 8.4 ms per step at
+    100 requests/s in bench/vllm/sched_cost.py, once lookups could stay pending for a whole P/D
+    wait."""
+    tokens = [(i * 41 + 3) % 4000 for i in range(300)]
+    vc = vllm_config(model_dir, "kv_consumer",
+                     {"endpoint": server.endpoint, "pd_wait_ms": 2000, "lookup_inline_ms": 20})
+    sched = scheduler(vc)
+    sched.connector.get_kv_connector_stats = lambda: None  # keep the counters for this test
+    sched.add_request(request("d11", tokens, params={"prefixd": {"endpoint": server.endpoint, "chunks": 2}}))
+    t0, calls = time.monotonic(), 0
+    while time.monotonic() - t0 < 0.5:
+        out = sched.schedule()
+        assert not out.num_scheduled_tokens, "the announced chunks never come: the request waits"
+        sched.update_from_output(out, EMPTY_MODEL_RUNNER_OUTPUT)
+        calls += 1
+        time.sleep(0.001)
+    spent = sched.connector._sched.scheduler_seconds
+    assert calls > 50, f"only {calls} engine steps in 0.5 s"
+    assert spent < 0.2, f"{spent:.3f} s of the engine loop spent in the connector over {calls} steps"
+    sched.connector.shutdown()
 
 
 def test_prefixd_down_means_recompute(model_dir):

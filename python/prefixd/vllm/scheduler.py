@@ -142,6 +142,7 @@ class _Lookup:
     expected: int  # chunks the prefill announced (P/D), 0 if none
     first_seen: float  # when the request was first looked up (the P/D wait counts from here)
     wait_ms: float = 0.0  # how long the sidecar may hold this lookup for announced chunks
+    waited_inline: bool = False  # the engine loop has waited for it once already
     result: tuple | None = None  # (hits, leases, locations) once consumed
     local: int = 0  # tokens vLLM had computed locally when the match was made
     gave_up: bool = False  # the P/D wait ran out: take what is there
@@ -243,10 +244,14 @@ class SchedulerSide:
         if not plan:
             return None
         now = time.monotonic()
-        first_seen = first_seen if first_seen is not None else now
-        # P/D: the sidecar holds the lookup until the announced chunks are all there, for what
-        # is left of the P/D wait (one call, answered the moment the last one commits).
-        want = min(expected, len(plan))
+        retry = first_seen is not None
+        first_seen = first_seen if retry else now
+        # P/D: a request's first lookup answers at once (the engine loop may wait for it
+        # briefly: when the prefill's chunks are already there, the request goes this step). If
+        # it came back short, the next one asks the sidecar to hold it until the announced chunks
+        # are all there, for what is left of the P/D wait: one call, answered the moment the
+        # last one commits, which the loop never waits for.
+        want = min(expected, len(plan)) if retry else 0
         wait_ms = max(0.0, self.cfg.pd_wait_ms - (now - first_seen) * 1000) if want else 0.0
         pending = _Pending(self, plan, remote, want, int(wait_ms))
         look = _Lookup(pending, now, plan, remote, expected, first_seen, wait_ms=wait_ms)
@@ -285,7 +290,9 @@ class SchedulerSide:
                 # lookup_inline_ms each. A lookup the sidecar holds for announced chunks is
                 # given that wait on top of the timeout.
                 limit = self.cfg.lookup_timeout_ms + look.wait_ms
-                if waited < limit and look.started == look.first_seen:
+                if waited < limit and look.started == look.first_seen and not look.waited_inline:
+                    # Once per request (the engine asks again every step while it is pending).
+                    look.waited_inline = True
                     look.future.wait(self.cfg.lookup_inline_ms / 1000)
                 if not look.future.done():
                     if waited < limit:
@@ -310,7 +317,9 @@ class SchedulerSide:
         if look.expected and hits < look.expected and not look.gave_up:
             now = time.monotonic()
             if (now - look.first_seen) * 1000 < self.cfg.pd_wait_ms:
-                if now - look.started >= PD_RETRY_S:
+                # The first retry is the waiting lookup: at once. Later ones (a wait the
+                # sidecar cut short) at most every PD_RETRY_S.
+                if not look.wait_ms or now - look.started >= PD_RETRY_S:
                     self._release(look.result[1])
                     self._start(request, first_seen=look.first_seen)
                 return None, False
