@@ -166,6 +166,18 @@ impl NativeClient {
         let rt = runtime()?;
         py.detach(|| rt.block_on(client.run(f))).map_err(to_py)
     }
+
+    /// As `call`, in the background: returns at once; the answer (made by `answer`) waits in
+    /// the returned `Pending`.
+    fn start<T, F, Fut>(&self, f: F, answer: fn(T) -> Answer) -> PyResult<Pending>
+    where
+        F: Fn(Arc<Client>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = prefixd_client::Result<T>> + Send,
+        T: Send + 'static,
+    {
+        let client = self.recovering()?;
+        Ok(Pending::spawn(runtime()?, async move { client.run(f).await.map(answer) }))
+    }
 }
 
 #[pymethods]
@@ -278,18 +290,14 @@ impl NativeClient {
     /// As `lookup`, in the background: returns a `Pending` at once (its `result()` is the hits).
     #[pyo3(signature = (namespace, keys, want = 0, wait_ms = 0))]
     fn lookup_start(&self, namespace: String, keys: Vec<Vec<u8>>, want: usize, wait_ms: u64) -> PyResult<Pending> {
-        let keys = parse_keys(keys)?;
-        let client = self.recovering()?;
-        let w = wait(want, wait_ms);
-        Ok(Pending::spawn(runtime()?, async move {
-            client
-                .run(|c| {
-                    let (namespace, keys) = (namespace.clone(), keys.clone());
-                    async move { c.lookup_keys_waiting(&namespace, &keys, w).await }
-                })
-                .await
-                .map(Answer::Hits)
-        }))
+        let (keys, w) = (parse_keys(keys)?, wait(want, wait_ms));
+        self.start(
+            move |c| {
+                let (namespace, keys) = (namespace.clone(), keys.clone());
+                async move { c.lookup_keys_waiting(&namespace, &keys, w).await }
+            },
+            Answer::Hits,
+        )
     }
 
     /// Stores one buffer per key: (chunks, stored, skipped).
@@ -440,18 +448,14 @@ impl NativeClient {
     /// tuple). A lease nobody takes runs out at its TTL; take it and `release` it.
     #[pyo3(signature = (namespace, keys, want = 0, wait_ms = 0))]
     fn lease_start(&self, namespace: String, keys: Vec<Vec<u8>>, want: usize, wait_ms: u64) -> PyResult<Pending> {
-        let keys = parse_keys(keys)?;
-        let client = self.recovering()?;
-        let w = wait(want, wait_ms);
-        Ok(Pending::spawn(runtime()?, async move {
-            client
-                .run(|c| {
-                    let (namespace, keys) = (namespace.clone(), keys.clone());
-                    async move { c.lease_keys_waiting(&namespace, &keys, w).await }
-                })
-                .await
-                .map(|l| Answer::Lease(lease_tuple(l)))
-        }))
+        let (keys, w) = (parse_keys(keys)?, wait(want, wait_ms));
+        self.start(
+            move |c| {
+                let (namespace, keys) = (namespace.clone(), keys.clone());
+                async move { c.lease_keys_waiting(&namespace, &keys, w).await }
+            },
+            |l| Answer::Lease(lease_tuple(l)),
+        )
     }
 
     /// Ends a lease (without waiting for the server's answer).
