@@ -40,9 +40,11 @@ class ConnectorConfig:
     into `kv_transfer_params`; default `endpoint`). `force_remote`: load from a sidecar named in
     `kv_transfer_params` over the remote path even when it is this node's (tests, benchmarks).
     `chunk_blocks`: blocks per stored chunk (16: 256 tokens at block size 16). `lookup_timeout_ms`:
-    after this a pending lookup counts as a miss. `lookup_inline_ms`: how long the scheduler may
-    wait for a lookup before it asks vLLM to come back next step. `pd_wait_ms`: how long a decode
-    instance waits for chunks its prefill instance announced but has not committed yet.
+    after this a pending lookup counts as a miss (a lookup the sidecar holds for announced chunks
+    gets `pd_wait_ms` more). `lookup_inline_ms`: how long the scheduler may wait for a request's
+    first lookup (once) before it asks vLLM to come back next step. `pd_wait_ms`: how long a
+    decode instance waits for chunks its prefill instance announced but has not committed yet
+    (the sidecar holds one lookup that long and answers when the last of them commits).
     `transports`: UCX transports of the local session (default cuda_ipc,cuda_copy,sm,tcp with a GPU).
     `remote_transports`: of sessions to other nodes' sidecars (default: tcp, plus cuda_copy with
     a GPU, for UCX to stage device memory). `tenant`: added to the namespace.
