@@ -7,9 +7,9 @@ It runs inside vLLM's engine loop, so nothing here may stall it:
   they are read). `get_num_new_matched_tokens` waits for a request's first lookup at most
   `lookup_inline_ms` (with the GIL released), otherwise answers "ask me again" (None), and counts
   a lookup still pending after `lookup_timeout_ms` as a miss.
-- P/D: a decode request whose prefill announced N chunks (in `kv_transfer_params`) looks up with
-  "wait for N": the sidecar answers the moment the last of them commits (or when `pd_wait_ms`
-  runs out), one call instead of polling every few milliseconds.
+- P/D: a decode request whose prefill announced N chunks (in `kv_transfer_params`) and found
+  fewer looks up once more with "wait for N": the sidecar answers the moment the last of them
+  commits (or when `pd_wait_ms` runs out), one call instead of polling every few milliseconds.
 - Local loads are synchronous in vLLM's terms (the worker queues one kernel on the compute stream
   before the forward), with the lease's chunk addresses in the step's metadata; the lease is
   released when the workers report that step (its output reaches the scheduler only after the
@@ -86,6 +86,8 @@ class _Pending:
                     self.handles.append((side.local, ns, side.local.call("lease_start", ns, keys, want, wait_ms)))
         except Exception as e:  # unreachable sidecar, lost session: a failed lookup
             self.error = e
+            if self.handles:  # leases already asked for (another TP rank's): freed when granted
+                threading.Thread(target=_release_later, args=(list(self.handles),), daemon=True).start()
 
     def done(self):
         return self.error is not None or all(h.done() for _, _, h in self.handles)
@@ -131,6 +133,18 @@ class _Pending:
                 client.release(lease_id)
             return 0, [], None
         return hits, leases, (located[0][:hits], located[1])
+
+
+def _release_later(handles):
+    """Releases the leases of calls nobody will read, as they are granted."""
+    for client, ns, h in handles:
+        try:
+            if ns is not None and h.wait(LOOKUP_WAIT_CAP_S):
+                lease_id = client.take(h)[0]
+                if lease_id:
+                    client.release(lease_id)
+        except Exception:
+            pass  # failed: no lease (or one that runs out at its TTL)
 
 
 @dataclass
