@@ -28,12 +28,11 @@ use plane::{AmPlane, Plane, RmaPlane};
 use prefixd_proto::dataplane::{FetchHeader, HelloAck, PutHeader, AM_FETCH, AM_HELLO, AM_HELLO_ACK, AM_PUT};
 pub use prefixd_proto::keys::{parse_tokens, ChunkKey, KeyConfig};
 use prefixd_proto::v1::*;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
-use ucx_bindings::{AmData, Endpoint, ErrorMode, IncomingAm, MemRegion, RegionSlice, RemoteRegion, Worker};
+use ucx_bindings::{AmData, Endpoint, ErrorMode, MemRegion, RegionSlice, RemoteRegion, Worker};
 
 pub use prefixd_proto::v1::DataPath;
 pub use prefixd_proto::v1::StatsResponse as Stats;
@@ -170,7 +169,10 @@ pub struct PutOutcome {
     pub skipped: usize,
 }
 
-type FetchRoutes = Arc<Mutex<HashMap<u64, tokio::sync::mpsc::UnboundedSender<IncomingAm>>>>;
+/// Where an AM_FETCH goes: its call's tag and the chunk's index in it.
+fn fetch_route(header: &[u8]) -> Option<(u64, usize)> {
+    FetchHeader::decode(header).map(|h| (h.tag, h.index as usize))
+}
 
 /// A session with one prefixd server.
 pub struct Client {
@@ -184,11 +186,11 @@ pub struct Client {
     ep: Endpoint,
     /// RMA (same host) or active messages, with what each needs (see `plane`).
     plane: Plane,
-    routes: FetchRoutes,
+    /// Fetched chunks are received on the UCX thread into the buffers each call sets out.
+    fetches: ucx_bindings::AmRoutes,
     next_tag: AtomicU64,
     opts: ClientOptions,
     transports: Vec<String>,
-    router: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Client {
@@ -324,7 +326,7 @@ impl Client {
                 (f.0)();
             }
         })?;
-        let fetch_rx = worker.listen_am(AM_FETCH).await?;
+        let fetches = worker.route_am(AM_FETCH, fetch_route).await?;
         let data_host = if resp.data_host.is_empty() { host_of(endpoint)? } else { resp.data_host.clone() };
         let data_addr = resolve(&data_host, resp.data_port, endpoint).await?;
         let ep = bind_data_endpoint(&worker, data_addr, path, &resp.session_token, opts.timeout).await?;
@@ -351,8 +353,6 @@ impl Client {
         } else {
             Plane::ActiveMessage(AmPlane { staging: tokio::sync::Mutex::new(None) })
         };
-        let routes: FetchRoutes = Arc::default();
-        let router = tokio::spawn(route_fetches(fetch_rx, routes.clone()));
         Ok(Client {
             grpc,
             channel,
@@ -361,11 +361,10 @@ impl Client {
             worker,
             ep,
             plane,
-            routes,
+            fetches,
             next_tag: AtomicU64::new(1),
             opts,
             transports: resp.transports,
-            router,
         })
     }
 
@@ -916,18 +915,16 @@ impl Client {
     async fn fetch_into(&self, mut req: FetchRequest, dest: &[RegionSlice]) -> Result<usize> {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         req.tag = tag;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(tag, tx);
-        let mut lease_id = (req.lease_id != 0).then_some(req.lease_id);
+        let t = self.opts.timeout;
+        // Each chunk is received on the UCX thread, straight into its buffer, as it arrives.
+        let mut rx = self.fetches.expect(tag, dest.to_vec(), t);
         let mut grpc = self.grpc.clone();
         // Owned and boxed: once every chunk is in, the call is left to finish on its own rather
         // than dropped (a dropped call resets its HTTP/2 stream, and servers refuse clients
         // that reset streams fast: hyper answered ResourceExhausted at ~1,000 gets a second).
         let mut call = Box::pin(async move { grpc.fetch(req).await });
-        let t = self.opts.timeout;
         let mut replied = false;
         let mut want = dest.len();
-        let mut got = vec![false; dest.len()];
         let (mut announced, mut received) = (0, 0);
         // Receives are polled here, in this task: no hop through the runtime's other threads
         // between a chunk's arrival and the call's return (it cost ~0.1-0.2 ms a get).
@@ -945,30 +942,24 @@ impl Client {
                     }
                     Err(status) => break Err(status.into()),
                 },
-                msg = rx.recv(), if announced < want => {
-                    let Some(msg) = msg else { break Err(Error::Transfer(ucx_bindings::Error::WorkerStopped)) };
-                    let Some(h) = FetchHeader::decode(msg.header()) else {
-                        break Err(Error::InvalidArgument("malformed fetch header".into()));
-                    };
-                    let i = h.index as usize;
-                    if i >= dest.len() || got[i] || *lease_id.get_or_insert(h.lease_id) != h.lease_id {
-                        break Err(Error::InvalidArgument(format!("unexpected chunk index {i} from the server")));
-                    }
-                    got[i] = true;
+                arrived = rx.recv(), if announced < want => {
+                    // The UCX thread has started its receive (or settled it: a repeated index, a
+                    // chunk of another size); its outcome comes on `done`.
+                    let Some((_i, done)) = arrived else { break Err(Error::Transfer(ucx_bindings::Error::WorkerStopped)) };
                     announced += 1;
-                    let d = dest[i].clone();
-                    receiving.push(async move { msg.recv_into(&d, t).await });
+                    receiving.push(done);
                 }
                 Some(done) = futures_util::StreamExt::next(&mut receiving), if !receiving.is_empty() => match done {
-                    Ok(()) => received += 1,
-                    Err(e) => break Err(e.into()),
+                    Ok(Ok(())) => received += 1,
+                    Ok(Err(e)) => break Err(e.into()),
+                    Err(_) => break Err(Error::Transfer(ucx_bindings::Error::WorkerStopped)),
                 },
                 _ = idle => {
                     break Err(Error::Transfer(ucx_bindings::Error::TimedOut { op: "fetch", after: t }));
                 }
             }
         };
-        self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&tag);
+        self.fetches.forget(tag);
         if !replied && result.is_ok() {
             tokio::spawn(call);
         }
@@ -1098,12 +1089,6 @@ impl PendingPut<'_> {
     }
 }
 
-impl Drop for Client {
-    fn drop(&mut self) {
-        self.router.abort();
-    }
-}
-
 /// The standard gRPC health check of a server, without opening a session.
 pub async fn health_check(channel: Channel) -> Result<bool> {
     let r = tonic_health::pb::health_client::HealthClient::new(channel)
@@ -1141,17 +1126,4 @@ async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> 
     })
     .await;
     out.into_iter().flatten().collect()
-}
-
-async fn route_fetches(mut rx: ucx_bindings::AmReceiver, routes: FetchRoutes) {
-    while let Some(msg) = rx.recv().await {
-        let Some(h) = FetchHeader::decode(msg.header()) else {
-            continue;
-        };
-        let tx = routes.lock().unwrap_or_else(|p| p.into_inner()).get(&h.tag).cloned();
-        if let Some(tx) = tx {
-            let _ = tx.send(msg);
-        }
-        // Otherwise nobody waits for it (a timed-out fetch): dropping it releases the data.
-    }
 }

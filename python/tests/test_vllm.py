@@ -11,6 +11,7 @@ PREFIXD_REQUIRE_VLLM=1 (set by `scripts/dev.sh test`), where they fail.
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import time
 import urllib.request
@@ -484,8 +485,15 @@ def test_a_timed_out_lookup_leaks_no_lease(model_dir):
         params, _, _ = prefill(model_dir, srv.endpoint, tokens, rid="p7", seed=17)
         vc = vllm_config(model_dir, "kv_consumer", {"endpoint": srv.endpoint, "lookup_timeout_ms": 0})
         sched = scheduler(vc)
-        sched.add_request(request("d7", tokens))
-        out = schedule_new(sched)
+        sched.connector._sched.local.get()  # connected before the sidecar stalls
+        # A stalled sidecar makes the lookup late for certain (lookups no longer wait for the
+        # engine's GIL, so an idle one can answer before the scheduler first asks).
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            sched.add_request(request("d7", tokens))
+            out = schedule_new(sched)
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
         assert out.num_scheduled_tokens["d7"] == 300, "the late lookup counted as a miss"
         assert sched.connector._sched.counters.snapshot().get("lookup_timeout") == 1
         with prefixd.Client(srv.endpoint, device=None) as c:

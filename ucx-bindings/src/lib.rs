@@ -47,7 +47,8 @@ pub use error::{Error, Result};
 pub use memory::{MemRegion, RegionSlice, RemoteRegion};
 pub use transports::{TransportDevice, TransportList, KNOWN_TRANSPORTS};
 pub use worker::{
-    AmData, AmReceiver, ConnRequest, Endpoint, EndpointId, ErrorMode, IncomingAm, Listener, RemoteKey, Worker,
+    AmData, AmReceiver, AmRoutes, ConnRequest, Endpoint, EndpointId, ErrorMode, IncomingAm, Listener, RemoteKey,
+    RouteKey, Routed, Worker,
 };
 
 /// Compile-time checks of the thread-safety claims made with `unsafe impl`.

@@ -141,6 +141,12 @@ pub(crate) enum Command {
         tx: tokio::sync::mpsc::UnboundedSender<Arrival>,
         reply: Reply<()>,
     },
+    /// Routes arrivals of `id` on the progress thread (see `Worker::route_am`).
+    AmRoute {
+        id: u16,
+        table: std::sync::Arc<super::routes::RouteTable>,
+        reply: Reply<()>,
+    },
     AmRecv {
         desc: usize,
         dest: RegionSlice,

@@ -4,8 +4,10 @@
 
 mod command;
 mod progress;
+mod routes;
 
 pub use command::AmData;
+pub use routes::{AmRoutes, RouteKey, Routed};
 
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -171,6 +173,16 @@ impl Worker {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.shared.cmd.call(|reply| Command::AmListen { id, tx, reply }).await?;
         Ok(AmReceiver { rx, cmd: self.shared.cmd.clone() })
+    }
+
+    /// Receives active message `id` on the progress thread itself, into buffers set out by key
+    /// ([`AmRoutes::expect`]): `key` reads (key, index) from each header. Saves the hand-offs of
+    /// [`Worker::listen_am`] (an async task per arrival, then a command back to receive).
+    pub async fn route_am(&self, id: u16, key: RouteKey) -> Result<AmRoutes> {
+        let table = Arc::new(routes::RouteTable::new(key));
+        let t = table.clone();
+        self.shared.cmd.call(|reply| Command::AmRoute { id, table: t, reply }).await?;
+        Ok(AmRoutes { table })
     }
 
     /// Waits until no operation is in flight (true) or `timeout` passes (false). Every

@@ -13,6 +13,7 @@
 //! callback).
 
 use super::command::{AmData, Arrival, ArrivedData, Command, ConnArrival, Reply, RmaKind, Signal};
+use super::routes::{Action, RouteTable};
 use crate::error::{Error, Result};
 use crate::memory::RegionSlice;
 use crate::result::{self, PtrStatus, Status};
@@ -177,6 +178,14 @@ struct IdleWaiter {
     reply: Reply<bool>,
 }
 
+/// Who gets a listened-to active message id's arrivals.
+enum Listener {
+    /// Each arrival goes to an async receiver (`Worker::listen_am`).
+    Channel(tokio::sync::mpsc::UnboundedSender<Arrival>),
+    /// Received right here into buffers set out by key (`Worker::route_am`).
+    Routed(Arc<RouteTable>),
+}
+
 pub(crate) struct Progress {
     worker: sys::ucp_worker_h,
     efd: libc::c_int,
@@ -189,7 +198,7 @@ pub(crate) struct Progress {
     /// Our endpoint id of each live `ucp_ep_h`, to name the sender of an active message.
     ep_by_handle: HashMap<usize, u64>,
     rkeys: HashMap<u64, RkeyState>,
-    listeners: HashMap<u16, tokio::sync::mpsc::UnboundedSender<Arrival>>,
+    listeners: HashMap<u16, Listener>,
     conn_listeners: HashMap<u64, ListenerState>,
     idle_waiters: Vec<IdleWaiter>,
     shutting_down: bool,
@@ -418,7 +427,11 @@ impl Progress {
                 self.start_am_send(ep, id, header, data, timeout, reply)
             }
             Command::AmListen { id, tx, reply } => {
-                let r = self.listen(id, tx);
+                let r = self.listen(id, Listener::Channel(tx));
+                let _ = reply.send(r);
+            }
+            Command::AmRoute { id, table, reply } => {
+                let r = self.listen(id, Listener::Routed(table));
                 let _ = reply.send(r);
             }
             Command::AmRecv { desc, dest, timeout, reply } => self.start_am_recv(desc, dest, timeout, reply),
@@ -756,8 +769,8 @@ impl Progress {
         self.track(id, "am_send", ptr, Some(ep), None, timeout, Some(reply), Owned::Send { header, data });
     }
 
-    fn listen(&mut self, id: u16, tx: tokio::sync::mpsc::UnboundedSender<Arrival>) -> Result<()> {
-        if self.listeners.get(&id).is_some_and(|l| !l.is_closed()) {
+    fn listen(&mut self, id: u16, listener: Listener) -> Result<()> {
+        if self.listeners.get(&id).is_some_and(|l| !matches!(l, Listener::Channel(tx) if tx.is_closed())) {
             return Err(Error::invalid(format!("active-message id {id} already has a listener")));
         }
         // SAFETY: plain C struct; zeroes are valid.
@@ -772,13 +785,25 @@ impl Progress {
         // integer, so nothing it refers to can dangle.
         let status = unsafe { sys::ucp_worker_set_am_recv_handler(self.worker, &p) };
         result::check(status).map_err(|s| Error::ucx("ucp_worker_set_am_recv_handler", s))?;
-        self.listeners.insert(id, tx);
+        self.listeners.insert(id, listener);
         Ok(())
     }
 
     fn dispatch_arrival(&mut self, am_id: u16, arrival: Arrival) {
         let undelivered = match self.listeners.get(&am_id) {
-            Some(tx) => tx.send(arrival).err().map(|e| e.0),
+            Some(Listener::Channel(tx)) => tx.send(arrival).err().map(|e| e.0),
+            Some(Listener::Routed(table)) => match table.route(&arrival.header, arrival.length, &arrival.data) {
+                // Unrouted, or settled without receiving: a rendezvous descriptor goes back.
+                Action::Drop | Action::Settled => Some(arrival),
+                Action::Receive { dest, timeout, reply } => match arrival.data {
+                    ArrivedData::Rndv { desc } => {
+                        self.start_am_recv(desc, dest, timeout, reply);
+                        None
+                    }
+                    // `route` settles eager data itself.
+                    ArrivedData::Eager(_) => None,
+                },
+            },
             None => Some(arrival),
         };
         if let Some(Arrival { data: ArrivedData::Rndv { desc }, .. }) = undelivered {
