@@ -945,7 +945,7 @@ impl Client {
                 arrived = rx.recv(), if announced < want => {
                     // The UCX thread has started its receive (or settled it: a repeated index, a
                     // chunk of another size); its outcome comes on `done`.
-                    let Some((_i, done)) = arrived else { break Err(Error::Transfer(ucx_bindings::Error::WorkerStopped)) };
+                    let Some(done) = arrived else { break Err(Error::Transfer(ucx_bindings::Error::WorkerStopped)) };
                     announced += 1;
                     receiving.push(done);
                 }

@@ -257,11 +257,6 @@ impl Service {
         if r.lease && st.is_draining() {
             return Err(Status::unavailable("prefixd is shutting down"));
         }
-        let want = (r.want_chunks as usize).min(keys.len());
-        if want > 0 && r.wait_ms > 0 {
-            let wait = Duration::from_millis(r.wait_ms.into()).min(MAX_LOOKUP_WAIT);
-            self.wait_for_chunks(&r.namespace, &keys, want, wait).await?;
-        }
         let (lease, session) = if r.lease {
             let s = self.session(&r.session_token)?;
             let ttl = if r.lease_ttl_ms == 0 { st.cfg.lease_ttl } else { Duration::from_millis(r.lease_ttl_ms) };
@@ -269,6 +264,12 @@ impl Service {
         } else {
             (None, None)
         };
+        // After the session check: a bad token fails at once rather than after the wait.
+        let want = (r.want_chunks as usize).min(keys.len());
+        if want > 0 && r.wait_ms > 0 {
+            let wait = Duration::from_millis(r.wait_ms.into()).min(MAX_LOOKUP_WAIT);
+            self.wait_for_chunks(&r.namespace, &keys, want, wait).await?;
+        }
         let now = Instant::now();
         let res = st.index().lookup(&r.namespace, &keys, lease, now).map_err(|e| self.index_err(e))?;
         let tokens = if r.chunk_tokens == 0 { 256 } else { r.chunk_tokens as u64 };

@@ -217,10 +217,9 @@ impl State {
         };
         let dst = self.pools.base(m.to.tier) + m.to.offset;
         let src = self.pools.base(m.from.tier) + m.from.offset;
-        // SAFETY: both ranges are slots of our pools (the index hands out in-range offsets). The
-        // chunk is Moving: no lease can name either slot, the destination is its own new slot,
-        // and the source now belongs to a reservation whose writer gets its address only after
-        // this copy (`finish_moves`' caller waits for it).
+        // The chunk is Moving: no lease can name either slot. The source now belongs to a
+        // reservation whose writer gets its address only after this copy (see `finish_moves`).
+        // SAFETY: both are in-range slots of our pools, used by nothing else during the copy.
         match unsafe { cuda.copy_dtoh(dst as *mut u8, src, m.from.len as usize) } {
             Ok(()) => true,
             Err(e) => {

@@ -109,22 +109,18 @@ class ReconnectingClient:
 
     def call(self, method, *args, **kwargs):
         """`method` of the native client; a lost session is dropped (and the error raised)."""
-        import prefixd
-
         c = self.get()
-        try:
-            return getattr(c._c, method)(*args, **kwargs)
-        except prefixd.SessionLostError as e:
-            self.drop(str(e))
-            raise
+        return self._dropping_lost(lambda: getattr(c._c, method)(*args, **kwargs))
 
     def take(self, pending):
-        """The answer of a call started in the background (`*_start`); a lost session is dropped
-        (and the error raised), as for `call`."""
+        """The answer of a call started in the background (`*_start`), as `call` gives one."""
+        return self._dropping_lost(pending.result)
+
+    def _dropping_lost(self, fn):
         import prefixd
 
         try:
-            return pending.result()
+            return fn()
         except prefixd.SessionLostError as e:
             self.drop(str(e))
             raise

@@ -820,10 +820,10 @@ impl Progress {
         p.op_attr_mask |= sys::UCP_OP_ATTR_FIELD_MEMH;
         p.memh = dest.region.memh;
         let (buf, desc) = (dest.ptr().cast::<c_void>(), desc as *mut c_void);
-        // SAFETY: desc is an unconsumed rendezvous descriptor from am_cb on this worker (the
-        // IncomingAm that held it gave it up by sending this command, or the route table took
-        // it straight from the arrival); dest lies in a region registered as memh and is moved
-        // into the op until completion.
+        // desc came from an IncomingAm that gave it up by sending this command, or from the route
+        // table, straight from the arrival.
+        // SAFETY: desc is an unconsumed rendezvous descriptor from am_cb on this worker; dest lies
+        // in a region registered as memh and is moved into the op until completion.
         let ptr = unsafe { sys::ucp_am_recv_data_nbx(self.worker, desc, buf, dest.len, &p) };
         self.track(id, "am_recv", ptr, None, None, timeout, Some(reply), Owned::Slice(dest));
     }

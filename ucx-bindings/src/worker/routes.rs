@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 /// Reads (key, index) from a message header; `None` drops the message.
 pub type RouteKey = fn(&[u8]) -> Option<(u64, usize)>;
 
-/// One receive's end: its index and its outcome (received, or why not).
-pub type Routed = (usize, oneshot::Receiver<Result<()>>);
+/// One arrival's outcome, to await: received, or why not.
+pub type Routed = oneshot::Receiver<Result<()>>;
 
 pub(crate) struct Route {
     dests: Vec<Option<RegionSlice>>,
@@ -57,7 +57,7 @@ impl RouteTable {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         let Some(route) = routes.get_mut(&key) else { return Action::Drop };
         let (reply, rx) = oneshot::channel();
-        if route.tx.send((index, rx)).is_err() {
+        if route.tx.send(rx).is_err() {
             return Action::Drop;
         }
         let dest = match route.dests.get_mut(index).map(Option::take) {
