@@ -25,7 +25,9 @@ pub use recover::Reconnecting;
 
 use plane::{AmPlane, Plane, RmaPlane};
 
-use prefixd_proto::dataplane::{FetchHeader, HelloAck, PutHeader, AM_FETCH, AM_HELLO, AM_HELLO_ACK, AM_PUT};
+use prefixd_proto::dataplane::{
+    FetchAsk, FetchDone, FetchHeader, HelloAck, PutHeader, AM_FETCH, AM_FETCH_ASK, AM_HELLO, AM_HELLO_ACK, AM_PUT,
+};
 pub use prefixd_proto::keys::{parse_tokens, ChunkKey, KeyConfig};
 use prefixd_proto::v1::*;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,9 +171,20 @@ pub struct PutOutcome {
     pub skipped: usize,
 }
 
-/// Where an AM_FETCH goes: its call's tag and the chunk's index in it.
-fn fetch_route(header: &[u8]) -> Option<(u64, usize)> {
-    FetchHeader::decode(header).map(|h| (h.tag, h.index as usize))
+/// Where an AM_FETCH goes: its call's tag, and the chunk's index in it (or, for the FetchDone
+/// that ends an AM_FETCH_ASK, a notice to the call).
+fn fetch_route(header: &[u8]) -> Option<(u64, ucx_bindings::Slot)> {
+    if let Some(h) = FetchHeader::decode(header) {
+        return Some((h.tag, ucx_bindings::Slot::Index(h.index as usize)));
+    }
+    FetchDone::decode(header).map(|d| (d.tag, ucx_bindings::Slot::Notice))
+}
+
+/// How a remote get is asked for: a gRPC `Fetch` (answered by its reply), or an AM_FETCH_ASK
+/// on the data endpoint (answered by a FetchDone notice).
+enum Ask {
+    Grpc(FetchRequest),
+    Message(FetchAsk, Vec<u8>),
 }
 
 /// A session with one prefixd server.
@@ -188,6 +201,8 @@ pub struct Client {
     plane: Plane,
     /// Fetched chunks are received on the UCX thread into the buffers each call sets out.
     fetches: ucx_bindings::AmRoutes,
+    /// The server answers AM_FETCH_ASK (ConnectResponse.fetch_by_message).
+    fetch_by_message: bool,
     next_tag: AtomicU64,
     opts: ClientOptions,
     transports: Vec<String>,
@@ -362,6 +377,7 @@ impl Client {
             ep,
             plane,
             fetches,
+            fetch_by_message: resp.fetch_by_message,
             next_tag: AtomicU64::new(1),
             opts,
             transports: resp.transports,
@@ -891,41 +907,63 @@ impl Client {
             indices: (0..dest.len() as u32).collect(),
             ..Default::default()
         };
-        self.fetch_into(req, dest).await.map(|_| ())
+        self.fetch_into(Ask::Grpc(req), dest).await.map(|_| ())
     }
 
     /// A remote get in one call: the server looks `keys` up itself and sends the hits (the
-    /// longest cached prefix) into `dest`; returns how many chunks came.
+    /// longest cached prefix) into `dest`; returns how many chunks came. Asked on the data
+    /// endpoint itself where the server takes that and the request is small (most gets);
+    /// by gRPC otherwise.
     async fn fetch_keys(&self, namespace: &str, keys: &[ChunkKey], dest: &[RegionSlice]) -> Result<usize> {
+        let chunk_tokens = self.opts.keys.chunk_tokens as u32;
+        if self.fetch_by_message {
+            if let Some((ask, data)) = FetchAsk::build(0, chunk_tokens, namespace, keys) {
+                return self.fetch_into(Ask::Message(ask, data), dest).await;
+            }
+        }
         let req = FetchRequest {
             session_token: self.token.clone(),
             namespace: namespace.to_owned(),
             keys: keys.iter().map(|k| k.0.to_vec()).collect(),
-            chunk_tokens: self.opts.keys.chunk_tokens as u32,
+            chunk_tokens,
             ..Default::default()
         };
-        self.fetch_into(req, dest).await
+        self.fetch_into(Ask::Grpc(req), dest).await
     }
 
-    /// Runs a Fetch and receives its chunks (`dest[i]` takes the chunk of index i). Done when
-    /// every chunk is in: all of `dest`, or as many as the reply says were sent. The reply
-    /// follows UCX's send completions by up to a few hundred µs (measured over tcp: data at
-    /// ~0.22 ms, reply at ~0.49 ms of a 4 KiB fetch), so a full hit does not wait for it: the call
-    /// finishes in the background (its sends keep their pins on the server until then).
-    async fn fetch_into(&self, mut req: FetchRequest, dest: &[RegionSlice]) -> Result<usize> {
+    /// Asks for chunks and receives them (`dest[i]` takes the chunk of index i). Done when
+    /// every chunk is in: all of `dest`, or as many as the answer (the gRPC reply, or the
+    /// FetchDone notice) says were sent. The answer follows UCX's send completions by up to a
+    /// few hundred µs (measured over tcp: data at ~0.22 ms, reply at ~0.49 ms of a 4 KiB
+    /// fetch), so a full hit does not wait for it: a gRPC call finishes in the background (its
+    /// sends keep their pins on the server until then), and a late notice is dropped.
+    async fn fetch_into(&self, ask: Ask, dest: &[RegionSlice]) -> Result<usize> {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        req.tag = tag;
         let t = self.opts.timeout;
         // Each chunk is received on the UCX thread, straight into its buffer, as it arrives.
         let mut rx = self.fetches.expect(tag, dest.to_vec(), t);
-        let mut grpc = self.grpc.clone();
         // Owned and boxed: once every chunk is in, the call is left to finish on its own rather
         // than dropped (a dropped call resets its HTTP/2 stream, and servers refuse clients
         // that reset streams fast: hyper answered ResourceExhausted at ~1,000 gets a second).
-        let mut call = Box::pin(async move { grpc.fetch(req).await });
-        let mut replied = false;
+        // Its output: the number of chunks sent when it is the answer, None when the answer
+        // comes as a notice.
+        let mut call: std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<u32>>> + Send>> = match ask {
+            Ask::Grpc(mut req) => {
+                req.tag = tag;
+                let mut grpc = self.grpc.clone();
+                Box::pin(async move { Ok(Some(grpc.fetch(req).await?.into_inner().hit_chunks)) })
+            }
+            Ask::Message(ask, data) => {
+                let ep = self.ep.clone();
+                let header = FetchAsk { tag, ..ask }.encode();
+                Box::pin(async move {
+                    ep.am_send(AM_FETCH_ASK, &header, AmData::Bytes(data), t).await.map(|()| None).map_err(Error::from)
+                })
+            }
+        };
+        let mut called = false;
         let mut want = dest.len();
-        let (mut announced, mut received) = (0, 0);
+        let mut received = 0;
         // Receives are polled here, in this task: no hop through the runtime's other threads
         // between a chunk's arrival and the call's return (it cost ~0.1-0.2 ms a get).
         let mut receiving = futures_util::stream::FuturesUnordered::new();
@@ -935,20 +973,29 @@ impl Client {
             }
             let idle = tokio::time::sleep(t);
             tokio::select! {
-                r = &mut call, if !replied => match r {
-                    Ok(resp) => {
-                        replied = true;
-                        want = want.min(resp.into_inner().hit_chunks as usize);
+                r = &mut call, if !called => match r {
+                    Ok(answer) => {
+                        called = true;
+                        if let Some(sent) = answer {
+                            want = want.min(sent as usize);
+                        }
                     }
-                    Err(status) => break Err(status.into()),
+                    Err(e) => break Err(e),
                 },
-                arrived = rx.recv(), if announced < want => {
+                arrived = rx.recv() => match arrived {
                     // The UCX thread has started its receive (or settled it: a repeated index, a
                     // chunk of another size); its outcome comes on `done`.
-                    let Some(done) = arrived else { break Err(Error::Transfer(ucx_bindings::Error::WorkerStopped)) };
-                    announced += 1;
-                    receiving.push(done);
-                }
+                    Some(ucx_bindings::RouteEvent::Data(done)) => receiving.push(done),
+                    Some(ucx_bindings::RouteEvent::Notice { header, data }) => match FetchDone::decode(&header) {
+                        Some(d) if d.code == 0 => want = want.min(d.hit_chunks as usize),
+                        Some(d) => {
+                            let message = String::from_utf8_lossy(&data).into_owned();
+                            break Err(Error::Server { code: tonic::Code::from_i32(d.code as i32), message });
+                        }
+                        None => {}
+                    },
+                    None => break Err(Error::Transfer(ucx_bindings::Error::WorkerStopped)),
+                },
                 Some(done) = futures_util::StreamExt::next(&mut receiving), if !receiving.is_empty() => match done {
                     Ok(Ok(())) => received += 1,
                     Ok(Err(e)) => break Err(e.into()),
@@ -960,7 +1007,7 @@ impl Client {
             }
         };
         self.fetches.forget(tag);
-        if !replied && result.is_ok() {
+        if !called && result.is_ok() {
             tokio::spawn(call);
         }
         result

@@ -54,7 +54,40 @@ impl Auth {
     }
 }
 
+/// A caller kept with its session: the grants of the token it connected with, for the requests
+/// that come on the session's data endpoint (AM_FETCH_ASK), which carry no token. They hold for
+/// the session's life; a token's holder reconnects to use new grants.
+#[derive(Debug, Clone, Default)]
+pub enum Access {
+    #[default]
+    Open,
+    Token {
+        name: String,
+        grants: u8,
+        namespaces: Vec<String>,
+    },
+}
+
+impl Access {
+    pub fn caller(&self) -> Caller<'_> {
+        match self {
+            Access::Open => Caller::Open,
+            Access::Token { name, grants, namespaces } => Caller::Token(name, *grants, namespaces),
+        }
+    }
+}
+
 impl Caller<'_> {
+    /// The caller's grants, kept beyond this request (see [`Access`]).
+    pub fn to_access(self) -> Access {
+        match self {
+            Caller::Open => Access::Open,
+            Caller::Token(name, grants, namespaces) => {
+                Access::Token { name: name.to_owned(), grants, namespaces: namespaces.to_vec() }
+            }
+        }
+    }
+
     /// Whether the caller holds `need` on namespace `ns`.
     pub fn check(&self, need: Grant, ns: &str) -> Result<(), Status> {
         match self {
@@ -131,6 +164,10 @@ grants = ["admin"]
         assert!(c.check(Grant::Read, "vllm|qwen").is_ok());
         assert_eq!(c.check(Grant::Write, "other").unwrap_err().code(), tonic::Code::PermissionDenied);
         assert_eq!(c.check(Grant::Admin, "vllm|qwen").unwrap_err().code(), tonic::Code::PermissionDenied);
+        // Kept with a session, the grants are the same.
+        let kept = c.to_access();
+        assert!(kept.caller().check(Grant::Read, "vllm|qwen").is_ok());
+        assert!(kept.caller().check(Grant::Read, "other").is_err());
         let ops = a.caller(&with_token("ops-secret-0123456789abcd")).unwrap();
         assert!(ops.check(Grant::Admin, "anything").is_ok());
         assert!(ops.check(Grant::Read, "anything").is_err());

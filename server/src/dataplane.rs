@@ -1,18 +1,22 @@
 //! The server's half of the data plane: the UCX listener that client endpoints connect to, the
-//! AM_HELLO that binds an endpoint to its session, and AM_PUT, the chunks of clients that get no
+//! AM_HELLO that binds an endpoint to its session, AM_PUT, the chunks of clients that get no
 //! remote key (the server picks the buffer, the reserved slot, and UCX pulls the data into it by
-//! rendezvous).
+//! rendezvous), and AM_FETCH_ASK, their remote gets asked on the endpoint itself.
 //!
 //! No endpoint is created from bytes a client chose: clients connect to the listener (UCX
 //! client-server mode), and a packed worker address never reaches `ucp_ep_create`. A message is
 //! held to the session of the endpoint it arrived on; anything that does not match a live
 //! reservation of that session, byte for byte in size, is dropped (and counted), never written.
 
+use crate::service::Service;
 use crate::sessions::{self, Sessions, CLIENT_ID_AM, CLIENT_ID_RMA};
 use crate::shutdown::CancelToken;
 use crate::state::State;
 use prefixd_cache::Tier;
-use prefixd_proto::dataplane::{token_from, HelloAck, PutHeader, AM_HELLO, AM_HELLO_ACK, AM_PUT};
+use prefixd_proto::dataplane::{
+    token_from, FetchAsk, FetchDone, HelloAck, PutHeader, AM_FETCH, AM_FETCH_ASK, AM_HELLO, AM_HELLO_ACK, AM_PUT,
+    MAX_FETCH_DONE_MESSAGE,
+};
 use prefixd_proto::v1::DataPath;
 use std::sync::Arc;
 use std::time::Instant;
@@ -107,6 +111,63 @@ pub async fn serve_puts(state: Arc<State>, stop: CancelToken) -> anyhow::Result<
         if let Err(reason) = accept(&state, msg) {
             state.metrics.rejected.with_label_values(&[reason]).inc();
         }
+    }
+}
+
+/// Answers remote gets asked on data endpoints (AM_FETCH_ASK) until `stop` fires: each is held
+/// to the session of the endpoint it came on, checked against that session's grants, and
+/// answered on that endpoint: its chunks, then a FetchDone with the count or the error.
+pub async fn serve_fetch_asks(svc: Service, stop: CancelToken) -> anyhow::Result<()> {
+    let state = svc.state.clone();
+    let mut rx = state.worker.listen_am(AM_FETCH_ASK).await?;
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => return Ok(()) },
+            _ = stop.cancelled() => return Ok(()),
+        };
+        let Some(ask) = FetchAsk::decode(msg.header()) else {
+            state.metrics.rejected.with_label_values(&["bad_header"]).inc();
+            continue;
+        };
+        // The session is the one bound to the endpoint the request came in on; an endpoint of
+        // no session has nobody to answer to.
+        let Some((session, ep)) = msg
+            .sender()
+            .and_then(|from| state.sessions.by_endpoint(from))
+            .and_then(|s| s.ep().cloned().map(|ep| (s, ep)))
+        else {
+            state.metrics.rejected.with_label_values(&["unbound_endpoint"]).inc();
+            continue;
+        };
+        // Clients send at most MAX_FETCH_ASK_DATA bytes, which travel eagerly; anything that
+        // came by rendezvous is longer than that and is refused without being received.
+        let data = if msg.is_rendezvous() { Err(msg.len()) } else { msg.into_eager_bytes().map_err(|_| 0) };
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let answer = match &data {
+                Ok(bytes) => svc.answer_fetch_ask(&session, &ask, bytes).await,
+                Err(len) => Err(tonic::Status::invalid_argument(format!(
+                    "a fetch request of {len} bytes; at most {} are taken",
+                    prefixd_proto::dataplane::MAX_FETCH_ASK_DATA
+                ))),
+            };
+            let (done, message) = match answer {
+                Ok(sent) => (FetchDone { tag: ask.tag, hit_chunks: sent, code: 0 }, Vec::new()),
+                Err(status) => {
+                    let mut m = status.message();
+                    let mut cut = m.len().min(MAX_FETCH_DONE_MESSAGE);
+                    while !m.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    m = &m[..cut];
+                    (FetchDone { tag: ask.tag, hit_chunks: 0, code: status.code() as u32 }, m.as_bytes().to_vec())
+                }
+            };
+            let data = if message.is_empty() { AmData::None } else { AmData::Bytes(message) };
+            if let Err(e) = ep.am_send(AM_FETCH, &done.encode(), data, svc.state.cfg.transfer_timeout).await {
+                tracing::debug!(session = format_args!("{:016x}", session.id), error = %e, "fetch answer not sent");
+            }
+        });
     }
 }
 

@@ -209,6 +209,16 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
             }
         });
     }
+    let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_concurrent_rpcs));
+    let service = service::Service { state: state.clone(), data_addr, inflight };
+    {
+        let (svc, stop) = (service.clone(), background.clone());
+        tokio::spawn(async move {
+            if let Err(e) = dataplane::serve_fetch_asks(svc, stop).await {
+                tracing::error!(error = %e, "data-plane fetch receiver stopped");
+            }
+        });
+    }
     {
         let (state, stop) = (state.clone(), background.clone());
         let period = (cfg.lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
@@ -226,8 +236,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PrefixdServer<service::Service>>().await;
-    let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_concurrent_rpcs));
-    let svc = PrefixdServer::new(service::Service { state: state.clone(), data_addr, inflight })
+    let svc = PrefixdServer::new(service)
         .max_decoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(prefixd_proto::limits::MAX_GRPC_MESSAGE_BYTES);
     let stop_accepting = CancelToken::default();

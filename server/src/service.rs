@@ -4,10 +4,10 @@
 
 use crate::auth::Grant;
 use crate::errors::{index_status, ucx_status};
-use crate::sessions::{CreateError, InCall, Sessions};
+use crate::sessions::{CreateError, InCall, Session, Sessions};
 use crate::state::State;
 use prefixd_cache::{Slot, Tier};
-use prefixd_proto::dataplane::{token_from, FetchHeader, AM_FETCH};
+use prefixd_proto::dataplane::{token_from, FetchAsk, FetchHeader, AM_FETCH};
 use prefixd_proto::keys::ChunkKey;
 use prefixd_proto::limits::MAX_CLIENT_NAME_LEN;
 use prefixd_proto::v1::prefixd_server::Prefixd;
@@ -121,7 +121,7 @@ impl Service {
         &self,
         r: ConnectRequest,
         peer: Option<std::net::IpAddr>,
-        caller: &str,
+        access: crate::auth::Access,
         direct: bool,
     ) -> Result<ConnectResponse, Status> {
         if r.client_name.len() > MAX_CLIENT_NAME_LEN || r.host_id.len() > 256 {
@@ -136,7 +136,8 @@ impl Service {
         let both: Vec<String> = st.transports.iter().filter(|t| r.transports.contains(t)).cloned().collect();
         let name = if r.client_name.is_empty() { "unnamed".to_owned() } else { r.client_name.clone() };
         let same_host = !r.host_id.is_empty() && r.host_id == st.host_id;
-        let session = st.sessions.create(name, path, peer, same_host).map_err(|e| match e {
+        let caller = access.caller().name().to_owned();
+        let session = st.sessions.create(name, path, peer, same_host, access).map_err(|e| match e {
             CreateError::Limit(limit, msg) => {
                 st.metrics.limit_hit(limit, &msg);
                 Status::resource_exhausted(msg)
@@ -165,6 +166,7 @@ impl Service {
             session_token: Sessions::token_of(&session).to_vec(),
             data_port: self.data_addr.port() as u32,
             data_host,
+            fetch_by_message: true,
             transports: both,
             lease_ttl_ms: ms(st.cfg.lease_ttl),
             max_chunk_size: st.cfg.max_chunk_size.0,
@@ -320,6 +322,38 @@ impl Service {
                 return Ok(());
             }
         }
+    }
+
+    /// Answers an AM_FETCH_ASK that came on `session`'s data endpoint: the same work as a
+    /// `Fetch` by keys, under the grants the session connected with, counted as a fetch.
+    /// Returns the number of chunks sent.
+    pub async fn answer_fetch_ask(&self, session: &Session, ask: &FetchAsk, data: &[u8]) -> Result<u32, Status> {
+        let parsed = ask.parse(data).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "malformed fetch request: {} bytes of data for a namespace of {} bytes and {} keys",
+                data.len(),
+                ask.namespace_len,
+                ask.keys
+            ))
+        });
+        self.observe("fetch", async {
+            let (namespace, keys) = parsed?;
+            session.access.caller().check(Grant::Read, namespace)?;
+            if keys.is_empty() {
+                return Ok(0);
+            }
+            let r = FetchRequest {
+                session_token: Sessions::token_of(session).to_vec(),
+                namespace: namespace.to_owned(),
+                keys: keys.iter().map(|k| k.0.to_vec()).collect(),
+                chunk_tokens: ask.chunk_tokens,
+                tag: ask.tag,
+                ..Default::default()
+            };
+            Ok(self.do_fetch(r).await?.hit_chunks)
+        })
+        .await
+        .map(Response::into_inner)
     }
 
     async fn do_fetch(&self, r: FetchRequest) -> Result<FetchResponse, Status> {
@@ -484,11 +518,11 @@ impl Service {
 impl Prefixd for Service {
     async fn connect(&self, req: Request<ConnectRequest>) -> Result<Response<ConnectResponse>, Status> {
         let peer = req.remote_addr().map(|a| a.ip());
-        let caller = self.state.auth.caller(req.metadata()).map(|c| (c.name().to_owned(), c.may_use_direct()));
+        let caller = self.state.auth.caller(req.metadata()).map(|c| (c.to_access(), c.may_use_direct()));
         let r = req.into_inner();
         self.observe("connect", async {
-            let (caller, direct) = caller?;
-            self.do_connect(r, peer, &caller, direct).await
+            let (access, direct) = caller?;
+            self.do_connect(r, peer, access, direct).await
         })
         .await
     }

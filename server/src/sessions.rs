@@ -81,6 +81,8 @@ pub struct Session {
     last_seen: Mutex<Instant>,
     /// Calls of this session in flight: a session is never reaped for idleness during one.
     busy: std::sync::atomic::AtomicUsize,
+    /// What the token it connected with grants: checks the requests on its data endpoint.
+    pub access: crate::auth::Access,
 }
 
 /// A session held by a call in flight (see [`Session::enter`]).
@@ -219,6 +221,7 @@ impl Sessions {
         path: DataPath,
         peer: Option<std::net::IpAddr>,
         same_host: bool,
+        access: crate::auth::Access,
     ) -> Result<Arc<Session>, CreateError> {
         if self.by_token.len() >= self.max_total {
             return Err(CreateError::Limit(
@@ -239,7 +242,7 @@ impl Sessions {
             }
             *n += 1;
         }
-        let made = self.make(name, path, peer, same_host);
+        let made = self.make(name, path, peer, same_host, access);
         if made.is_err() {
             self.forget_peer(peer);
         }
@@ -267,6 +270,7 @@ impl Sessions {
         path: DataPath,
         peer: Option<std::net::IpAddr>,
         same_host: bool,
+        access: crate::auth::Access,
     ) -> std::io::Result<Arc<Session>> {
         loop {
             let mut token = [0u8; 16];
@@ -289,6 +293,7 @@ impl Sessions {
                 bound: OnceLock::new(),
                 last_seen: Mutex::new(now),
                 busy: Default::default(),
+                access: access.clone(),
             });
             self.by_token.insert(token, s.clone());
             return Ok(s);
@@ -367,8 +372,8 @@ mod tests {
     #[test]
     fn tokens_and_ids_are_random_and_distinct() {
         let s = Sessions::new(10, 10);
-        let a = s.create("a".into(), DataPath::ActiveMessage, None, false).unwrap();
-        let b = s.create("b".into(), DataPath::ActiveMessage, None, false).unwrap();
+        let a = s.create("a".into(), DataPath::ActiveMessage, None, false, Default::default()).unwrap();
+        let b = s.create("b".into(), DataPath::ActiveMessage, None, false, Default::default()).unwrap();
         assert_ne!(Sessions::token_of(&a), Sessions::token_of(&b));
         assert_ne!(a.id, b.id);
         // The id is not derived from the token, and neither is a counter.
@@ -381,7 +386,7 @@ mod tests {
     #[test]
     fn unbound_sessions_expire_after_the_bind_timeout() {
         let s = Sessions::new(10, 10);
-        let a = s.create("a".into(), DataPath::Rma, None, false).unwrap();
+        let a = s.create("a".into(), DataPath::Rma, None, false, Default::default()).unwrap();
         assert!(s.expired(Instant::now(), Duration::from_secs(3600)).is_empty());
         let later = Instant::now() + BIND_TIMEOUT + Duration::from_millis(1);
         let gone = s.expired(later, Duration::from_secs(3600));
@@ -391,7 +396,7 @@ mod tests {
     #[test]
     fn a_session_in_a_call_is_not_reaped() {
         let s = Sessions::new(10, 10);
-        let a = s.create("a".into(), DataPath::Rma, None, false).unwrap();
+        let a = s.create("a".into(), DataPath::Rma, None, false, Default::default()).unwrap();
         let later = Instant::now() + BIND_TIMEOUT + Duration::from_secs(1);
         let call = a.enter();
         assert!(s.expired(later, Duration::ZERO).is_empty(), "busy: kept");
@@ -404,18 +409,18 @@ mod tests {
         let s = Sessions::new(3, 2);
         let ip: std::net::IpAddr = "10.0.0.1".parse().unwrap();
         let other: std::net::IpAddr = "10.0.0.2".parse().unwrap();
-        let a = s.create("a".into(), DataPath::ActiveMessage, Some(ip), false).unwrap();
-        s.create("b".into(), DataPath::ActiveMessage, Some(ip), false).unwrap();
+        let a = s.create("a".into(), DataPath::ActiveMessage, Some(ip), false, Default::default()).unwrap();
+        s.create("b".into(), DataPath::ActiveMessage, Some(ip), false, Default::default()).unwrap();
         assert!(matches!(
-            s.create("c".into(), DataPath::ActiveMessage, Some(ip), false),
+            s.create("c".into(), DataPath::ActiveMessage, Some(ip), false, Default::default()),
             Err(CreateError::Limit("max_sessions_per_peer", _))
         ));
-        s.create("d".into(), DataPath::ActiveMessage, Some(other), false).unwrap();
+        s.create("d".into(), DataPath::ActiveMessage, Some(other), false, Default::default()).unwrap();
         assert!(matches!(
-            s.create("e".into(), DataPath::ActiveMessage, Some(other), false),
+            s.create("e".into(), DataPath::ActiveMessage, Some(other), false, Default::default()),
             Err(CreateError::Limit("max_sessions", _))
         ));
         s.remove(&Sessions::token_of(&a));
-        s.create("f".into(), DataPath::ActiveMessage, Some(ip), false).unwrap();
+        s.create("f".into(), DataPath::ActiveMessage, Some(ip), false, Default::default()).unwrap();
     }
 }

@@ -2,7 +2,8 @@
 //! nothing, and the server keeps serving.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use prefixd_proto::dataplane::{PutHeader, AM_PUT};
+use prefixd_proto::dataplane::{FetchAsk, FetchDone, FetchHeader, PutHeader, AM_FETCH, AM_FETCH_ASK, AM_PUT};
+use prefixd_proto::keys::ChunkKey;
 use prefixd_proto::v1::prefixd_client::PrefixdClient;
 use prefixd_proto::v1::*;
 use prefixd_tests::*;
@@ -319,6 +320,87 @@ async fn data_plane_messages_are_bound_to_their_endpoint() {
     let k = ::prefixd_client::ChunkKey::from_slice(&key(9)).unwrap();
     assert_eq!(client.get_chunks("ns", &[k], &[dest.full()]).await.unwrap(), 1);
     assert_eq!(dest.to_vec(0, 4096).unwrap(), random_bytes(4096, 1), "the victim's bytes, not the attacker's");
+}
+
+/// Messages that answer one fetch ask (`tag`): the chunks' (index, bytes), and its FetchDone
+/// with the error message it carries.
+async fn answer_of(rx: &mut ucx_bindings::AmReceiver, tag: u64) -> (Vec<(u32, Vec<u8>)>, FetchDone, String) {
+    let mut chunks = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("an answer").unwrap();
+        if let Some(d) = FetchDone::decode(msg.header()) {
+            assert_eq!(d.tag, tag);
+            let text = String::from_utf8(msg.into_eager_bytes().unwrap()).unwrap();
+            return (chunks, d, text);
+        }
+        let h = FetchHeader::decode(msg.header()).expect("a chunk or a FetchDone");
+        assert_eq!(h.tag, tag);
+        chunks.push((h.index, msg.into_eager_bytes().unwrap()));
+    }
+}
+
+/// Remote gets asked on the data endpoint (AM_FETCH_ASK) are held to the session of the
+/// endpoint they arrive on and checked like a `Fetch`: a well-formed one gets its chunks and a
+/// count; a malformed one an INVALID_ARGUMENT answer; a header of the wrong length, or an
+/// endpoint that never said hello, nothing at all (dropped and counted). None of them changes
+/// the index or stops the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_asks_are_checked_and_held_to_their_endpoint() {
+    let server = Server::start(&["--host-pool", "8MiB"]);
+    let channel = Channel::from_shared(server.grpc.clone()).unwrap().connect().await.unwrap();
+    let mut g = PrefixdClient::new(channel);
+    let s = RawSession::open(&server.grpc, true, true).await.unwrap();
+    let t = Duration::from_secs(10);
+    let mut answers = s.worker.listen_am(AM_FETCH).await.unwrap();
+    let bytes = random_bytes(4096, 40);
+    let data = MemRegion::alloc_host(&s.ctx, 4096).unwrap();
+    data.write(0, &bytes).unwrap();
+    let put = g.begin_put(begin(&s.token(), vec![key(40)], vec![4096])).await.unwrap().into_inner();
+    let h = PutHeader { put_id: put.put_id, index: 0 }.encode();
+    s.ep().am_send(AM_PUT, &h, AmData::Region(data.full()), t).await.unwrap();
+    g.commit_put(CommitPutRequest { session_token: s.token(), put_id: put.put_id }).await.unwrap();
+    let before = snapshot(&mut g).await;
+
+    // Well formed: the cached prefix (one chunk of two keys), then the count.
+    let keys = [ChunkKey::from_slice(&key(40)).unwrap(), ChunkKey::from_slice(&key(41)).unwrap()];
+    let (ask, body) = FetchAsk::build(7, 0, "ns", &keys).unwrap();
+    s.ep().am_send(AM_FETCH_ASK, &ask.encode(), AmData::Bytes(body.clone()), t).await.unwrap();
+    let (chunks, done, _) = answer_of(&mut answers, 7).await;
+    assert_eq!((done.code, done.hit_chunks), (0, 1));
+    assert_eq!(chunks, vec![(0, bytes.clone())]);
+
+    // Data one byte short of what the header announces: a clear error, nothing sent.
+    let short = FetchAsk { tag: 8, ..ask }.encode();
+    s.ep().am_send(AM_FETCH_ASK, &short, AmData::Bytes(body[..body.len() - 1].to_vec()), t).await.unwrap();
+    let (chunks, done, text) = answer_of(&mut answers, 8).await;
+    assert!(chunks.is_empty());
+    assert_eq!(done.code, Code::InvalidArgument as u32, "{text}");
+    assert!(text.contains("malformed fetch request"), "{text}");
+
+    // A header of the wrong length, and an ask from an endpoint that never said hello: no answer.
+    let bad = server.metric("prefixd_rejected_messages_total{reason=\"bad_header\"}");
+    s.ep().am_send(AM_FETCH_ASK, &ask.encode()[..15], AmData::Bytes(body.clone()), t).await.unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        server.metric("prefixd_rejected_messages_total{reason=\"bad_header\"}") > bad
+    }));
+    let unbound = server.metric("prefixd_rejected_messages_total{reason=\"unbound_endpoint\"}");
+    let stranger = RawSession::open(&server.grpc, true, false).await.unwrap();
+    let sep = stranger.worker.connect_addr(stranger.data_addr(), ucx_bindings::ErrorMode::Peer).await.unwrap();
+    let mut stranger_answers = stranger.worker.listen_am(AM_FETCH).await.unwrap();
+    sep.am_send(AM_FETCH_ASK, &FetchAsk { tag: 9, ..ask }.encode(), AmData::Bytes(body.clone()), t).await.ok();
+    assert!(wait_until(Duration::from_secs(5), || {
+        server.metric("prefixd_rejected_messages_total{reason=\"unbound_endpoint\"}") > unbound
+    }));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), stranger_answers.recv()).await.is_err(),
+        "an endpoint of no session is sent nothing"
+    );
+
+    // Nothing changed, nothing is left leased, and the server still answers.
+    assert!(wait_until(Duration::from_secs(5), || server.metric("prefixd_active_leases") == 0.0));
+    assert_eq!(snapshot(&mut g).await, before);
+    s.ep().am_send(AM_FETCH_ASK, &FetchAsk { tag: 10, ..ask }.encode(), AmData::Bytes(body), t).await.unwrap();
+    assert_eq!(answer_of(&mut answers, 10).await.1.hit_chunks, 1);
 }
 
 /// A `Fetch` the client gives up on (4e6c6e7 leaked its lease forever: the unpin ran after an

@@ -48,7 +48,7 @@ pub use memory::{MemRegion, RegionSlice, RemoteRegion};
 pub use transports::{TransportDevice, TransportList, KNOWN_TRANSPORTS};
 pub use worker::{
     AmData, AmReceiver, AmRoutes, ConnRequest, Endpoint, EndpointId, ErrorMode, IncomingAm, Listener, RemoteKey,
-    RouteKey, Routed, Worker,
+    RouteEvent, RouteKey, Routed, Slot, Worker,
 };
 
 /// Compile-time checks of the thread-safety claims made with `unsafe impl`.

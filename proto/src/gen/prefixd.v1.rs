@@ -78,6 +78,10 @@ pub struct ConnectResponse {
     /// Host of that listener; empty means the host the client reached this gRPC server at.
     #[prost(string, tag = "14")]
     pub data_host: ::prost::alloc::string::String,
+    /// The server takes a remote get's request as an active message on the data endpoint
+    /// (AM_FETCH_ASK, see the data-plane formats), answering it there, without a gRPC call.
+    #[prost(bool, tag = "15")]
+    pub fetch_by_message: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

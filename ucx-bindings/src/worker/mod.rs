@@ -7,7 +7,7 @@ mod progress;
 mod routes;
 
 pub use command::AmData;
-pub use routes::{AmRoutes, RouteKey, Routed};
+pub use routes::{AmRoutes, RouteEvent, RouteKey, Routed, Slot};
 
 use crate::context::Context;
 use crate::error::{Error, Result};

@@ -1,6 +1,7 @@
 //! Active messages received where they arrive: the progress thread reads a key and an index from
 //! each message's header, finds the buffers a caller set out for that key, and starts the receive
-//! into the indexed one at once. The caller learns only of completions. Compared with handing
+//! into the indexed one at once. The caller learns only of completions (and of notices: small
+//! messages keyed the same way that carry no buffer's data, such as an answer's end). Compared with handing
 //! every arrival to an async task that then asks the progress thread to receive it, this saves
 //! two thread hand-offs per message (measured to matter on busy small machines, where a get's
 //! cost is mostly context switches).
@@ -13,16 +14,34 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// Reads (key, index) from a message header; `None` drops the message.
-pub type RouteKey = fn(&[u8]) -> Option<(u64, usize)>;
+/// Reads (key, slot) from a message header; `None` drops the message.
+pub type RouteKey = fn(&[u8]) -> Option<(u64, Slot)>;
+
+/// Where a routed message goes within its key's route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// Into the buffer of this index.
+    Index(usize),
+    /// To the caller as it is: header and (eager) data.
+    Notice,
+}
 
 /// One arrival's outcome, to await: received, or why not.
 pub type Routed = oneshot::Receiver<Result<()>>;
 
+/// What a route's caller hears of, in arrival order.
+#[derive(Debug)]
+pub enum RouteEvent {
+    /// A message for one of its buffers: its receive has started (or settled).
+    Data(Routed),
+    /// A notice: its header, and its data when it came eagerly (empty otherwise).
+    Notice { header: Vec<u8>, data: Vec<u8> },
+}
+
 pub(crate) struct Route {
     dests: Vec<Option<RegionSlice>>,
     timeout: Duration,
-    tx: mpsc::UnboundedSender<Routed>,
+    tx: mpsc::UnboundedSender<RouteEvent>,
 }
 
 pub(crate) struct RouteTable {
@@ -53,11 +72,22 @@ impl RouteTable {
 
     /// Decides where an arrival goes (called on the progress thread).
     pub(crate) fn route(&self, header: &[u8], length: usize, data: &ArrivedData) -> Action {
-        let Some((key, index)) = (self.key)(header) else { return Action::Drop };
+        let Some((key, slot)) = (self.key)(header) else { return Action::Drop };
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         let Some(route) = routes.get_mut(&key) else { return Action::Drop };
+        let index = match slot {
+            Slot::Index(i) => i,
+            Slot::Notice => {
+                let data = match data {
+                    ArrivedData::Eager(b) => b.clone(),
+                    ArrivedData::Rndv { .. } => Vec::new(),
+                };
+                let _ = route.tx.send(RouteEvent::Notice { header: header.to_vec(), data });
+                return Action::Drop;
+            }
+        };
         let (reply, rx) = oneshot::channel();
-        if route.tx.send(rx).is_err() {
+        if route.tx.send(RouteEvent::Data(rx)).is_err() {
             return Action::Drop;
         }
         let dest = match route.dests.get_mut(index).map(Option::take) {
@@ -97,9 +127,10 @@ impl std::fmt::Debug for AmRoutes {
 impl AmRoutes {
     /// Sets out `dests` for the messages keyed `key` (message index i lands in `dests[i]`, which
     /// must be exactly its size). Each arrival is announced on the returned receiver with its
-    /// outcome to await; a second message for one index, or one of another size, ends in an
-    /// error there. Call [`AmRoutes::forget`] when done (later arrivals are dropped).
-    pub fn expect(&self, key: u64, dests: Vec<RegionSlice>, timeout: Duration) -> mpsc::UnboundedReceiver<Routed> {
+    /// outcome to await (notices, as they are); a second message for one index, or one of
+    /// another size, ends in an error there. Call [`AmRoutes::forget`] when done (later
+    /// arrivals are dropped).
+    pub fn expect(&self, key: u64, dests: Vec<RegionSlice>, timeout: Duration) -> mpsc::UnboundedReceiver<RouteEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
         let route = Route { dests: dests.into_iter().map(Some).collect(), timeout, tx };
         self.table.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(key, route);
