@@ -11,6 +11,11 @@ pure-Python work (holding the GIL, as an engine's input preparation does) and --
   - requests that got all their announced tokens from prefixd.
 
     python3 bench/vllm/sched_cost.py [--rate 100] [--seconds 10] [--lag-ms 30]
+    python3 bench/vllm/sched_cost.py --burst 100 --stagger-ms 1 --rate 0 --seconds 2
+
+--burst N adds N requests at the start, all at once (the first second of a benchmark at
+concurrency N), their commits --stagger-ms apart after --lag-ms (a prefill's stores finish one
+after another).
 
 Needs vLLM (CI's 0.26.0 is enough) and target/release/prefixd (or PREFIXD_BIN).
 """
@@ -61,6 +66,8 @@ def main():
     ap.add_argument("--busy-ms", type=float, default=2.0)
     ap.add_argument("--idle-ms", type=float, default=3.0)
     ap.add_argument("--tokens", type=int, default=300)
+    ap.add_argument("--burst", type=int, default=0)
+    ap.add_argument("--stagger-ms", type=float, default=1.0)
     a = ap.parse_args()
 
     import tempfile
@@ -106,23 +113,34 @@ def main():
     side.stats()  # start the counters from here
     start = time.monotonic()
     next_arrival, n, scheduled, full = start, 0, {}, 0
+    step_ms = []  # each schedule() call's wall time
+
+    def arrive(commit_at):
+        nonlocal n
+        rid = f"r{n}"
+        tokens = [(n * 7919 + i * 31 + 5) % 3900 + 50 for i in range(a.tokens)]
+        req = tv.request(rid, tokens, params=None)
+        plan = chunking.plan(req.block_hashes, len(req.block_hashes), side.cfg.chunk_blocks)
+        req.kv_transfer_params = {"prefixd": {"endpoint": srv.endpoint, "chunks": len(plan)}}
+        with lock:
+            heapq.heappush(due, (commit_at, rid, [c.key for c in plan], [c.blocks * chunk_bytes for c in plan]))
+            lock.notify()
+        sched.add_request(req)
+        n += 1
+
+    for i in range(a.burst):
+        arrive(start + (a.lag_ms + i * a.stagger_ms) / 1000)
+    if a.rate <= 0:
+        next_arrival = float("inf")
     while time.monotonic() - start < a.seconds or (len(scheduled) < n and time.monotonic() - start < a.seconds + 10):
         now = time.monotonic()
         while now >= next_arrival and now - start < a.seconds:
-            rid = f"r{n}"
-            tokens = [(n * 7919 + i * 31 + 5) % 3900 + 50 for i in range(a.tokens)]
-            req = tv.request(rid, tokens, params=None)
-            plan = chunking.plan(req.block_hashes, len(req.block_hashes), side.cfg.chunk_blocks)
-            req.kv_transfer_params = {"prefixd": {"endpoint": srv.endpoint, "chunks": len(plan)}}
-            with lock:
-                heapq.heappush(due, (now + a.lag_ms / 1000, rid, [c.key for c in plan],
-                                     [c.blocks * chunk_bytes for c in plan]))
-                lock.notify()
-            sched.add_request(req)
-            n += 1
+            arrive(now + a.lag_ms / 1000)
             next_arrival += 1 / a.rate
+        t0 = time.monotonic()
         out = sched.schedule()
         t = time.monotonic()
+        step_ms.append((t - t0) * 1000)
         for new in out.scheduled_new_reqs:
             scheduled[new.req_id] = t
             full += new.num_computed_tokens >= (a.tokens // tv.BLOCK) * tv.BLOCK - (1 if a.tokens % tv.BLOCK == 0 else 0)
@@ -146,6 +164,8 @@ def main():
     print(f"connector scheduler time: {per_step:.3f} ms per step over {steps} steps; "
           f"lookup calls per request: {calls / max(1, n):.1f}")
     print(f"commit -> scheduled: p50 {pct(0.5):.1f} ms, p99 {pct(0.99):.1f} ms")
+    longest = sorted(step_ms, reverse=True)[:5]
+    print("longest schedule() calls: " + ", ".join(f"{m:.1f}" for m in longest) + " ms")
     sched.connector.shutdown()
     srv.stop()
 

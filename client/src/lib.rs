@@ -441,10 +441,10 @@ impl Client {
         let frags: Vec<&Vec<Fragment>> =
             put.begin.slots.iter().zip(chunks).filter(|(s, _)| !s.present).map(|(_, f)| f).collect();
         let copied = match memory {
-            Memory::Device => rma.device_copy(&slots, &frags, ctx_ptr, true, on).and_then(|()| match on {
-                CopyStream::Caller(stream) => paged::synchronize(ctx_ptr, stream).map_err(Error::InvalidArgument),
-                CopyStream::Wait => Ok(()),
-            }),
+            Memory::Device => match (rma.device_copy(&slots, &frags, ctx_ptr, true, on), on) {
+                (Ok(()), CopyStream::Caller(stream)) => wait_stream(ctx_ptr, stream).await,
+                (r, _) => r,
+            },
             Memory::Host => rma.host_copy(&slots, &frags, true),
         };
         let copied =
@@ -1049,6 +1049,16 @@ impl Client {
     pub async fn disconnect(&self) -> Result<()> {
         self.grpc.clone().disconnect(DisconnectRequest { session_token: self.token.clone() }).await?;
         Ok(())
+    }
+}
+
+/// Waits for the caller's `stream` on a blocking thread, not an async one: a store's gather may
+/// be queued behind a whole forward pass (tens of ms), and the runtime's few threads also carry
+/// every other call of the process.
+async fn wait_stream(ctx_ptr: u64, stream: u64) -> Result<()> {
+    match tokio::task::spawn_blocking(move || paged::synchronize(ctx_ptr, stream)).await {
+        Ok(r) => r.map_err(Error::InvalidArgument),
+        Err(e) => Err(Error::InvalidArgument(format!("waiting for the copy stream: {e}"))),
     }
 }
 

@@ -78,6 +78,10 @@ fn outcome(o: PutOutcome) -> (usize, usize, usize) {
     (o.chunks, o.stored, o.skipped)
 }
 
+/// A put as `paged_put` makes it: (chunks, stored, skipped) when done.
+type PutFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = prefixd_client::Result<(usize, usize, usize)>> + Send>>;
+
 /// A lease as Python sees it: (lease id, [(address, length, gpu_tier)], seconds left).
 pub(crate) type LeaseTuple = (u64, Vec<(u64, u64, bool)>, f64);
 
@@ -154,6 +158,35 @@ impl NativeClient {
     /// The session in use now.
     fn get(&self) -> PyResult<Arc<Client>> {
         Ok(self.recovering()?.current())
+    }
+
+    /// The work of a paged put, checked and ready to run (`put_paged`, `put_paged_start`).
+    #[allow(clippy::too_many_arguments)] // put_paged's arguments, passed on
+    fn paged_put(
+        &self,
+        namespace: String,
+        keys: Vec<Vec<u8>>,
+        addrs: &[u8],
+        fragment_bytes: usize,
+        bounds: &[(u64, usize, i32)],
+        parent: Option<Vec<u8>>,
+        stream: Option<u64>,
+        counts: Option<Vec<usize>>,
+    ) -> PyResult<impl Fn(Arc<Client>) -> PutFuture + Send + Sync + 'static> {
+        let (keys, chunks, on_device) = parse_paged(keys, addrs, fragment_bytes, bounds, counts.as_deref())?;
+        let parent = parse_keys(parent.into_iter().collect())?.pop();
+        let direct = on_device || self.get()?.direct_host_pool();
+        let (mem, on) = (memory(on_device), copy_stream(stream));
+        Ok(move |c: Arc<Client>| -> PutFuture {
+            let (namespace, keys, chunks) = (namespace.clone(), keys.clone(), chunks.clone());
+            Box::pin(async move {
+                if direct {
+                    c.put_paged_on(&namespace, &keys, parent, &chunks, mem, on).await.map(outcome)
+                } else {
+                    buffers::put_host_fragments(&c, &namespace, &keys, parent, &chunks).await
+                }
+            })
+        })
     }
 
     /// Runs `f(client)` on the runtime with the GIL released; once more on a new session if
@@ -359,21 +392,29 @@ impl NativeClient {
         stream: Option<u64>,
         counts: Option<Vec<usize>>,
     ) -> PyResult<(usize, usize, usize)> {
-        let (keys, chunks, on_device) = parse_paged(keys, &addrs, fragment_bytes, &bounds, counts.as_deref())?;
-        let parent = parse_keys(parent.into_iter().collect())?.pop();
-        let direct_host = !on_device && self.get()?.direct_host_pool();
-        if on_device || direct_host {
-            let (mem, on) = (memory(on_device), copy_stream(stream));
-            self.call(py, move |c| {
-                let (namespace, keys, chunks) = (namespace.clone(), keys.clone(), chunks.clone());
-                async move { c.put_paged_on(&namespace, &keys, parent, &chunks, mem, on).await.map(outcome) }
-            })
-        } else {
-            self.call(py, move |c| {
-                let (namespace, keys, chunks) = (namespace.clone(), keys.clone(), chunks.clone());
-                async move { buffers::put_host_fragments(&c, &namespace, &keys, parent, &chunks).await }
-            })
-        }
+        let put = self.paged_put(namespace, keys, &addrs, fragment_bytes, &bounds, parent, stream, counts)?;
+        self.call(py, put)
+    }
+
+    /// As `put_paged`, in the background: returns a `Pending` at once, whose result is
+    /// (chunks, stored, skipped). The store thread of an engine needed the GIL back after each
+    /// call (up to the interpreter's 5 ms switch interval behind a busy engine loop, several
+    /// times a store); the engine now starts its stores and only looks at them once a step.
+    #[pyo3(signature = (namespace, keys, addrs, fragment_bytes, bounds, parent = None, stream = None, counts = None))]
+    #[allow(clippy::too_many_arguments)] // the Python signature, one argument per part of the call
+    fn put_paged_start(
+        &self,
+        namespace: String,
+        keys: Vec<Vec<u8>>,
+        addrs: Vec<u8>,
+        fragment_bytes: usize,
+        bounds: Vec<(u64, usize, i32)>,
+        parent: Option<Vec<u8>>,
+        stream: Option<u64>,
+        counts: Option<Vec<usize>>,
+    ) -> PyResult<Pending> {
+        let put = self.paged_put(namespace, keys, &addrs, fragment_bytes, &bounds, parent, stream, counts)?;
+        self.start(put, Answer::Put)
     }
 
     /// Reads the longest cached prefix of `keys` into fragments (see `put_paged`); returns the

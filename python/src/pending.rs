@@ -1,5 +1,5 @@
-//! Calls that run on the client's runtime while Python goes on: `lookup_start` and
-//! `lease_start` return a [`Pending`] at once. An engine's scheduler then needs no thread of its
+//! Calls that run on the client's runtime while Python goes on: `lookup_start`,
+//! `lease_start` and `put_paged_start` return a [`Pending`] at once. An engine's scheduler then needs no thread of its
 //! own per lookup (each of which had to win the GIL back from the engine loop to start, to
 //! convert its answer and to hand it over: measured on 2x H200, lookups queued for over 100 ms
 //! behind a busy engine); it polls `done()` once per step and takes `result()`.
@@ -16,6 +16,8 @@ use std::time::Duration;
 pub(crate) enum Answer {
     Hits(usize),
     Lease(crate::LeaseTuple),
+    /// (chunks, stored, skipped) of a put.
+    Put((usize, usize, usize)),
 }
 
 enum Slot {
@@ -108,6 +110,7 @@ impl Pending {
             Took::AlreadyTaken => Err(PyRuntimeError::new_err("this call's result was already taken")),
             Took::Answer(Ok(Answer::Hits(n))) => Ok(n.into_pyobject(py)?.into_any().unbind()),
             Took::Answer(Ok(Answer::Lease(t))) => Ok(t.into_pyobject(py)?.into_any().unbind()),
+            Took::Answer(Ok(Answer::Put(t))) => Ok(t.into_pyobject(py)?.into_any().unbind()),
             Took::Answer(Err(e)) => Err(to_py(e)),
         }
     }

@@ -7,9 +7,10 @@
 - Remote loads (another node's sidecar): fetched on a thread (active messages into a staging
   buffer, then one kernel), reported in `get_finished` when done.
 - Stores (`wait_for_save`): a store stream waits for the compute stream (GPU-side, no host
-  synchronize), and a thread reserves slots, queues the gather kernel on that stream, waits for
-  it and commits. The engine's next step never waits for a store; the request keeps its blocks
-  until the store is done (`get_finished` reports it).
+  synchronize), and a background call of the prefixd client (`put_paged_start`: no Python
+  thread, no GIL) reserves slots, queues the gather kernel on that stream, waits for it and
+  commits. The engine's next step never waits for a store; it looks at its stores once a step,
+  and the request keeps its blocks until its store is done (`get_finished` reports it).
 
 CPU tensors (vLLM's own allocation on the host, as in the CPU tests) move by direct copies to
 and from the mapped host pool, synchronously.
@@ -18,10 +19,10 @@ Any failure of a load marks its blocks failed (`get_block_ids_with_load_errors`)
 recomputes them; it never reads other bytes.
 """
 
+import collections
 import hashlib
 import logging
 import os
-import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,9 +38,14 @@ log = logging.getLogger("vllm.prefixd")
 
 # A lease this close to its end is not read any more (the slot could be reused mid-copy).
 LEASE_MARGIN_S = 0.5
-# Stores run on this many threads (and streams), a request always on the same one (its chunks
-# then reach prefixd in order, each extending the one before).
+# Stores are queued on this many CUDA streams, a request always on the same one.
 STORE_SHARDS = 4
+# Bytes of puts in flight at once (each reserves its chunks' bytes in prefixd until it commits;
+# the four store threads this replaced had up to 4 x 32 chunks of 36 MiB in flight). At least
+# one put always runs. Puts start when the engine looks (each step), so a step's stores all
+# start together: a burst of 100 short prompts is 100 puts of 18 MiB. A request's own puts go
+# one at a time, in order: each chunk extends the one before.
+STORE_INFLIGHT_BYTES = 4 << 30
 
 
 class _Debug:
@@ -95,8 +101,8 @@ class WorkerSide:
         self._send_done = set()
         self._timings = []  # (start event, end event, bytes) of queued local loads
         self._loaded = set()  # requests whose local loads this step queued (their leases can go)
-        self._store_qs = [queue.Queue() for _ in range(STORE_SHARDS)]
-        self._store_threads = []
+        self._store_waiting = collections.OrderedDict()  # req_id -> deque of (spec, shard, stream)
+        self._store_running = {}  # req_id -> (spec, shard, native Pending, start time)
         self._remote_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefixd-remote-load")
         debug_dir = cfg.debug_dir
         self.debug = _Debug(debug_dir, "worker") if debug_dir else None
@@ -123,11 +129,6 @@ class WorkerSide:
         )
         if on_gpu:
             self._store_streams = [torch.cuda.Stream(device=first.device) for _ in range(STORE_SHARDS)]
-        if self.stores_enabled:
-            for i in range(STORE_SHARDS):
-                t = threading.Thread(target=self._store_loop, args=(i,), name=f"prefixd-store-{i}", daemon=True)
-                t.start()
-                self._store_threads.append(t)
         log.info(
             "prefixd: %d layers, %d run(s) of %d bytes per block (%d bytes a block), %s, namespace %s",
             len(self.layout.layers),
@@ -283,19 +284,43 @@ class WorkerSide:
                 self._store_streams[i].wait_stream(torch.cuda.current_stream())
                 stream = self._store_streams[i].cuda_stream
             for spec in specs:
-                self._store_qs[i].put((spec, stream))
+                self._store_waiting.setdefault(spec.req_id, collections.deque()).append((spec, i, stream))
+        self._poll_stores()
 
-    def _store_loop(self, shard):
-        while True:
-            job = self._store_qs[shard].get()
-            if job is None:
-                return
-            spec, stream = job
-            t0 = time.perf_counter()
+    def _poll_stores(self):
+        """Takes the answers of finished puts and starts waiting ones (a request's next put
+        once its last one is done; STORE_INFLIGHT_BYTES in flight at most). Engine thread only."""
+        for req_id, (spec, shard, pending, t0, nbytes) in list(self._store_running.items()):
+            if not pending.done():
+                continue
+            del self._store_running[req_id]
             try:
-                addrs, counts = self._table(spec.block_ids)
-                _chunks, stored, skipped = self.local.call(
-                    "put_paged",
+                _chunks, stored, skipped = self.local.take(pending)
+                self.counters.add("stored_chunks", stored)
+                self.counters.add("skipped_chunks", skipped)
+                self.counters.add("stored_bytes", nbytes)
+                self.counters.add("store_seconds", time.perf_counter() - t0)
+                if self.debug is not None and self.debug.active():
+                    self._debug_hash("store", spec.keys, spec.block_ids, shard)
+            except Exception as e:
+                self.counters.bump("store_failed", f"{spec.req_id}: store failed ({e})")
+            self._store_done(spec.req_id)
+        inflight = sum(r[4] for r in self._store_running.values())
+        for req_id in list(self._store_waiting):
+            if req_id in self._store_running:
+                continue
+            jobs = self._store_waiting[req_id]
+            spec, shard, stream = jobs[0]
+            addrs, counts = self._table(spec.block_ids)
+            nbytes = sum(counts) * self.layout.run_bytes
+            if self._store_running and inflight + nbytes > STORE_INFLIGHT_BYTES:
+                break
+            jobs.popleft()
+            if not jobs:
+                del self._store_waiting[req_id]
+            try:
+                pending = self.local.call(
+                    "put_paged_start",
                     self.namespace,
                     spec.keys,
                     addrs,
@@ -305,31 +330,32 @@ class WorkerSide:
                     stream,
                     counts,
                 )
-                self.counters.add("stored_chunks", stored)
-                self.counters.add("skipped_chunks", skipped)
-                self.counters.add("stored_bytes", sum(counts) * self.layout.run_bytes)
-                self.counters.add("store_seconds", time.perf_counter() - t0)
-                if self.debug is not None and self.debug.active():
-                    self._debug_hash("store", spec.keys, spec.block_ids, shard)
+                self._store_running[req_id] = (spec, shard, pending, time.perf_counter(), nbytes)
+                inflight += nbytes
             except Unavailable as e:
                 self.counters.bump("store_unavailable", f"{spec.req_id}: prefixd unreachable, not stored ({e})")
+                self._store_done(spec.req_id)
             except Exception as e:
                 self.counters.bump("store_failed", f"{spec.req_id}: store failed ({e})")
-            finally:
-                with self._lock:
-                    left = self._pending_stores.get(spec.req_id, 1) - 1
-                    if left > 0:
-                        self._pending_stores[spec.req_id] = left
-                    else:
-                        self._pending_stores.pop(spec.req_id, None)
-                        if spec.req_id in self._finished:
-                            self._finished.discard(spec.req_id)
-                            self._stored_reqs.discard(spec.req_id)
-                            self._send_done.add(spec.req_id)
+                self._store_done(spec.req_id)
+
+    def _store_done(self, req_id):
+        with self._lock:
+            left = self._pending_stores.get(req_id, 1) - 1
+            if left > 0:
+                self._pending_stores[req_id] = left
+            else:
+                self._pending_stores.pop(req_id, None)
+                if req_id in self._finished:
+                    self._finished.discard(req_id)
+                    self._stored_reqs.discard(req_id)
+                    self._send_done.add(req_id)
 
     # -- per step -----------------------------------------------------------------------------
 
     def get_finished(self, finished_req_ids):
+        if self._store_running or self._store_waiting:
+            self._poll_stores()
         with self._lock:
             for r in finished_req_ids or ():
                 if r not in self._stored_reqs:
@@ -376,10 +402,12 @@ class WorkerSide:
                 self.debug.write(what, key, j, h.hexdigest())
 
     def shutdown(self):
-        for q in self._store_qs:
-            q.put(None)
-        for t in self._store_threads:
-            t.join(timeout=30)
+        # Let the stores in flight and waiting finish (each has its own deadline), up to 30 s.
+        deadline = time.monotonic() + 30
+        while (self._store_running or self._store_waiting) and time.monotonic() < deadline:
+            for _spec, _shard, pending, _t0, _n in list(self._store_running.values()):
+                pending.wait(0.05)
+            self._poll_stores()
         self._remote_pool.shutdown(wait=False, cancel_futures=True)
         if self.local is not None:
             self.local.close()
