@@ -39,9 +39,10 @@ const MAX_SLEEP: Duration = Duration::from_millis(100);
 /// 0.48-0.61x Redis spinning, 0.69-1.06x with one reader and 0.80-0.87x with four yielding).
 /// It polls only while an operation of its own is in flight: a worker with nothing pending has
 /// nothing to be quick about, and a server and a client that both kept polling between gets
-/// (a get every ~0.3 ms keeps the window open) took a core each, leaving the threads that do
-/// the work to fight over what was left (one 1 MiB reader: p50 208-638 µs from run to run,
-/// depending on where the scheduler put the threads; 315-349 µs in every run since).
+/// (a get every ~0.3 ms keeps the window open) took most of a core each, leaving the threads
+/// that do the work to fight over the rest. One 1 MiB reader's p50, run after run on 2 cores:
+/// 208-638 µs before (3 of 6 runs over 450 µs), 297-686 µs after (2 of 16 runs), the slow
+/// runs depending on where the scheduler put the threads (BENCHMARKS.md §6).
 const SPIN_AFTER_ACTIVITY: Duration = Duration::from_micros(200);
 /// How long a graceful endpoint close may take before it is abandoned.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
