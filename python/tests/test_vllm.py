@@ -80,11 +80,11 @@ def write_tiny_model(d):
     return str(d)
 
 
-def vllm_config(model_dir, role, extra, policy="recompute"):
+def vllm_config(model_dir, role, extra, policy="recompute", batched_tokens=4096):
     return VllmConfig(
         model_config=ModelConfig(model=model_dir, tokenizer=model_dir, skip_tokenizer_init=True,
                                  dtype="bfloat16", seed=42),
-        scheduler_config=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=4096, max_model_len=8192,
+        scheduler_config=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=batched_tokens, max_model_len=8192,
                                          enable_chunked_prefill=True, is_encoder_decoder=False,
                                          async_scheduling=False),
         cache_config=CacheConfig(block_size=BLOCK, gpu_memory_utilization=0.9, cache_dtype="auto",
@@ -190,9 +190,10 @@ def fill_blocks(conn, block_ids, seed):
                                                                            dtype=torch.uint8)
 
 
-def step(sched, conn, out, req_ids=(), eos=False, finished_recving=None):
+def step(sched, conn, out, req_ids=(), eos=False, finished_recving=None, partial=()):
     """One engine step: the worker's connector calls around a forward that does nothing, then
-    the scheduler's update. Returns the EngineCoreOutputs."""
+    the scheduler's update (requests in `partial` are mid-prefill: no token sampled). Returns
+    the EngineCoreOutputs."""
     md = out.kv_connector_metadata
     conn.bind_connector_metadata(md)
     conn.start_load_kv(None)
@@ -206,7 +207,8 @@ def step(sched, conn, out, req_ids=(), eos=False, finished_recving=None):
     ids = [r for r in req_ids if r in out.num_scheduled_tokens]
     mro = ModelRunnerOutput(
         req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-        sampled_token_ids=[[EOS if eos else 7] for _ in ids], logprobs=None, prompt_logprobs_dict={},
+        sampled_token_ids=[[] if r in partial else [EOS if eos else 7] for r in ids], logprobs=None,
+        prompt_logprobs_dict={},
         pooler_output=None,
         kv_connector_output=KVConnectorOutput(finished_sending=sending, finished_recving=recving,
                                               invalid_block_ids=errors, kv_connector_worker_meta=worker_meta),
@@ -312,6 +314,54 @@ def test_prefill_stores_and_decode_loads_the_whole_prompt(model_dir, server):
     for i in range(18):
         assert block_bytes(conn, blocks[i]) == content[i], f"block {i} differs from what P computed"
     assert sched.connector_prefix_cache_stats is not None
+    conn.shutdown()
+
+
+def test_a_prefill_chunked_over_steps_stores_every_chunk_in_order(model_dir, server):
+    """A 600-token prompt prefilled 256 tokens a step: each step's finished chunk is stored
+    while the engine goes on (background puts, collected each step, a request's in order: each
+    extends the one before), and the decode gets all 37 full blocks, byte for byte."""
+    tokens = [(i * 13 + 7) % 4000 for i in range(600)]
+    vc = vllm_config(model_dir, "kv_producer", {"endpoint": server.endpoint}, batched_tokens=256)
+    sched, conn = scheduler(vc), worker(vc)
+    sched.add_request(request("pc", tokens))
+    content, stores, params, rounds = {}, [], None, 0
+    out = sched.schedule()
+    while "pc" in sched.requests and rounds < 300:
+        rounds += 1
+        n = out.num_scheduled_tokens.get("pc", 0)
+        partial = ()
+        if n:
+            # schedule() has already counted this step's tokens as computed.
+            done = sched.requests["pc"].num_computed_tokens
+            blocks = list(sched.kv_cache_manager.get_block_ids("pc")[0])
+            first, last = (done - n) // BLOCK, done // BLOCK
+            fill_blocks(conn, blocks[first:last], 100 + rounds)
+            content.update({i: block_bytes(conn, blocks[i]) for i in range(first, last)})
+            partial = ("pc",) if done < len(tokens) else ()
+        if out.kv_connector_metadata is not None:
+            stores += [len(s.keys) for s in out.kv_connector_metadata.stores]
+        outputs, _ = step(sched, conn, out, ["pc"], eos=True, partial=partial)
+        for eo in outputs.values():
+            for o in eo.outputs:
+                if o.request_id == "pc" and o.kv_transfer_params:
+                    params = o.kv_transfer_params
+        time.sleep(0.005)
+        out = sched.schedule()
+    assert "pc" not in sched.requests, "every store committed and the blocks were freed"
+    assert stores == [1, 1, 1], f"one chunk a step as each was finished: {stores}"
+    assert params == {"prefixd": {"endpoint": server.endpoint, "chunks": 3}}
+    assert conn._worker.stats().get("stored_chunks") == 3
+    conn.shutdown()
+
+    vc = vllm_config(model_dir, "kv_consumer", {"endpoint": server.endpoint})
+    sched, conn = scheduler(vc), worker(vc)
+    sched.add_request(request("dc", tokens, params=params))
+    out = schedule_new(sched)
+    assert out.scheduled_new_reqs[0].num_computed_tokens == 592
+    blocks = out.scheduled_new_reqs[0].block_ids[0]
+    step(sched, conn, out, ["dc"])
+    assert [block_bytes(conn, blocks[i]) for i in range(37)] == [content[i] for i in range(37)]
     conn.shutdown()
 
 
