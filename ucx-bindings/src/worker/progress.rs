@@ -40,9 +40,9 @@ const MAX_SLEEP: Duration = Duration::from_millis(100);
 /// It polls only while an operation of its own is in flight: a worker with nothing pending has
 /// nothing to be quick about, and a server and a client that both kept polling between gets
 /// (a get every ~0.3 ms keeps the window open) took most of a core each, leaving the threads
-/// that do the work to fight over the rest. One 1 MiB reader's p50, run after run on 2 cores:
-/// 208-638 µs before (3 of 6 runs over 450 µs), 297-686 µs after (2 of 16 runs), the slow
-/// runs depending on where the scheduler put the threads (BENCHMARKS.md §6).
+/// that do the work to fight over the rest (the CPU time of both threads fell from 80-97% to
+/// 65-85% of a core with one 1 MiB reader on 2 cores). Its latency did not change measurably:
+/// slow stretches on that shared machine swamp it (BENCHMARKS.md §6).
 const SPIN_AFTER_ACTIVITY: Duration = Duration::from_micros(200);
 /// How long a graceful endpoint close may take before it is abandoned.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
