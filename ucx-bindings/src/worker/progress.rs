@@ -40,8 +40,8 @@ const MAX_SLEEP: Duration = Duration::from_millis(100);
 /// It polls only while an operation of its own is in flight: a worker with nothing pending has
 /// nothing to be quick about, and a server and a client that both kept polling between gets
 /// (a get every ~0.3 ms keeps the window open) took most of a core each, leaving the threads
-/// that do the work to fight over the rest (the CPU time of both threads fell from 80-97% to
-/// 65-85% of a core with one 1 MiB reader on 2 cores). Its latency did not change measurably:
+/// that do the work to fight over the rest (the CPU time of both threads fell from 80-99% to
+/// 65-86% of a core with one 1 MiB reader on 2 cores). Its latency did not change measurably:
 /// slow stretches on that shared machine swamp it (BENCHMARKS.md §6).
 const SPIN_AFTER_ACTIVITY: Duration = Duration::from_micros(200);
 /// How long a graceful endpoint close may take before it is abandoned.
