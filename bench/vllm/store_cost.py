@@ -48,15 +48,6 @@ def watch(endpoint, namespace, wanted, ready, start, out):
     c.close()
 
 
-def busy(ms):
-    end = time.perf_counter() + ms / 1000
-    x = 0
-    while time.perf_counter() < end:
-        for i in range(200):
-            x += i * i
-    return x
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--burst", type=int, default=16)
@@ -70,6 +61,7 @@ def main():
     import test_vllm as tv
     from conftest import Server
     from prefixd.vllm import chunks as chunking
+    from sched_cost import busy  # the same GIL-holding engine work
 
     srv = Server("--host-pool", "256MiB")
     model_dir = tv.write_tiny_model(tempfile.mkdtemp(prefix="qwen3-tiny-"))

@@ -353,15 +353,20 @@ def test_a_prefill_chunked_over_steps_stores_every_chunk_in_order(model_dir, ser
     assert params == {"prefixd": {"endpoint": server.endpoint, "chunks": 3}}
     assert conn._worker.stats().get("stored_chunks") == 3
     conn.shutdown()
+    decode_reads(model_dir, server.endpoint, tokens, params, "dc", 592, [content[i] for i in range(37)])
 
-    vc = vllm_config(model_dir, "kv_consumer", {"endpoint": server.endpoint})
+
+def decode_reads(model_dir, endpoint, tokens, params, rid, computed, content):
+    """A consumer instance schedules `tokens` with the prefill's `params`: `computed` tokens
+    come from prefixd, and its first len(content) blocks then hold exactly those bytes."""
+    vc = vllm_config(model_dir, "kv_consumer", {"endpoint": endpoint})
     sched, conn = scheduler(vc), worker(vc)
-    sched.add_request(request("dc", tokens, params=params))
+    sched.add_request(request(rid, tokens, params=params))
     out = schedule_new(sched)
-    assert out.scheduled_new_reqs[0].num_computed_tokens == 592
+    assert out.scheduled_new_reqs[0].num_computed_tokens == computed
     blocks = out.scheduled_new_reqs[0].block_ids[0]
-    step(sched, conn, out, ["dc"])
-    assert [block_bytes(conn, blocks[i]) for i in range(37)] == [content[i] for i in range(37)]
+    step(sched, conn, out, [rid])
+    assert [block_bytes(conn, blocks[i]) for i in range(len(content))] == content
     conn.shutdown()
 
 
@@ -371,15 +376,7 @@ def test_prompt_shorter_than_a_chunk_crosses_whole(model_dir, server):
     tokens = [(i * 17 + 3) % 4000 for i in range(128)]
     params, content, _ = prefill(model_dir, server.endpoint, tokens, rid="p2", seed=12)
     assert params["prefixd"]["chunks"] == 1
-    vc = vllm_config(model_dir, "kv_consumer", {"endpoint": server.endpoint})
-    sched, conn = scheduler(vc), worker(vc)
-    sched.add_request(request("d2", tokens, params=params))
-    out = schedule_new(sched)
-    assert out.scheduled_new_reqs[0].num_computed_tokens == 127
-    blocks = out.scheduled_new_reqs[0].block_ids[0]
-    step(sched, conn, out, ["d2"])
-    assert [block_bytes(conn, blocks[i]) for i in range(8)] == [content[i] for i in range(8)]
-    conn.shutdown()
+    decode_reads(model_dir, server.endpoint, tokens, params, "d2", 127, [content[i] for i in range(8)])
 
 
 def test_decode_waits_for_announced_chunks_then_recomputes(model_dir, server):
