@@ -658,3 +658,96 @@ def _server_on(port):
             time.sleep(0.1)
     raise RuntimeError(f"no prefixd on port {port}")
 
+
+
+class _FakePending:
+    def __init__(self, answer):
+        self.answer, self.finished = answer, False
+
+    def done(self):
+        return self.finished
+
+    def wait(self, timeout):
+        return self.finished
+
+
+class _FakeStoreClient:
+    """Stands in for the prefixd client in a unit test of the worker's store bookkeeping (which
+    put starts when, what is reported): every put waits until the test finishes it."""
+
+    def __init__(self):
+        self.started = []  # (keys, parent, pending)
+
+    def call(self, method, namespace, keys, *rest):
+        assert method == "put_paged_start"
+        p = _FakePending((len(keys), len(keys), 0))
+        self.started.append((keys, rest[3], p))
+        return p
+
+    def take(self, pending):
+        if isinstance(pending.answer, Exception):
+            raise pending.answer
+        return pending.answer
+
+    def close(self):
+        pass
+
+
+def test_stores_go_in_order_per_request_within_the_byte_cap(model_dir, server, monkeypatch):
+    """The worker's store bookkeeping, its client replaced: a request's second put starts only
+    once its first is done; puts beyond STORE_INFLIGHT_BYTES wait (one always runs); a failed put
+    is counted and still lets vLLM free the blocks."""
+    from prefixd.vllm import worker as worker_mod
+    from prefixd.vllm.connector import PrefixdConnectorMetadata
+    from prefixd.vllm.scheduler import StoreSpec
+
+    vc = vllm_config(model_dir, "kv_producer", {"endpoint": server.endpoint})
+    conn = worker(vc)
+    w = conn._worker
+    fake = _FakeStoreClient()
+    w.local = fake
+    chunk = 16 * w.layout.block_bytes  # one full chunk's bytes
+    monkeypatch.setattr(worker_mod, "STORE_INFLIGHT_BYTES", 2 * chunk)
+    k = [bytes([i]) * 32 for i in range(8)]
+
+    def save(*specs):
+        conn.bind_connector_metadata(PrefixdConnectorMetadata(stores=list(specs)))
+        conn.wait_for_save()
+        conn.clear_connector_metadata()
+
+    save(StoreSpec("a", [k[0]], None, [list(range(0, 16))]),
+         StoreSpec("b", [k[1]], None, [list(range(16, 32))]),
+         StoreSpec("c", [k[2]], None, [list(range(32, 48))]))
+    assert [s[0] for s in fake.started] == [[k[0]], [k[1]]], "two chunks' bytes in flight at most"
+    save(StoreSpec("a", [k[3]], k[0], [list(range(48, 64))]))
+    assert len(fake.started) == 2, "a's next put waits for its first (it extends it)"
+    sending, _ = conn.get_finished({"a", "b", "c"})
+    assert not sending, "nothing is reported before its store is done"
+
+    fake.started[0][2].finished = True  # a's first put commits
+    sending, _ = conn.get_finished(set())
+    assert not sending, "a still has a put to make"
+    assert [s[0] for s in fake.started][2:] == [[k[2]]], "c takes the freed room (it waited first)"
+    fake.started[1][2].answer = RuntimeError("reservation expired")
+    fake.started[1][2].finished = True  # b's put fails
+    fake.started[2][2].finished = True
+    sending, _ = conn.get_finished(set())
+    assert sending == {"b", "c"}, "a failed store still frees its blocks"
+    assert [(s[0], s[1]) for s in fake.started][3:] == [([k[3]], k[0])], "a's second put, after its first"
+    fake.started[3][2].finished = True
+    sending, _ = conn.get_finished(set())
+    assert sending == {"a"}
+    stats = w.stats()
+    assert stats.get("stored_chunks") == 3 and stats.get("store_failed") == 1
+
+    # With room to spare, a request's two puts of one step still go one after the other.
+    monkeypatch.setattr(worker_mod, "STORE_INFLIGHT_BYTES", 100 * chunk)
+    save(StoreSpec("d", [k[4]], None, [list(range(0, 16))]), StoreSpec("d", [k[5]], k[4], [list(range(16, 32))]))
+    assert [s[0] for s in fake.started][4:] == [[k[4]]]
+    fake.started[4][2].finished = True
+    conn.get_finished(set())
+    assert [(s[0], s[1]) for s in fake.started][5:] == [([k[5]], k[4])]
+    fake.started[5][2].finished = True
+    assert conn.get_finished({"d"})[0] == {"d"}
+    w.local = None
+    conn.shutdown()
