@@ -2,10 +2,13 @@
 path (active messages over tcp), Redis (GET over its socket), and Mooncake Store (its tcp
 transfer engine, the object held by another process). Hardening defect 14 measured this.
 
-    python3 bench/remote/compare.py [--sizes 1M,4M] [--concurrency 1,4] [--seconds 3]
+    python3 bench/remote/compare.py [--sizes 1M,4M] [--concurrency 1,4] [--seconds 3] [--slices 6]
 
-Each reader process reads the same few stored objects over and over for --seconds; a row gives
-GB/s over all readers and the p50/p99 of one get, and the ratios against both baselines.
+Each reader process reads the same few stored objects over and over, --seconds in all per
+system and row, the systems taking turns in --slices slices (a shared machine's slow stretches
+then fall on all of them alike; --slices 1 measures each system in one go, as before 2026-11-30);
+a row gives GB/s over all readers and the p50/p99 of one get, and the ratios against both
+baselines.
 Needs: target/release/prefixd (or PREFIXD_BIN), redis-server, and the PyPI packages `redis`
 and `mooncake-transfer-engine-non-cuda` (with libibverbs1 from Debian); `scripts/dev.sh
 bench-remote` installs what is missing. A baseline that cannot start is reported, not faked.
@@ -219,47 +222,83 @@ class Mooncake:
 SYSTEMS = {}  # name -> class, filled below
 
 
-def read_loop(name, info, keys, size, seconds, start, out):
+def read_loop(name, info, keys, size, ctrl, out):
+    """A reader process: connects and warms up, says it is ready, then reads for as long as
+    each ("run", seconds) it is sent says, reporting each slice's get times, until "stop"."""
     try:
         get = SYSTEMS[name].reader(info)
         for k in keys:  # warm-up: connections, first touch
             get(k, size)
-        start.wait()
-        times, t_end, i = [], time.perf_counter() + seconds, 0
+        out.put(("ready", None))
+        i = 0
         while True:
-            t0 = time.perf_counter()
-            if t0 >= t_end:
-                break
-            get(keys[i % len(keys)], size)
-            times.append(time.perf_counter() - t0)
-            i += 1
-        out.put(("ok", times))
+            cmd = ctrl.get()
+            if cmd[0] == "stop":
+                return
+            times, t_end = [], time.perf_counter() + cmd[1]
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= t_end:
+                    break
+                get(keys[i % len(keys)], size)
+                times.append(time.perf_counter() - t0)
+                i += 1
+            out.put(("ok", times))
     except Exception as e:  # reported in the table, never hidden
         out.put(("error", repr(e)))
 
 
-def measure(system, keys, size, readers, seconds):
+def measure(systems, stored, size, readers, seconds, slices):
+    """One row: `readers` reader processes per system, all started and warmed up first; then
+    the systems take turns, `slices` times, each reading for seconds / slices while the others'
+    readers wait. This machine is shared and has slow stretches: taking turns in short slices
+    puts every system through the same stretches, so the ratios compare like with like."""
     # Fresh interpreters: the parent's clients have threads (tokio, UCX) that a fork would break.
     ctx = mp.get_context("spawn")
-    start, out = ctx.Barrier(readers + 1), ctx.Queue()
-    procs = [ctx.Process(target=read_loop, args=(system.name, system.info(), keys, size, seconds, start, out))
-             for _ in range(readers)]
-    for p in procs:
-        p.start()
+    crews = {}
+    for s in systems:
+        out = ctx.Queue()
+        ctrls = [ctx.Queue() for _ in range(readers)]
+        procs = [ctx.Process(target=read_loop, args=(s.name, s.info(), stored[s.name], size, c, out)) for c in ctrls]
+        for p in procs:
+            p.start()
+        crews[s.name] = (procs, ctrls, out)
+    results = {s.name: {"times": [], "error": None} for s in systems}
     try:
-        start.wait(timeout=120)
-    except Exception:
-        pass
-    results = [out.get(timeout=seconds + 120) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-    errors = [r for s, r in results if s == "error"]
-    if errors:
-        return {"error": errors[0]}
-    times = sorted(t for s, r in results for t in r)
-    total = sum(len(r) for s, r in results) * size
-    return {"gbps": total / seconds / 1e9, "p50_us": times[len(times) // 2] * 1e6,
-            "p99_us": times[int(len(times) * 0.99)] * 1e6, "gets": len(times)}
+        for name, (procs, _ctrls, out) in crews.items():
+            for _ in procs:
+                status, r = out.get(timeout=120)
+                if status == "error":
+                    results[name]["error"] = r
+        for _ in range(slices):
+            for name, (procs, ctrls, out) in crews.items():
+                if results[name]["error"]:
+                    continue
+                for c in ctrls:
+                    c.put(("run", seconds / slices))
+                for _ in procs:
+                    status, r = out.get(timeout=seconds + 120)
+                    if status == "error":
+                        results[name]["error"] = r
+                    else:
+                        results[name]["times"] += r
+    finally:
+        for procs, ctrls, _out in crews.values():
+            for c in ctrls:
+                c.put(("stop",))
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    row = {}
+    for name, r in results.items():
+        if r["error"]:
+            row[name] = {"error": r["error"]}
+            continue
+        times = sorted(r["times"])
+        row[name] = {"gbps": len(times) * size / seconds / 1e9, "p50_us": times[len(times) // 2] * 1e6,
+                     "p99_us": times[int(len(times) * 0.99)] * 1e6, "gets": len(times)}
+    return row
 
 
 SYSTEMS.update({c.name: c for c in (Prefixd, Redis, Mooncake)})
@@ -269,7 +308,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1M,4M")
     ap.add_argument("--concurrency", default="1,4")
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--seconds", type=float, default=3.0, help="reading time per system and row")
+    ap.add_argument("--slices", type=int, default=6, help="turns the systems take within a row")
     a = ap.parse_args()
     sizes = [size_of(s) for s in a.sizes.split(",")]
     conc = [int(c) for c in a.concurrency.split(",")]
@@ -285,7 +325,7 @@ def main():
         for size in sizes:
             stored = {s.name: s.store(size) for s in systems}
             for n in conc:
-                r = {s.name: measure(s, stored[s.name], size, n, a.seconds) for s in systems}
+                r = measure(systems, stored, size, n, a.seconds, max(1, a.slices))
                 rows.append((size, n, r))
                 print(f"... {size >> 20} MiB x {n} readers: "
                       + ", ".join(f"{k} {v.get('gbps', 0):.2f} GB/s" for k, v in r.items()), file=sys.stderr)
