@@ -5,7 +5,8 @@
 #   scripts/dev.sh test            formatting, clippy -D warnings, every Rust test, the Python
 #                                  package (pip) and its tests, the deployment tests (CI runs this)
 #   scripts/dev.sh bench-ucx [..]  ucx-bindings throughput against ucx_perftest (BENCHMARKS.md)
-#   scripts/dev.sh bench [..]      prefixd against redis-server and ucx_perftest (BENCHMARKS.md)
+#   scripts/dev.sh bench [..]      prefixd against redis-server and ucx_perftest (BENCHMARKS.md),
+#                                  then the remote gets of bench-remote (Redis, Mooncake Store)
 #   scripts/dev.sh bench-remote [..]  remote gets through Python clients: prefixd (active messages
 #                                  over tcp) against Redis and Mooncake Store in the same run
 #   scripts/dev.sh faults [N] [..] N random faults (default 1000) against real processes: kill -9,
@@ -88,7 +89,9 @@ case $cmd in
     ensure_cargo; ensure_ucx
     command -v redis-server >/dev/null || { say "installing redis-server (the benchmark's baseline)"; apt-get install -y -qq redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }; }
     cargo build --release --quiet -p prefixd-server -p prefixd-bench --bins
-    exec target/release/prefixd-bench "$@"
+    target/release/prefixd-bench "$@"
+    say "remote gets through the Python clients against Redis and Mooncake Store (scripts/dev.sh bench-remote)"
+    exec "$0" bench-remote
     ;;
   bench-remote)
     ensure_cargo; ensure_ucx
