@@ -119,7 +119,14 @@ pub async fn serve_puts(state: Arc<State>, stop: CancelToken) -> anyhow::Result<
 /// answered on that endpoint: its chunks, then a FetchDone with the count or the error.
 pub async fn serve_fetch_asks(svc: Service, stop: CancelToken) -> anyhow::Result<()> {
     let state = svc.state.clone();
-    let mut rx = state.worker.listen_am(AM_FETCH_ASK).await?;
+    // Without a GPU pool every chunk is in host memory: requests are answered on the progress
+    // thread itself where they can be, and only the rest come here.
+    let mut rx = if state.pools.region(Tier::Gpu).is_none() {
+        let inline: Arc<dyn ucx_bindings::AmService> = Arc::new(crate::service::InlineFetch(svc.clone()));
+        state.worker.serve_am(AM_FETCH_ASK, inline).await?
+    } else {
+        state.worker.listen_am(AM_FETCH_ASK).await?
+    };
     loop {
         let msg = tokio::select! {
             m = rx.recv() => match m { Some(m) => m, None => return Ok(()) },

@@ -688,3 +688,110 @@ impl Prefixd for Service {
         .await
     }
 }
+
+/// Answers AM_FETCH_ASK on the UCX progress thread itself where it can (`ucx_bindings::AmService`):
+/// a well-formed request from a bound session whose grants allow it, with a call slot free, for
+/// chunks all in host memory. Its chunks and its FetchDone are posted right there, with no hop to
+/// an async task and back. Everything else, errors included, is passed on to the async path
+/// (`dataplane::serve_fetch_asks`), which answers it in full. Only servers without a GPU pool use
+/// it: a GPU-tier chunk is first copied to host memory for the remote path, which must never
+/// happen on the progress thread.
+#[derive(Debug)]
+pub struct InlineFetch(pub Service);
+
+/// What a fetch answered in place holds until UCX is done with its last send: the lease's pin,
+/// the session's in-call mark and the call slot.
+struct FetchHold {
+    _pin: LeasePin,
+    _call: InCall,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl ucx_bindings::AmService for InlineFetch {
+    fn serve(&self, a: ucx_bindings::Arriving<'_>) -> ucx_bindings::Served {
+        use ucx_bindings::{Answer, Served};
+        let svc = &self.0;
+        let st = &svc.state;
+        let (Some(ask), Some(data), Some(from)) = (FetchAsk::decode(a.header), a.data, a.sender) else {
+            return Served::Pass;
+        };
+        let Some(session) = st.sessions.by_endpoint(from) else { return Served::Pass };
+        let Some((ns, keys)) = ask.parse(data) else { return Served::Pass };
+        if keys.is_empty() || st.is_draining() || session.access.caller().check(Grant::Read, ns).is_err() {
+            return Served::Pass;
+        }
+        let Ok(permit) = svc.inflight.clone().try_acquire_owned() else { return Served::Pass };
+        let t0 = Instant::now();
+        let ttl = st.cfg.lease_ttl.min(st.cfg.max_lease_ttl);
+        let Ok(res) = st.index().lookup(ns, &keys, Some((session.id, ttl)), t0) else { return Served::Pass };
+        let timeout = st.cfg.transfer_timeout;
+        let fetch_done = move |hits: u32| Answer {
+            id: AM_FETCH,
+            header: prefixd_proto::dataplane::FetchDone { tag: ask.tag, hit_chunks: hits, code: 0 }.encode().to_vec(),
+            data: AmData::None,
+            timeout,
+            done: None,
+        };
+        let count = |hits: usize| {
+            let tokens = if ask.chunk_tokens == 0 { 256 } else { ask.chunk_tokens as u64 };
+            let (hits, misses) = (hits as u64, (keys.len() - hits) as u64);
+            st.metrics.hit_chunks.inc_by(hits);
+            st.metrics.miss_chunks.inc_by(misses);
+            st.metrics.hit_tokens.inc_by(hits * tokens);
+            st.metrics.miss_tokens.inc_by(misses * tokens);
+            st.metrics.requests.with_label_values(&["fetch", "Ok"]).inc();
+            st.metrics.duration.with_label_values(&["fetch"]).observe(t0.elapsed().as_secs_f64());
+        };
+        let Some((lease_id, _)) = res.lease else {
+            count(0);
+            return Served::Answered(vec![fetch_done(0)]);
+        };
+        // From here the lease is ours to end: the pin's drop releases it (and unpins).
+        let release = || {
+            let _ = st.index().release(lease_id, session.id);
+        };
+        if res.locations.iter().any(|l| l.tier == Tier::Gpu) {
+            release();
+            return Served::Pass;
+        }
+        let n = match st.index().pin_lease(lease_id, session.id, t0) {
+            Ok(n) => n,
+            Err(_) => {
+                release();
+                return Served::Pass;
+            }
+        };
+        let pin = LeasePin { state: st.clone(), lease_id, own: Some(session.id) };
+        let mut slices = Vec::with_capacity(n);
+        for i in 0..n as u32 {
+            let slice =
+                st.index().lease_chunk(lease_id, session.id, i, t0).ok().and_then(|loc| svc.fetch_source(loc).ok());
+            match slice {
+                Some((slice, None)) => slices.push((i, slice)),
+                _ => return Served::Pass, // `pin` drops here: unpinned and released
+            }
+        }
+        let hold = Arc::new(FetchHold { _pin: pin, _call: session.enter(), _permit: permit });
+        let out_bytes =
+            st.metrics.transfer_bytes.with_label_values(&["out", session.path_label(), session.transport()]);
+        let mut answers = Vec::with_capacity(n + 1);
+        for (i, slice) in slices {
+            let (hold, out_bytes, len) = (hold.clone(), out_bytes.clone(), slice.len() as u64);
+            answers.push(Answer {
+                id: AM_FETCH,
+                header: FetchHeader { tag: ask.tag, lease_id, index: i }.encode().to_vec(),
+                data: AmData::Region(slice),
+                timeout,
+                done: Some(Box::new(move |r: ucx_bindings::Result<()>| {
+                    if r.is_ok() {
+                        out_bytes.inc_by(len);
+                    }
+                    drop(hold); // the last send done ends the pin, the call and its slot
+                })),
+            });
+        }
+        answers.push(fetch_done(n as u32));
+        count(n);
+        Served::Answered(answers)
+    }
+}

@@ -47,8 +47,8 @@ pub use error::{Error, Result};
 pub use memory::{MemRegion, RegionSlice, RemoteRegion};
 pub use transports::{TransportDevice, TransportList, KNOWN_TRANSPORTS};
 pub use worker::{
-    AmData, AmReceiver, AmRoutes, ConnRequest, Endpoint, EndpointId, ErrorMode, IncomingAm, Listener, RemoteKey,
-    RouteEvent, RouteKey, Routed, Slot, Worker,
+    AmData, AmReceiver, AmRoutes, AmService, Answer, Arriving, ConnRequest, Endpoint, EndpointId, ErrorMode,
+    IncomingAm, Listener, RemoteKey, RouteEvent, RouteKey, Routed, Served, Slot, Worker,
 };
 
 /// Compile-time checks of the thread-safety claims made with `unsafe impl`.

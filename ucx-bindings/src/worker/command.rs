@@ -141,6 +141,14 @@ pub(crate) enum Command {
         tx: tokio::sync::mpsc::UnboundedSender<Arrival>,
         reply: Reply<()>,
     },
+    /// Answers arrivals of `id` on the progress thread; what it passes goes to `tx` (see
+    /// `Worker::serve_am`).
+    AmServe {
+        id: u16,
+        service: std::sync::Arc<dyn super::serve::AmService>,
+        tx: tokio::sync::mpsc::UnboundedSender<Arrival>,
+        reply: Reply<()>,
+    },
     /// Routes arrivals of `id` on the progress thread (see `Worker::route_am`).
     AmRoute {
         id: u16,

@@ -5,9 +5,11 @@
 mod command;
 mod progress;
 mod routes;
+mod serve;
 
 pub use command::AmData;
 pub use routes::{AmRoutes, RouteEvent, RouteKey, Routed, Slot};
+pub use serve::{AmService, Answer, Arriving, Served};
 
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -172,6 +174,15 @@ impl Worker {
     pub async fn listen_am(&self, id: u16) -> Result<AmReceiver> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.shared.cmd.call(|reply| Command::AmListen { id, tx, reply }).await?;
+        Ok(AmReceiver { rx, cmd: self.shared.cmd.clone() })
+    }
+
+    /// Answers active message `id` on the progress thread itself: `service` sees each arrival
+    /// and answers it there (its messages sent back on the arrival's endpoint at once) or passes
+    /// it to the returned receiver, as [`Worker::listen_am`] would have delivered it.
+    pub async fn serve_am(&self, id: u16, service: Arc<dyn AmService>) -> Result<AmReceiver> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.shared.cmd.call(|reply| Command::AmServe { id, service, tx, reply }).await?;
         Ok(AmReceiver { rx, cmd: self.shared.cmd.clone() })
     }
 

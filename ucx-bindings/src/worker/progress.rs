@@ -14,6 +14,7 @@
 
 use super::command::{AmData, Arrival, ArrivedData, Command, ConnArrival, Reply, RmaKind, Signal};
 use super::routes::{Action, RouteTable};
+use super::serve::{AmService, Arriving, Served};
 use crate::error::{Error, Result};
 use crate::memory::RegionSlice;
 use crate::result::{self, PtrStatus, Status};
@@ -149,7 +150,7 @@ struct Op {
     rkey: Option<u64>,
     started: Instant,
     deadline: Instant,
-    reply: Option<Reply<()>>,
+    reply: Option<Done>,
     _owned: Owned,
     /// Set for an endpoint close request: the endpoint entry is removed on completion.
     closes_ep: Option<u64>,
@@ -190,6 +191,26 @@ enum Listener {
     Channel(tokio::sync::mpsc::UnboundedSender<Arrival>),
     /// Received right here into buffers set out by key (`Worker::route_am`).
     Routed(Arc<RouteTable>),
+    /// Answered right here by a service; what it passes goes to the async receiver
+    /// (`Worker::serve_am`).
+    Served(Arc<dyn AmService>, tokio::sync::mpsc::UnboundedSender<Arrival>),
+}
+
+/// Who hears of an operation's end: an async caller, or a callback run right here.
+enum Done {
+    Reply(Reply<()>),
+    Call(Box<dyn FnOnce(Result<()>) + Send>),
+}
+
+impl Done {
+    fn finish(self, r: Result<()>) {
+        match self {
+            Done::Reply(tx) => {
+                let _ = tx.send(r);
+            }
+            Done::Call(f) => f(r),
+        }
+    }
 }
 
 pub(crate) struct Progress {
@@ -430,7 +451,11 @@ impl Progress {
             }
             Command::Flush { ep, timeout, reply } => self.start_flush(ep, timeout, reply),
             Command::AmSend { ep, id, header, data, timeout, reply } => {
-                self.start_am_send(ep, id, header, data, timeout, reply)
+                self.start_am_send(ep, id, header, data, timeout, Done::Reply(reply))
+            }
+            Command::AmServe { id, service, tx, reply } => {
+                let r = self.listen(id, Listener::Served(service, tx));
+                let _ = reply.send(r);
             }
             Command::AmListen { id, tx, reply } => {
                 let r = self.listen(id, Listener::Channel(tx));
@@ -634,19 +659,19 @@ impl Progress {
         ep: Option<u64>,
         rkey: Option<u64>,
         timeout: Duration,
-        reply: Option<Reply<()>>,
+        reply: Option<Done>,
         owned: Owned,
     ) {
         match result::ptr_status(ptr) {
             PtrStatus::Done => {
                 if let Some(r) = reply {
-                    let _ = r.send(Ok(()));
+                    r.finish(Ok(()));
                 }
             }
             PtrStatus::Failed(s) => {
                 let err = self.error_for(name, ep, s);
                 if let Some(r) = reply {
-                    let _ = r.send(Err(err));
+                    r.finish(Err(err));
                 }
             }
             PtrStatus::Pending(req) => {
@@ -718,7 +743,7 @@ impl Progress {
                 RmaKind::Get => sys::ucp_get_nbx(handle, buf, local.len, remote_addr, rk, &p),
             }
         };
-        self.track(id, name, ptr, Some(ep), Some(rkey), timeout, Some(reply), Owned::Slice(local));
+        self.track(id, name, ptr, Some(ep), Some(rkey), timeout, Some(Done::Reply(reply)), Owned::Slice(local));
     }
 
     fn start_flush(&mut self, ep: u64, timeout: Duration, reply: Reply<()>) {
@@ -733,22 +758,14 @@ impl Progress {
         let p = self.request_param(id);
         // SAFETY: live endpoint of this worker; p initialised for its mask.
         let ptr = unsafe { sys::ucp_ep_flush_nbx(handle, &p) };
-        self.track(id, "flush", ptr, Some(ep), None, timeout, Some(reply), Owned::Nothing);
+        self.track(id, "flush", ptr, Some(ep), None, timeout, Some(Done::Reply(reply)), Owned::Nothing);
     }
 
-    fn start_am_send(
-        &mut self,
-        ep: u64,
-        am_id: u16,
-        header: Vec<u8>,
-        data: AmData,
-        timeout: Duration,
-        reply: Reply<()>,
-    ) {
+    fn start_am_send(&mut self, ep: u64, am_id: u16, header: Vec<u8>, data: AmData, timeout: Duration, done: Done) {
         let handle = match self.usable_ep(ep, "am_send") {
             Ok(h) => h,
             Err(e) => {
-                let _ = reply.send(Err(e));
+                done.finish(Err(e));
                 return;
             }
         };
@@ -772,7 +789,7 @@ impl Progress {
         // (a Vec's heap buffer does not move when the Vec does), so they stay valid until UCX
         // completes the request; a region's memh is passed with its data.
         let ptr = unsafe { sys::ucp_am_send_nbx(handle, am_id as u32, hdr, header.len(), buf, len, &p) };
-        self.track(id, "am_send", ptr, Some(ep), None, timeout, Some(reply), Owned::Send { header, data });
+        self.track(id, "am_send", ptr, Some(ep), None, timeout, Some(done), Owned::Send { header, data });
     }
 
     fn listen(&mut self, id: u16, listener: Listener) -> Result<()> {
@@ -810,6 +827,24 @@ impl Progress {
                     ArrivedData::Eager(_) => None,
                 },
             },
+            Some(Listener::Served(service, tx)) => {
+                let sender = arrival.sender.map(super::EndpointId);
+                let served = service.serve(Arriving::new(sender, &arrival.header, arrival.length, &arrival.data));
+                match served {
+                    Served::Pass => tx.send(arrival).err().map(|e| e.0),
+                    Served::Answered(answers) => {
+                        for a in answers {
+                            let done = Done::Call(a.done.unwrap_or_else(|| Box::new(|_| {})));
+                            match arrival.sender {
+                                Some(ep) => self.start_am_send(ep, a.id, a.header, a.data, a.timeout, done),
+                                None => done.finish(Err(Error::invalid("an answer to a message of no known endpoint"))),
+                            }
+                        }
+                        // Answered without its data: a rendezvous descriptor goes back.
+                        Some(arrival)
+                    }
+                }
+            }
             None => Some(arrival),
         };
         if let Some(Arrival { data: ArrivedData::Rndv { desc }, .. }) = undelivered {
@@ -831,7 +866,7 @@ impl Progress {
         // SAFETY: desc is an unconsumed rendezvous descriptor from am_cb on this worker; dest lies
         // in a region registered as memh and is moved into the op until completion.
         let ptr = unsafe { sys::ucp_am_recv_data_nbx(self.worker, desc, buf, dest.len, &p) };
-        self.track(id, "am_recv", ptr, None, None, timeout, Some(reply), Owned::Slice(dest));
+        self.track(id, "am_recv", ptr, None, None, timeout, Some(Done::Reply(reply)), Owned::Slice(dest));
     }
 
     fn ep_transports(&mut self, ep: u64) -> Result<Vec<TransportDevice>> {
@@ -899,7 +934,7 @@ impl Progress {
             None => Err(self.error_for(op.name, op.ep, status)),
         };
         if let Some(r) = op.reply {
-            let _ = r.send(result);
+            r.finish(result);
         } else if let Err(e) = result {
             tracing::debug!(op = op.name, error = %e, elapsed = ?op.started.elapsed(), "background UCX operation failed");
         }
