@@ -267,24 +267,23 @@ class WorkerSide:
     def wait_for_save(self, meta):
         if meta is None or self.layout is None or not meta.stores:
             return
-        shards = {}
-        for spec in meta.stores:
-            shards.setdefault(hash(spec.req_id) % STORE_SHARDS, []).append(spec)
         with self._lock:
             for spec in meta.stores:
                 self._pending_stores[spec.req_id] = self._pending_stores.get(spec.req_id, 0) + 1
                 self._stored_reqs.add(spec.req_id)
-        for i, specs in shards.items():
-            stream = None
-            if self._store_streams:
-                import torch
+        streams = {}  # shard -> its stream, made to wait for this step's forward once
+        for spec in meta.stores:  # queued in the scheduler's order: first come, first stored
+            i = hash(spec.req_id) % STORE_SHARDS
+            if i not in streams:
+                streams[i] = None
+                if self._store_streams:
+                    import torch
 
-                # GPU-side ordering only: later work on the store stream runs after what the
-                # compute stream has queued so far (this step's forward, which wrote the blocks).
-                self._store_streams[i].wait_stream(torch.cuda.current_stream())
-                stream = self._store_streams[i].cuda_stream
-            for spec in specs:
-                self._store_waiting.setdefault(spec.req_id, collections.deque()).append((spec, i, stream))
+                    # GPU-side ordering only: later work on the store stream runs after what the
+                    # compute stream has queued so far (this step's forward, which wrote the blocks).
+                    self._store_streams[i].wait_stream(torch.cuda.current_stream())
+                    streams[i] = self._store_streams[i].cuda_stream
+            self._store_waiting.setdefault(spec.req_id, collections.deque()).append((spec, i, streams[i]))
         self._poll_stores()
 
     def _poll_stores(self):
