@@ -146,6 +146,7 @@ pub async fn serve_fetch_asks(svc: Service, stop: CancelToken) -> anyhow::Result
             state.metrics.rejected.with_label_values(&["unbound_endpoint"]).inc();
             continue;
         };
+        state.metrics.fetch_asks.with_label_values(&["async"]).inc();
         // Clients send at most MAX_FETCH_ASK_DATA bytes, which travel eagerly; anything that
         // came by rendezvous is longer than that and is refused without being received.
         let data = if msg.is_rendezvous() { Err(msg.len()) } else { msg.into_eager_bytes().map_err(|_| 0) };

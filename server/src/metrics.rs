@@ -25,6 +25,7 @@ pub const SESSIONS: &str = "prefixd_sessions";
 pub const REJECTED_MESSAGES_TOTAL: &str = "prefixd_rejected_messages_total";
 pub const LIMIT_REJECTIONS_TOTAL: &str = "prefixd_limit_rejections_total";
 pub const QUARANTINED_BYTES: &str = "prefixd_quarantined_bytes";
+pub const FETCH_ASKS_TOTAL: &str = "prefixd_fetch_asks_total";
 
 /// The `limit` label values of LIMIT_REJECTIONS_TOTAL.
 pub const LIMITS: [&str; 8] = [
@@ -86,6 +87,12 @@ pub const CATALOG: &[(&str, &str, &str, &str)] = &[
     ),
     (REJECTED_MESSAGES_TOTAL, "counter", "reason", "data-plane active messages dropped (bad header, unknown put, ...)"),
     (
+        FETCH_ASKS_TOTAL,
+        "counter",
+        "answered",
+        "remote gets asked on a data endpoint, by where they were answered (inline: on the UCX thread itself; async: by a task, as every error and GPU-tier chunk is)",
+    ),
+    (
         LIMIT_REJECTIONS_TOTAL,
         "counter",
         "limit",
@@ -114,6 +121,7 @@ pub struct Metrics {
     pub sessions: IntGauge,
     pub quarantined: IntGauge,
     pub rejected: IntCounterVec,
+    pub fetch_asks: IntCounterVec,
     pub limit_rejections: IntCounterVec,
     /// When each limit was last logged (seconds since start), so a flood logs once a second.
     limit_logged: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<&'static str, std::time::Instant>>>,
@@ -155,6 +163,7 @@ impl Metrics {
             sessions: gauge(SESSIONS)?,
             quarantined: gauge(QUARANTINED_BYTES)?,
             rejected: counter_vec(REJECTED_MESSAGES_TOTAL, &["reason"])?,
+            fetch_asks: counter_vec(FETCH_ASKS_TOTAL, &["answered"])?,
             limit_rejections: counter_vec(LIMIT_REJECTIONS_TOTAL, &["limit"])?,
             limit_logged: Default::default(),
             registry,
@@ -178,6 +187,7 @@ impl Metrics {
         r.register(Box::new(m.sessions.clone()))?;
         r.register(Box::new(m.quarantined.clone()))?;
         r.register(Box::new(m.rejected.clone()))?;
+        r.register(Box::new(m.fetch_asks.clone()))?;
         r.register(Box::new(m.limit_rejections.clone()))?;
         Ok(m)
     }
@@ -194,6 +204,9 @@ impl Metrics {
         }
         for reason in REJECT_REASONS {
             self.rejected.with_label_values(&[reason]);
+        }
+        for answered in ["inline", "async"] {
+            self.fetch_asks.with_label_values(&[answered]);
         }
         let extra = ["cuda_ipc", "shm"].map(str::to_owned);
         for direction in ["in", "out"] {
@@ -260,6 +273,7 @@ mod tests {
         m.pool_capacity.with_label_values(&["host"]).set(1);
         m.expired.with_label_values(&["put"]).inc();
         m.rejected.with_label_values(&["bad_header"]).inc();
+        m.fetch_asks.with_label_values(&["inline"]).inc();
         m.limit_hit("max_sessions", "test");
         let text = String::from_utf8(m.encode()).unwrap();
         for (name, kind, _, meaning) in CATALOG {

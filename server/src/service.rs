@@ -744,6 +744,7 @@ impl ucx_bindings::AmService for InlineFetch {
         };
         let Some((lease_id, _)) = res.lease else {
             count(0);
+            st.metrics.fetch_asks.with_label_values(&["inline"]).inc();
             return Served::Answered(vec![fetch_done(0)]);
         };
         // From here the lease is ours to end: the pin's drop releases it (and unpins).
@@ -792,6 +793,7 @@ impl ucx_bindings::AmService for InlineFetch {
         }
         answers.push(fetch_done(n as u32));
         count(n);
+        st.metrics.fetch_asks.with_label_values(&["inline"]).inc();
         Served::Answered(answers)
     }
 }

@@ -368,6 +368,9 @@ async fn fetch_asks_are_checked_and_held_to_their_endpoint() {
     let (chunks, done, _) = answer_of(&mut answers, 7).await;
     assert_eq!((done.code, done.hit_chunks), (0, 1));
     assert_eq!(chunks, vec![(0, bytes.clone())]);
+    // This server has no GPU pool: its UCX thread answered it itself.
+    assert_eq!(server.metric("prefixd_fetch_asks_total{answered=\"inline\"}"), 1.0);
+    assert_eq!(server.metric("prefixd_fetch_asks_total{answered=\"async\"}"), 0.0);
 
     // Data one byte short of what the header announces: a clear error, nothing sent.
     let short = FetchAsk { tag: 8, ..ask }.encode();
@@ -376,6 +379,7 @@ async fn fetch_asks_are_checked_and_held_to_their_endpoint() {
     assert!(chunks.is_empty());
     assert_eq!(done.code, Code::InvalidArgument as u32, "{text}");
     assert!(text.contains("malformed fetch request"), "{text}");
+    assert_eq!(server.metric("prefixd_fetch_asks_total{answered=\"async\"}"), 1.0, "errors are answered by a task");
 
     // A header of the wrong length, and an ask from an endpoint that never said hello: no answer.
     let bad = server.metric("prefixd_rejected_messages_total{reason=\"bad_header\"}");
