@@ -88,6 +88,23 @@ impl Service {
         Ok(s.enter())
     }
 
+    /// Counts a lookup's hit and missed chunks, and their tokens (`chunk_tokens` 0: 256).
+    fn count_lookup(&self, keys: usize, hits: usize, chunk_tokens: u32) {
+        let m = &self.state.metrics;
+        let tokens = if chunk_tokens == 0 { 256 } else { chunk_tokens as u64 };
+        let (hits, misses) = (hits as u64, (keys - hits) as u64);
+        m.hit_chunks.inc_by(hits);
+        m.miss_chunks.inc_by(misses);
+        m.hit_tokens.inc_by(hits * tokens);
+        m.miss_tokens.inc_by(misses * tokens);
+    }
+
+    /// Records one finished call: its count by status code, and its latency since `t0`.
+    fn record_call(&self, op: &str, code: &str, t0: Instant) {
+        self.state.metrics.requests.with_label_values(&[op, code]).inc();
+        self.state.metrics.duration.with_label_values(&[op]).observe(t0.elapsed().as_secs_f64());
+    }
+
     /// Runs one call, recording its count by status code and its latency.
     async fn observe<T>(
         &self,
@@ -112,8 +129,7 @@ impl Service {
             Ok(_) => "Ok".to_owned(),
             Err(s) => format!("{:?}", s.code()),
         };
-        self.state.metrics.requests.with_label_values(&[op, &code]).inc();
-        self.state.metrics.duration.with_label_values(&[op]).observe(t0.elapsed().as_secs_f64());
+        self.record_call(op, &code, t0);
         r.map(Response::new)
     }
 
@@ -274,12 +290,7 @@ impl Service {
         }
         let now = Instant::now();
         let res = st.index().lookup(&r.namespace, &keys, lease, now).map_err(|e| self.index_err(e))?;
-        let tokens = if r.chunk_tokens == 0 { 256 } else { r.chunk_tokens as u64 };
-        let (hits, misses) = (res.hits as u64, (keys.len() - res.hits) as u64);
-        st.metrics.hit_chunks.inc_by(hits);
-        st.metrics.miss_chunks.inc_by(misses);
-        st.metrics.hit_tokens.inc_by(hits * tokens);
-        st.metrics.miss_tokens.inc_by(misses * tokens);
+        self.count_lookup(keys.len(), res.hits, r.chunk_tokens);
         let rma = session.as_ref().is_some_and(|s| s.path == DataPath::Rma);
         let chunks: Vec<ChunkLocation> = res
             .locations
@@ -723,7 +734,23 @@ impl ucx_bindings::AmService for InlineFetch {
         let Ok(permit) = svc.inflight.clone().try_acquire_owned() else { return Served::Pass };
         let t0 = Instant::now();
         let ttl = st.cfg.lease_ttl.min(st.cfg.max_lease_ttl);
-        let Ok(res) = st.index().lookup(ns, &keys, Some((session.id, ttl)), t0) else { return Served::Pass };
+        // One hold of the index: look up under a lease of this call's own and pin it. A fresh
+        // lease's locations are the ones to send (pinned, they do not move).
+        let leased = {
+            let mut idx = st.index();
+            let Ok(res) = idx.lookup(ns, &keys, Some((session.id, ttl)), t0) else { return Served::Pass };
+            match res.lease {
+                None => None,
+                Some((lease_id, _)) => {
+                    let host_only = res.locations.iter().all(|l| l.tier != Tier::Gpu);
+                    if !host_only || idx.pin_lease(lease_id, session.id, t0).is_err() {
+                        let _ = idx.release(lease_id, session.id);
+                        return Served::Pass;
+                    }
+                    Some((lease_id, res.locations))
+                }
+            }
+        };
         let timeout = st.cfg.transfer_timeout;
         let fetch_done = move |hits: u32| Answer {
             id: AM_FETCH,
@@ -733,42 +760,21 @@ impl ucx_bindings::AmService for InlineFetch {
             done: None,
         };
         let count = |hits: usize| {
-            let tokens = if ask.chunk_tokens == 0 { 256 } else { ask.chunk_tokens as u64 };
-            let (hits, misses) = (hits as u64, (keys.len() - hits) as u64);
-            st.metrics.hit_chunks.inc_by(hits);
-            st.metrics.miss_chunks.inc_by(misses);
-            st.metrics.hit_tokens.inc_by(hits * tokens);
-            st.metrics.miss_tokens.inc_by(misses * tokens);
-            st.metrics.requests.with_label_values(&["fetch", "Ok"]).inc();
-            st.metrics.duration.with_label_values(&["fetch"]).observe(t0.elapsed().as_secs_f64());
-        };
-        let Some((lease_id, _)) = res.lease else {
-            count(0);
+            svc.count_lookup(keys.len(), hits, ask.chunk_tokens);
+            svc.record_call("fetch", "Ok", t0);
             st.metrics.fetch_asks.with_label_values(&["inline"]).inc();
+        };
+        let Some((lease_id, locations)) = leased else {
+            count(0);
             return Served::Answered(vec![fetch_done(0)]);
         };
-        // From here the lease is ours to end: the pin's drop releases it (and unpins).
-        let release = || {
-            let _ = st.index().release(lease_id, session.id);
-        };
-        if res.locations.iter().any(|l| l.tier == Tier::Gpu) {
-            release();
-            return Served::Pass;
-        }
-        let n = match st.index().pin_lease(lease_id, session.id, t0) {
-            Ok(n) => n,
-            Err(_) => {
-                release();
-                return Served::Pass;
-            }
-        };
+        // From here the pin's drop unpins and releases the lease (the index is no longer held).
         let pin = LeasePin { state: st.clone(), lease_id, own: Some(session.id) };
+        let n = locations.len();
         let mut slices = Vec::with_capacity(n);
-        for i in 0..n as u32 {
-            let slice =
-                st.index().lease_chunk(lease_id, session.id, i, t0).ok().and_then(|loc| svc.fetch_source(loc).ok());
-            match slice {
-                Some((slice, None)) => slices.push((i, slice)),
+        for (i, loc) in (0u32..).zip(locations) {
+            match svc.fetch_source(loc) {
+                Ok((slice, None)) => slices.push((i, slice)),
                 _ => return Served::Pass, // `pin` drops here: unpinned and released
             }
         }
@@ -793,7 +799,6 @@ impl ucx_bindings::AmService for InlineFetch {
         }
         answers.push(fetch_done(n as u32));
         count(n);
-        st.metrics.fetch_asks.with_label_values(&["inline"]).inc();
         Served::Answered(answers)
     }
 }

@@ -310,14 +310,14 @@ class WorkerSide:
                 continue
             jobs = self._store_waiting[req_id]
             spec, shard, stream = jobs[0]
-            addrs, counts = self._table(spec.block_ids)
-            nbytes = sum(counts) * self.layout.run_bytes
+            nbytes = sum(len(ids) for ids in spec.block_ids) * self.layout.block_bytes
             if self._store_running and inflight + nbytes > STORE_INFLIGHT_BYTES:
                 break
             jobs.popleft()
             if not jobs:
                 del self._store_waiting[req_id]
             try:
+                addrs, counts = self._table(spec.block_ids)
                 pending = self.local.call(
                     "put_paged_start",
                     self.namespace,

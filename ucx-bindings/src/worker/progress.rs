@@ -451,7 +451,7 @@ impl Progress {
             }
             Command::Flush { ep, timeout, reply } => self.start_flush(ep, timeout, reply),
             Command::AmSend { ep, id, header, data, timeout, reply } => {
-                self.start_am_send(ep, id, header, data, timeout, Done::Reply(reply))
+                self.start_am_send(ep, id, header, data, timeout, Some(Done::Reply(reply)))
             }
             Command::AmServe { id, service, tx, reply } => {
                 let r = self.listen(id, Listener::Served(service, tx));
@@ -761,11 +761,21 @@ impl Progress {
         self.track(id, "flush", ptr, Some(ep), None, timeout, Some(Done::Reply(reply)), Owned::Nothing);
     }
 
-    fn start_am_send(&mut self, ep: u64, am_id: u16, header: Vec<u8>, data: AmData, timeout: Duration, done: Done) {
+    fn start_am_send(
+        &mut self,
+        ep: u64,
+        am_id: u16,
+        header: Vec<u8>,
+        data: AmData,
+        timeout: Duration,
+        done: Option<Done>,
+    ) {
         let handle = match self.usable_ep(ep, "am_send") {
             Ok(h) => h,
             Err(e) => {
-                done.finish(Err(e));
+                if let Some(d) = done {
+                    d.finish(Err(e));
+                }
                 return;
             }
         };
@@ -789,7 +799,7 @@ impl Progress {
         // (a Vec's heap buffer does not move when the Vec does), so they stay valid until UCX
         // completes the request; a region's memh is passed with its data.
         let ptr = unsafe { sys::ucp_am_send_nbx(handle, am_id as u32, hdr, header.len(), buf, len, &p) };
-        self.track(id, "am_send", ptr, Some(ep), None, timeout, Some(done), Owned::Send { header, data });
+        self.track(id, "am_send", ptr, Some(ep), None, timeout, done, Owned::Send { header, data });
     }
 
     fn listen(&mut self, id: u16, listener: Listener) -> Result<()> {
@@ -834,10 +844,13 @@ impl Progress {
                     Served::Pass => tx.send(arrival).err().map(|e| e.0),
                     Served::Answered(answers) => {
                         for a in answers {
-                            let done = Done::Call(a.done.unwrap_or_else(|| Box::new(|_| {})));
-                            match arrival.sender {
-                                Some(ep) => self.start_am_send(ep, a.id, a.header, a.data, a.timeout, done),
-                                None => done.finish(Err(Error::invalid("an answer to a message of no known endpoint"))),
+                            let done = a.done.map(Done::Call);
+                            match (arrival.sender, done) {
+                                (Some(ep), done) => self.start_am_send(ep, a.id, a.header, a.data, a.timeout, done),
+                                (None, Some(d)) => {
+                                    d.finish(Err(Error::invalid("an answer to a message of no known endpoint")))
+                                }
+                                (None, None) => {}
                             }
                         }
                         // Answered without its data: a rendezvous descriptor goes back.
