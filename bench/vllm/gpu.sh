@@ -12,6 +12,7 @@
 #   bash bench/vllm/gpu.sh bench NAME [WORKLOADS]   vllm bench serve against the proxy (or :7300)
 #   bash bench/vllm/gpu.sh pd-remote      restart P/D with the decode pulling from the prefill's
 #                                         sidecar over the remote path (a second sidecar, forced)
+#   bash bench/vllm/gpu.sh pd-remote-bench  the same, as pd-bench runs it (for `bench prefixd-remote`)
 #   bash bench/vllm/gpu.sh nixl-wheels    install NIXL from .device-nixl (carried on this call)
 #   bash bench/vllm/gpu.sh nixl           start vLLM's own P/D (NixlConnector) behind the same proxy
 #   bash bench/vllm/gpu.sh single         start one plain instance (GPU0, port 7300)
@@ -159,6 +160,15 @@ while (( $# )); do
         > /tmp/vpd/prefixd-b.out 2> /tmp/vpd/prefixd-b.log < /dev/null &
       PREFIXD_VLLM_DEBUG_DIR=/tmp/vpd/debug DECODE_FLAGS=--no-enable-prefix-caching \
         DECODE_ENDPOINT=http://127.0.0.1:50061 CONNECTOR_EXTRA='"force_remote": true, "pd_wait_ms": 10000' start_pd
+      ;;
+    pd-remote-bench)
+      # The cross-node path as an operator runs it (pd-bench's flags, no debug hook), the decode's
+      # sidecar pulling from the prefill's over active messages, forced (tcp: no RDMA NIC here).
+      stop_all
+      echo remote-bench > /tmp/vpd/mode
+      setsid "$PREFIXD_BIN" --listen 127.0.0.1:50061 --metrics-listen 127.0.0.1:51061 --host-pool 32GiB \
+        > /tmp/vpd/prefixd-b.out 2> /tmp/vpd/prefixd-b.log < /dev/null &
+      DECODE_ENDPOINT=http://127.0.0.1:50061 CONNECTOR_EXTRA='"force_remote": true' start_pd
       ;;
     nixl)
       stop_all
