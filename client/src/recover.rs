@@ -17,6 +17,9 @@ pub struct Reconnecting {
     current: std::sync::Mutex<Arc<Client>>,
     /// Serializes reconnects (one new session for many calls that found the old one lost).
     reconnecting: tokio::sync::Mutex<()>,
+    /// Set by `close`: a call still in flight that finds its session gone must not open a new
+    /// one (it would hold whatever it was granted with nobody left to give it back).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Reconnecting {
@@ -27,6 +30,7 @@ impl Reconnecting {
             opts,
             current: std::sync::Mutex::new(Arc::new(client)),
             reconnecting: tokio::sync::Mutex::new(()),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -35,8 +39,15 @@ impl Reconnecting {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Runs `f` on the current session; if the session turns out lost, connects again and runs
-    /// `f` once more on the new one. Other errors come back as they are.
+    /// Marks the client closed: from now on a lost session stays lost. (The caller then ends the
+    /// current session.)
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Runs `f` on the current session; if the session turns out lost (and the client is not
+    /// closed), connects again and runs `f` once more on the new one. Other errors come back as
+    /// they are.
     pub async fn run<T, F, Fut>(&self, f: F) -> Result<T>
     where
         F: Fn(Arc<Client>) -> Fut,
@@ -44,7 +55,7 @@ impl Reconnecting {
     {
         let client = self.current();
         match f(client.clone()).await {
-            Err(e) if e.is_session_lost() => {
+            Err(e) if e.is_session_lost() && !self.closed.load(std::sync::atomic::Ordering::SeqCst) => {
                 tracing::info!(endpoint = %self.endpoint, error = %e, "session lost; connecting again");
                 let fresh = self.reconnect(&client).await?;
                 f(fresh).await

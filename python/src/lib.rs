@@ -577,6 +577,7 @@ impl NativeClient {
         let taken = self.client.write().unwrap_or_else(|p| p.into_inner()).take();
         match taken {
             Some(c) => {
+                c.close();
                 let rt = runtime()?;
                 py.detach(|| rt.block_on(c.current().disconnect())).map_err(to_py)
             }

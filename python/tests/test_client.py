@@ -232,3 +232,33 @@ def test_client_survives_a_server_restart():
         c.close()
     finally:
         srv.stop()
+
+
+def test_a_closed_client_leaves_no_lease_and_opens_no_session():
+    """A waiting lease lookup is in flight when its client closes, and the chunk arrives before
+    the wait ends. Neither the server (granting the lease to the closed session) nor the client
+    (connecting again to retry the call) may leave a lease behind: nobody would give it back,
+    and it held a draining sidecar for its whole TTL (the vLLM tests' shared sidecar,
+    2026-11-30)."""
+    import time
+
+    from conftest import Server
+
+    srv = Server("--host-pool", "16MiB")
+    try:
+        waiter = prefixd.Client(srv.endpoint, device=None)
+        t = tokens(91, CHUNK)
+        pending = waiter._c.lease_start(waiter.namespace, waiter.keys(t), 1, 1500)
+        time.sleep(0.2)  # held by the server now, waiting for the chunk
+        waiter.close()
+        with prefixd.Client(srv.endpoint, device=None) as c:
+            assert c.put(t, random_kv((1, 1024), 9)).stored == 1
+            assert pending.wait(5.0), "the waiting call ended"
+            with pytest.raises(prefixd.PrefixdError):
+                pending.result()
+            stats = c.stats()
+            assert stats["active_leases"] == 0, "no lease granted to a closed session"
+            assert stats["sessions"] == 1, "only this client's: the closed one did not connect again"
+        assert srv.stop() == 0, "drained at once"
+    finally:
+        srv.stop()

@@ -411,6 +411,34 @@ def lookup_calls(srv):
                if line.startswith("prefixd_requests_total{") and 'op="lookup"' in line)
 
 
+def sessions(srv):
+    """Client sessions the sidecar holds (its Prometheus gauge)."""
+    text = urllib.request.urlopen(f"http://{srv.metrics}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("prefixd_sessions "))
+
+
+def test_both_halves_connect_as_vllm_builds_them_not_on_the_first_request(model_dir):
+    """A process's first connect also loads UCX's transports (about a second per engine on 2x
+    H200). Made on the first request, it stalled the prefill's and then the decode's engine loop
+    under the seed benchmark's first burst: each of its first 100 requests took 2.0 s to its
+    first token (2026-11-30). The scheduler (which looks up) and the worker connect as vLLM
+    builds them, before any request."""
+    srv = Server("--host-pool", "64MiB")
+    try:
+        assert sessions(srv) == 0
+        vc = vllm_config(model_dir, "kv_consumer", {"endpoint": srv.endpoint})
+        sched = scheduler(vc)
+        assert sessions(srv) == 1, "the scheduler connected when vLLM built it"
+        conn = worker(vc)
+        assert sessions(srv) == 2, "the worker connected when vLLM registered its KV caches"
+        assert sched.connector._sched.counters.snapshot().get("connects") == 1
+        assert conn._worker.counters.snapshot().get("connects") == 1
+        sched.connector.shutdown()
+        conn.shutdown()
+    finally:
+        srv.stop()
+
+
 def test_decode_waiting_for_the_prefill_is_answered_when_it_commits(model_dir):
     """D's request arrives before P has stored anything (under load P's stores run behind its
     responses). D's lookup waits on the sidecar for the announced chunks and is answered as soon
@@ -471,6 +499,22 @@ def test_a_pending_lookup_holds_the_engine_loop_once_at_most(model_dir, server):
     spent = sched.connector._sched.scheduler_seconds
     assert calls > 50, f"only {calls} engine steps in 0.5 s"
     assert spent < 0.2, f"{spent:.3f} s of the engine loop spent in the connector over {calls} steps"
+    sched.connector.shutdown()
+
+
+def test_malformed_kv_transfer_params_are_no_announcement(model_dir, server):
+    """kv_transfer_params come in the request's JSON, which any client can write: what the
+    connector cannot read is no announcement (a bad count once raised in the engine loop)."""
+    vc = vllm_config(model_dir, "kv_consumer", {"endpoint": server.endpoint, "pd_wait_ms": 100})
+    sched = scheduler(vc)
+    bad = [{"prefixd": {"endpoint": server.endpoint, "chunks": "many"}}, {"prefixd": {"chunks": -3}},
+           {"prefixd": {"endpoint": 5, "chunks": 1.5}}, {"prefixd": [1, 2]}, {"prefixd": {"chunks": True}}, "x"]
+    for i, params in enumerate(bad):
+        rid = f"bad{i}"
+        sched.add_request(request(rid, [(j * 13 + i) % 4000 for j in range(40)], params=params))
+        out = schedule_new(sched)
+        assert out.num_scheduled_tokens.get(rid) == 40, f"{params!r}: computed here, nothing to wait for"
+        sched.finish_requests(rid, RequestStatus.FINISHED_ABORTED)
     sched.connector.shutdown()
 
 
@@ -584,6 +628,53 @@ def test_remote_sidecar_over_the_active_message_path(model_dir, server):
     for i in range(32):
         assert block_bytes(conn, blocks[i]) == content[i], f"block {i}"
     assert conn._worker.counters.snapshot().get("remote_loads") == 1
+    conn.shutdown()
+
+
+def run_until_scheduled(sched, conn, rid, limit=10.0):
+    """Engine steps until `rid` gets tokens to compute (after a load, synchronous or not)."""
+    t0 = time.monotonic()
+    while True:
+        out = sched.schedule()
+        if rid in out.num_scheduled_tokens:
+            return out
+        assert time.monotonic() - t0 < limit, f"{rid} was never scheduled"
+        step(sched, conn, out)
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "remote"])
+def test_blocks_in_vllms_own_prefix_cache_are_not_moved_again(model_dir, server, remote):
+    """D already holds a prompt's first two chunks in its own prefix cache (an earlier request
+    loaded them): the next request with that prefix moves only the chunks past it. On 2x H200
+    across nodes every chunk was fetched again into a scratch block, 9 bytes in 10 of the
+    prefix-reuse run's tcp traffic (2026-11-30)."""
+    tokens = [(i * 41 + 3) % 4000 for i in range(812)]  # 50 full blocks: chunks of 16, 16, 16, 2
+    params, content, _ = prefill(model_dir, server.endpoint, tokens, rid=f"p8{remote}", seed=18)
+    vc = vllm_config(model_dir, "kv_consumer", {"endpoint": server.endpoint, "force_remote": remote})
+    sched, conn = scheduler(vc), worker(vc)
+    counters = conn._worker.counters
+
+    sched.add_request(request("d8a", tokens[:520], params=params))  # 32 full blocks: 2 chunks
+    out = run_until_scheduled(sched, conn, "d8a")
+    assert out.num_scheduled_tokens["d8a"] == 8
+    step(sched, conn, out, ["d8a"], eos=True)
+    assert "d8a" not in sched.requests, "finished: its blocks go to D's prefix cache"
+    before = counters.snapshot()
+
+    sched.add_request(request("d8b", tokens, max_tokens=4, params=params))
+    out = run_until_scheduled(sched, conn, "d8b")
+    assert out.num_scheduled_tokens["d8b"] == 12, "all but the last partial block: 512 local, 288 loaded"
+    step(sched, conn, out, ["d8b"])
+    blocks = list(sched.kv_cache_manager.get_blocks("d8b").get_block_ids()[0])
+    after = counters.snapshot()
+    if remote:
+        moved = after["remote_loaded_bytes"] - before["remote_loaded_bytes"]
+    else:
+        moved = after["loaded_bytes"] - before["loaded_bytes"]
+    assert moved == 18 * conn._worker.layout.block_bytes, "only blocks 32..49 moved"
+    for i in range(50):
+        assert block_bytes(conn, blocks[i]) == content[i], f"block {i}"
     conn.shutdown()
 
 

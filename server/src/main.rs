@@ -301,7 +301,16 @@ async fn drain_work(state: &Arc<state::State>, deadline: Instant) {
             return;
         }
         if Instant::now() >= deadline {
-            tracing::warn!(puts, leases, "drain timeout with work still open");
+            let holders: Vec<String> = state
+                .index()
+                .lease_holders()
+                .into_iter()
+                .map(|(id, inflight)| {
+                    let name = state.sessions.name_of(id).unwrap_or_else(|| "closed".to_owned());
+                    format!("{id:016x} ({name}, {inflight} sends in flight)")
+                })
+                .collect();
+            tracing::warn!(puts, leases, lease_holders = ?holders, "drain timeout with work still open");
             return;
         }
         tracing::debug!(puts, leases, "waiting for open work");

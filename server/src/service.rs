@@ -287,6 +287,15 @@ impl Service {
         if want > 0 && r.wait_ms > 0 {
             let wait = Duration::from_millis(r.wait_ms.into()).min(MAX_LOOKUP_WAIT);
             self.wait_for_chunks(&r.namespace, &keys, want, wait).await?;
+            // A lease granted now, after the wait, must have someone to give it back: not while
+            // draining (it would hold the drain up until its TTL), and not to a session closed
+            // meanwhile (seen in tests: a client closed during a 2 s wait).
+            if r.lease {
+                if st.is_draining() {
+                    return Err(Status::unavailable("prefixd is shutting down"));
+                }
+                self.session(&r.session_token)?;
+            }
         }
         let now = Instant::now();
         let res = st.index().lookup(&r.namespace, &keys, lease, now).map_err(|e| self.index_err(e))?;

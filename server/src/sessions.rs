@@ -313,6 +313,11 @@ impl Sessions {
         self.by_ep.get(&ep).map(|s| s.clone())
     }
 
+    /// The name of the session with this id (for logs), if it is open.
+    pub fn name_of(&self, id: u64) -> Option<String> {
+        self.by_token.iter().find(|s| s.id == id).map(|s| s.name.clone())
+    }
+
     pub fn len(&self) -> usize {
         self.by_token.len()
     }

@@ -429,6 +429,12 @@ impl Index {
         self.leases.len()
     }
 
+    /// Per lease: its session, and the sends out of it still in flight (for a drain that times
+    /// out: who holds it up).
+    pub fn lease_holders(&self) -> Vec<(SessionId, u32)> {
+        self.leases.values().map(|l| (l.session, l.inflight)).collect()
+    }
+
     /// Puts begun and not yet committed, aborted or expired.
     pub fn active_reservations(&self) -> usize {
         self.puts.values().filter(|p| !p.doomed).count()

@@ -180,7 +180,9 @@ def _remote_source(params, cfg):
     if not isinstance(p, dict):
         return None, 0
     endpoint = p.get("endpoint")
-    expected = int(p.get("chunks") or 0)
+    # From a request's JSON (a client can send its own): anything but a count is none.
+    chunks = p.get("chunks")
+    expected = chunks if isinstance(chunks, int) and not isinstance(chunks, bool) and chunks > 0 else 0
     if not isinstance(endpoint, str):
         return None, expected
     if cfg.force_remote or endpoint != cfg.advertise:
@@ -212,6 +214,8 @@ class SchedulerSide:
         self.namespaces = [namespace(vllm_config, cfg, r, tp) for r in range(tp)]
         self.counters = Counters()
         self.local = ReconnectingClient(cfg, cfg.endpoint, "vllm-scheduler", self.counters, transports="sm,tcp")
+        if role_loads:  # only lookups use it
+            self.local.connect()
         self._remotes = {}
         self._remotes_lock = threading.Lock()
         self._lookups = {}
@@ -257,6 +261,9 @@ class SchedulerSide:
         plan = chunking.plan(request.block_hashes, len(request.block_hashes), self.cfg.chunk_blocks)
         if not plan:
             return None
+        # A prompt shorter than the one the prefill stored (a prefix of it) can hit only its own
+        # chunks: waiting for the rest would only run out the P/D wait.
+        expected = min(expected, len(plan))
         now = time.monotonic()
         retry = first_seen is not None
         first_seen = first_seen if retry else now
@@ -375,6 +382,11 @@ class SchedulerSide:
         for i, c in enumerate(look.chunks[:hits]):
             if c.first >= want_blocks:
                 break
+            if c.first + c.blocks <= local_blocks:
+                # Every block of it is in vLLM's own prefix cache: nothing to move. (These were
+                # fetched into the sink: in the 2x H200 prefix-reuse run across nodes, 9 of every
+                # 10 bytes a request pulled over tcp, 2026-11-30.)
+                continue
             ids = [block_ids[b] if local_blocks <= b < want_blocks else -1 for b in range(c.first, c.first + c.blocks)]
             keys.append(c.key)
             per_chunk.append(ids)

@@ -127,6 +127,7 @@ class WorkerSide:
         self.local = ReconnectingClient(
             self.cfg, self.cfg.endpoint, "vllm-worker", self.counters, transports=transports, device=device
         )
+        self.local.connect()  # now, not under the first requests
         if on_gpu:
             self._store_streams = [torch.cuda.Stream(device=first.device) for _ in range(STORE_SHARDS)]
         log.info(
