@@ -678,6 +678,42 @@ def test_blocks_in_vllms_own_prefix_cache_are_not_moved_again(model_dir, server,
     conn.shutdown()
 
 
+def test_a_remote_sidecar_that_does_not_answer_never_stalls_the_engine_loop(model_dir, server):
+    """The prefill's sidecar, on another node, accepts connections and never answers (a hung
+    node). Connecting to it takes the whole call timeout; it once did so inside the engine loop,
+    every reconnect interval. Now the connect runs on a thread: no engine step waits for it, and
+    after the P/D wait the request is computed here."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    try:
+        remote = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        vc = vllm_config(model_dir, "kv_consumer",
+                         {"endpoint": server.endpoint, "pd_wait_ms": 500, "timeout_s": 3.0})
+        sched = scheduler(vc)
+        tokens = [(i * 7 + 1) % 4000 for i in range(300)]
+        t0 = time.monotonic()
+        sched.add_request(request("d9", tokens, params={"prefixd": {"endpoint": remote, "chunks": 2}}))
+        slowest = time.monotonic() - t0  # the engine adds requests between its steps
+        while True:
+            s0 = time.monotonic()
+            out = sched.schedule()
+            slowest = max(slowest, time.monotonic() - s0)
+            if "d9" in out.num_scheduled_tokens:
+                break
+            assert time.monotonic() - t0 < 5, "the request never went ahead"
+            sched.update_from_output(out, EMPTY_MODEL_RUNNER_OUTPUT)
+            time.sleep(0.002)
+        assert slowest < 0.1, f"an engine step (or adding the request) took {slowest * 1000:.0f} ms"
+        assert out.num_scheduled_tokens["d9"] == 300, "computed here"
+        assert 0.4 < time.monotonic() - t0 < 2.5, "after the P/D wait, not the 3 s connect"
+        sched.connector.shutdown()
+    finally:
+        silent.close()
+
+
 def test_failed_remote_load_is_recomputed_not_retried(model_dir, server):
     """An asynchronous (remote) load fails while the lookup still hits: vLLM moves the request
     back to waiting and asks the connector again. The connector must answer 0 (recompute) rather

@@ -77,10 +77,14 @@ class _Pending:
         keys = [c.key for c in plan]
         self.handles = []  # (client, namespace, native Pending)
         self.error = None
+        # A remote sidecar not connected yet: (client, lookup arguments) until it is. Its connect
+        # runs on a thread: one to a sidecar that does not answer takes the whole call timeout.
+        self.connecting = None
         try:
             if remote is not None:
                 c = side._remote_client(remote)
-                self.handles.append((c, None, c.call("lookup_start", side.namespaces[0], keys, want, wait_ms)))
+                self.connecting = (c, (side.namespaces[0], keys, want, wait_ms))
+                self._start_remote()
             else:
                 for ns in side.namespaces:
                     self.handles.append((side.local, ns, side.local.call("lease_start", ns, keys, want, wait_ms)))
@@ -89,12 +93,32 @@ class _Pending:
             if self.handles:  # leases already asked for (another TP rank's): freed when granted
                 threading.Thread(target=_release_later, args=(list(self.handles),), daemon=True).start()
 
+    def _start_remote(self):
+        """Starts the remote lookup once its client is connected; False while it is not."""
+        if self.connecting is None:
+            return True
+        c, args = self.connecting
+        try:
+            if c.get_nowait() is None:
+                return False
+            self.handles.append((c, None, c.call("lookup_start", *args)))
+        except Exception as e:  # unreachable, or lost again: a failed lookup
+            self.error = e
+        self.connecting = None
+        return True
+
     def done(self):
+        if not self._start_remote():
+            return False
         return self.error is not None or all(h.done() for _, _, h in self.handles)
 
     def wait(self, timeout):
         """Waits up to `timeout` seconds (with the GIL released) for every answer; `done()`."""
         deadline = time.monotonic() + timeout
+        while not self._start_remote():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
         for _, _, h in self.handles:
             if self.error is None and not h.done() and not h.wait(max(0.0, deadline - time.monotonic())):
                 return False
@@ -311,6 +335,10 @@ class SchedulerSide:
                 # lookup_inline_ms each. A lookup the sidecar holds for announced chunks is
                 # given that wait on top of the timeout.
                 limit = self.cfg.lookup_timeout_ms + look.wait_ms
+                if look.expected and look.future.connecting is not None:
+                    # The first lookup from a sidecar not connected to yet (its prefill's, on
+                    # another node): the P/D wait, not a lookup's, bounds that connect.
+                    limit = max(limit, self.cfg.pd_wait_ms)
                 if waited < limit and look.started == look.first_seen and not look.waited_inline:
                     # Once per request (the engine asks again every step while it is pending).
                     look.waited_inline = True

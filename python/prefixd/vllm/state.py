@@ -66,6 +66,8 @@ class ReconnectingClient:
         self._lock = threading.Lock()
         self._client = None
         self._next_try = 0.0
+        self._connector = None  # the thread of a connect started by get_nowait
+        self._connector_lock = threading.Lock()
 
     def get(self):
         with self._lock:
@@ -97,6 +99,23 @@ class ReconnectingClient:
             self.counters.add("connects")
             log.info("prefixd: %s connected to %s in %.0f ms", self.name, self.endpoint, (time.monotonic() - t0) * 1000)
             return self._client
+
+    def get_nowait(self):
+        """The client if connected; otherwise None, having started a connect on a thread of its
+        own (one at a time). For the engine loop: a connect to a sidecar that does not answer
+        takes the whole call timeout, and the loop must not wait for it. Raises Unavailable
+        while the last attempt's failure is recent."""
+        c = self._client
+        if c is not None:
+            return c
+        with self._connector_lock:
+            if self._connector is not None and self._connector.is_alive():
+                return None
+            if time.monotonic() < self._next_try:
+                raise Unavailable(f"prefixd at {self.endpoint} was unreachable moments ago")
+            self._connector = threading.Thread(target=self.connect, name="prefixd-connect", daemon=True)
+            self._connector.start()
+        return None
 
     def connect(self):
         """Connects now, if not connected. Called at start-up: a process's first connect also
