@@ -288,8 +288,8 @@ impl Service {
             let wait = Duration::from_millis(r.wait_ms.into()).min(MAX_LOOKUP_WAIT);
             self.wait_for_chunks(&r.namespace, &keys, want, wait).await?;
             // A lease granted now, after the wait, must have someone to give it back: not while
-            // draining (it would hold the drain up until its TTL), and not to a session closed
-            // meanwhile (seen in tests: a client closed during a 2 s wait).
+            // draining (it would hold the drain up until its TTL), and not to a session that
+            // closed during the wait.
             if r.lease {
                 if st.is_draining() {
                     return Err(Status::unavailable("prefixd is shutting down"));

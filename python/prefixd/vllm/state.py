@@ -118,11 +118,11 @@ class ReconnectingClient:
         return None
 
     def connect(self):
-        """Connects now, if not connected. Called at start-up: a process's first connect also
-        loads UCX and its CUDA transports (about a second per engine on 2x H200, 2026-11-30), and
-        made on the first request it stalled the engine loop under the first burst of requests.
-        A sidecar that is not up yet is logged and counted here; the first call after
-        `reconnect_s` tries again."""
+        """Connects now, if not connected (also `get_nowait`'s thread). Called at start-up: a
+        process's first connect also loads UCX and its CUDA transports (taken for about a second
+        per engine on 2x H200, 2026-11-30), and made on the first request it stalled the engine
+        loop under the first burst of requests. A sidecar that is not up yet is logged and
+        counted here; the first call after `reconnect_s` tries again."""
         try:
             self.get()
         except Unavailable:
