@@ -503,12 +503,13 @@ def test_a_pending_lookup_holds_the_engine_loop_once_at_most(model_dir, server):
 
 
 def test_malformed_kv_transfer_params_are_no_announcement(model_dir, server):
-    """kv_transfer_params come in the request's JSON, which any client can write: what the
-    connector cannot read is no announcement (a bad count once raised in the engine loop)."""
+    """kv_transfer_params come in the request's JSON, which any client can write (vLLM checks
+    only that it is an object): what the connector cannot read is no announcement (a bad count
+    once raised in the engine loop)."""
     vc = vllm_config(model_dir, "kv_consumer", {"endpoint": server.endpoint, "pd_wait_ms": 100})
     sched = scheduler(vc)
     bad = [{"prefixd": {"endpoint": server.endpoint, "chunks": "many"}}, {"prefixd": {"chunks": -3}},
-           {"prefixd": {"endpoint": 5, "chunks": 1.5}}, {"prefixd": [1, 2]}, {"prefixd": {"chunks": True}}, "x"]
+           {"prefixd": {"endpoint": 5, "chunks": 1.5}}, {"prefixd": [1, 2]}, {"prefixd": {"chunks": True}}]
     for i, params in enumerate(bad):
         rid = f"bad{i}"
         sched.add_request(request(rid, [(j * 13 + i) % 4000 for j in range(40)], params=params))
