@@ -692,7 +692,7 @@ def test_a_remote_sidecar_that_does_not_answer_never_stalls_the_engine_loop(mode
     try:
         remote = f"http://127.0.0.1:{silent.getsockname()[1]}"
         vc = vllm_config(model_dir, "kv_consumer",
-                         {"endpoint": server.endpoint, "pd_wait_ms": 500, "timeout_s": 3.0})
+                         {"endpoint": server.endpoint, "pd_wait_ms": 500, "timeout_s": 5.0})
         sched = scheduler(vc)
         tokens = [(i * 7 + 1) % 4000 for i in range(300)]
         t0 = time.monotonic()
@@ -704,12 +704,13 @@ def test_a_remote_sidecar_that_does_not_answer_never_stalls_the_engine_loop(mode
             slowest = max(slowest, time.monotonic() - s0)
             if "d9" in out.num_scheduled_tokens:
                 break
-            assert time.monotonic() - t0 < 5, "the request never went ahead"
+            assert time.monotonic() - t0 < 8, "the request never went ahead"
             sched.update_from_output(out, EMPTY_MODEL_RUNNER_OUTPUT)
             time.sleep(0.002)
-        assert slowest < 0.1, f"an engine step (or adding the request) took {slowest * 1000:.0f} ms"
+        # A step takes about a millisecond; the connect, 5 s. The margin is for a loaded machine.
+        assert slowest < 1.0, f"an engine step (or adding the request) took {slowest * 1000:.0f} ms"
         assert out.num_scheduled_tokens["d9"] == 300, "computed here"
-        assert 0.4 < time.monotonic() - t0 < 2.5, "after the P/D wait, not the 3 s connect"
+        assert 0.4 < time.monotonic() - t0 < 4.0, "after the P/D wait, not the 5 s connect"
         sched.connector.shutdown()
     finally:
         silent.close()
