@@ -20,7 +20,7 @@ mod plane;
 mod recover;
 
 pub use access::{channel_with, grpc as grpc_client, Access, Grpc, Secret, TlsOptions};
-pub use paged::{CopyStream, Fragment, Memory};
+pub use paged::{prepare as prepare_copies, CopyStream, Fragment, Memory};
 pub use recover::Reconnecting;
 
 use plane::{AmPlane, Plane, RmaPlane};

@@ -335,6 +335,13 @@ pub(crate) fn batch_copy(
     })
 }
 
+/// Loads the copier of the calling thread's current context now (the gather kernel is PTX, which
+/// the driver compiles on first load), so that the first copy does not pay for it: that copy
+/// may be a load inside an engine step.
+pub fn prepare() -> Result<(), String> {
+    with_copier(|_| Ok(()))
+}
+
 /// Waits until every copy queued so far on the caller's `stream` is complete.
 pub(crate) fn synchronize(ctx_ptr: u64, stream: u64) -> Result<(), String> {
     crate::direct::bind_context_of(ctx_ptr)?;

@@ -253,6 +253,9 @@ impl NativeClient {
             // Fail here, in the caller's thread, rather than later on UCX's.
             Some(d) => {
                 bind_primary_context(d).map_err(|e| errors::PrefixdError::new_err(format!("CUDA device {d}: {e}")))?;
+                // The gather kernel's JIT, now rather than in the first copy (which may be a
+                // load inside an engine step). A failure here is the first copy's to report.
+                let _ = prefixd_client::prepare_copies();
                 Some(WorkerInit(Arc::new(move || {
                     // Already checked above; a failure here only leaves CUDA transports unusable,
                     // which the first CUDA transfer then reports.
