@@ -15,6 +15,7 @@
 #   bash bench/vllm/gpu.sh pd-remote-bench  the same, as pd-bench runs it (for `bench prefixd-remote`)
 #   bash bench/vllm/gpu.sh nixl-wheels    install NIXL from .device-nixl (carried on this call)
 #   bash bench/vllm/gpu.sh nixl           start vLLM's own P/D (NixlConnector) behind the same proxy
+#   bash bench/vllm/gpu.sh nixl-tcp       the same with NIXL's UCX on tcp (the cross-node baseline here)
 #   bash bench/vllm/gpu.sh single         start one plain instance (GPU0, port 7300)
 #   bash bench/vllm/gpu.sh stop           stop everything
 # Results and logs accumulate in /tmp/vllm-out on the machine; at the end of every call all of it
@@ -170,13 +171,17 @@ while (( $# )); do
         > /tmp/vpd/prefixd-b.out 2> /tmp/vpd/prefixd-b.log < /dev/null &
       DECODE_ENDPOINT=http://127.0.0.1:50061 CONNECTOR_EXTRA='"force_remote": true' start_pd
       ;;
-    nixl)
+    nixl|nixl-tcp)
       stop_all
       python3 -c 'import nixl' 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/vllm-site .device-nixl/*.whl
       kv='{"kv_connector":"NixlConnector","kv_role":"kv_both"}'
-      CUDA_VISIBLE_DEVICES=0 VLLM_NIXL_SIDE_CHANNEL_PORT=5600 setsid vllm serve "$model" --port 7100 \
+      # nixl-tcp: the cross-node baseline on this one host, NIXL's UCX held to what prefixd's
+      # forced remote path uses (tcp, with cuda_copy to stage device memory).
+      tls=()
+      [[ $phase == nixl-tcp ]] && tls=(env UCX_TLS=tcp,cuda_copy)
+      CUDA_VISIBLE_DEVICES=0 VLLM_NIXL_SIDE_CHANNEL_PORT=5600 setsid "${tls[@]}" vllm serve "$model" --port 7100 \
         --gpu-memory-utilization 0.75 --kv-transfer-config "$kv" "${serve_flags[@]}" > /tmp/vpd/prefill.log 2>&1 < /dev/null &
-      CUDA_VISIBLE_DEVICES=1 VLLM_NIXL_SIDE_CHANNEL_PORT=5601 setsid vllm serve "$model" --port 7200 \
+      CUDA_VISIBLE_DEVICES=1 VLLM_NIXL_SIDE_CHANNEL_PORT=5601 setsid "${tls[@]}" vllm serve "$model" --port 7200 \
         --gpu-memory-utilization 0.75 --kv-transfer-config "$kv" "${serve_flags[@]}" > /tmp/vpd/decode.log 2>&1 < /dev/null &
       setsid python3 -m prefixd.vllm.proxy --port 9100 --prefill http://127.0.0.1:7100 --decode http://127.0.0.1:7200 \
         > /tmp/vpd/proxy.log 2>&1 < /dev/null &
