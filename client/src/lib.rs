@@ -20,7 +20,7 @@ mod plane;
 mod recover;
 
 pub use access::{channel_with, grpc as grpc_client, Access, Grpc, Secret, TlsOptions};
-pub use paged::{prepare as prepare_copies, CopyStream, Fragment, Memory};
+pub use paged::{CopyStream, Fragment, Memory};
 pub use recover::Reconnecting;
 
 use plane::{AmPlane, Plane, RmaPlane};
@@ -601,6 +601,16 @@ impl Client {
         let n = self.fetch_keys(namespace, keys, &slices).await?;
         st.scatter(&chunks[..n], memory).map_err(Error::InvalidArgument)?;
         Ok(n)
+    }
+
+    /// Prepares this session's direct device copies in the context of device pointer `ctx_ptr`
+    /// (any of the caller's): what the first one would do, done now. Nothing to do on the
+    /// active-message path.
+    pub fn prepare_device(&self, ctx_ptr: u64) -> Result<()> {
+        match &self.plane {
+            Plane::Rma(r) => r.prepare_device(ctx_ptr),
+            _ => Ok(()),
+        }
     }
 
     /// Whether host-tier chunks move by direct copies through the mapped pool (same host).

@@ -336,9 +336,8 @@ pub(crate) fn batch_copy(
 }
 
 /// Loads the copier of the calling thread's current context now (the gather kernel is PTX, which
-/// the driver compiles on first load), so that the first copy does not pay for it: that copy
-/// may be a load inside an engine step.
-pub fn prepare() -> Result<(), String> {
+/// the driver compiles on first load), so that the first copy does not pay for it.
+pub(crate) fn prepare() -> Result<(), String> {
     with_copier(|_| Ok(()))
 }
 

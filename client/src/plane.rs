@@ -86,6 +86,23 @@ impl RmaPlane {
         Err(Error::StalePool(addr))
     }
 
+    /// Does now what the first device copy would do: page-locks the mapped host pool, opens the
+    /// GPU pool's IPC mapping (in the context of device pointer `ctx_ptr`) and loads the copy
+    /// kernel. Page-locking a large pool takes seconds, and that first copy may be a load inside
+    /// an engine step.
+    pub(crate) fn prepare_device(&self, ctx_ptr: u64) -> Result<()> {
+        direct::bind_context_of(ctx_ptr).map_err(Error::InvalidArgument)?;
+        if let Some(sh) = &self.shared {
+            sh.prepare_for_cuda();
+        }
+        if let Some((handle, base, plen)) = &self.gpu_ipc {
+            if let Err(e) = self.gpu_map.get_or_init(|| GpuPoolMapping::open(handle, *base, *plen, ctx_ptr)) {
+                return Err(Error::InvalidArgument(format!("cannot map the server's GPU pool: {e}")));
+            }
+        }
+        paged::prepare().map_err(Error::InvalidArgument)
+    }
+
     /// Queues one kernel copying between pool ranges (`(address, length)`, server addresses)
     /// and device fragments: into the pool (`to_pool`) or out of it.
     pub(crate) fn device_copy(

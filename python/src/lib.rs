@@ -253,9 +253,6 @@ impl NativeClient {
             // Fail here, in the caller's thread, rather than later on UCX's.
             Some(d) => {
                 bind_primary_context(d).map_err(|e| errors::PrefixdError::new_err(format!("CUDA device {d}: {e}")))?;
-                // The gather kernel's JIT, now rather than in the first copy (which may be a
-                // load inside an engine step). A failure here is the first copy's to report.
-                let _ = prefixd_client::prepare_copies();
                 Some(WorkerInit(Arc::new(move || {
                     // Already checked above; a failure here only leaves CUDA transports unusable,
                     // which the first CUDA transfer then reports.
@@ -500,6 +497,14 @@ impl NativeClient {
             },
             |l| Answer::Lease(lease_tuple(l)),
         )
+    }
+
+    /// Does now what the session's first device copy would do (page-lock the mapped host pool,
+    /// open the GPU pool's mapping, load the copy kernel), in the context of `device_ptr` (any
+    /// CUDA pointer of the caller's).
+    fn prepare_device(&self, py: Python<'_>, device_ptr: u64) -> PyResult<()> {
+        let c = self.get()?;
+        py.detach(|| c.prepare_device(device_ptr)).map_err(to_py)
     }
 
     /// Ends a lease (without waiting for the server's answer).

@@ -262,3 +262,12 @@ def test_a_closed_client_leaves_no_lease_and_opens_no_session():
         assert srv.stop() == 0, "drained at once"
     finally:
         srv.stop()
+
+
+def test_preparing_device_copies_without_cuda_is_a_clear_error(client):
+    """`prepare_device` (the vLLM worker calls it at start-up) names what is missing rather than
+    crashing when the pointer is not CUDA memory or there is no CUDA at all."""
+    buf = np.zeros(16, dtype=np.uint8)
+    with pytest.raises(ValueError, match="CUDA"):
+        client._c.prepare_device(buf.ctypes.data)
+    assert client.lookup(tokens(93, CHUNK)) == 0, "the session still works"

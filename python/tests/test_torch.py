@@ -101,7 +101,8 @@ def test_cuda_paged_across_gpus(gpu_server):
 @cuda
 def test_cuda_paged_reads_chunks_demoted_to_the_host_tier():
     """A GPU pool of 8 chunks and 12 to store: older chunks move to the host pool, and a paged get must read
-    them there (the kernel reads the mapped, page-locked host pool) as well as from the GPU."""
+    them there (the kernel reads the mapped, page-locked host pool) as well as from the GPU, after the
+    consumer prepared its device copies (prepare_device) as the vLLM worker does."""
     s = Server("--host-pool", "256MiB", "--gpu-pool", "64MiB", "--gpu", "0")
     try:
         dp, dc = _devices()
@@ -115,6 +116,13 @@ def test_cuda_paged_reads_chunks_demoted_to_the_host_tier():
         tiers = {x["tier"]: x for x in prod.stats()["tiers"]}
         assert tiers["host"]["used_bytes"] > 0, "expected demotion to the host tier"
         dst = [torch.zeros(1, 8, n, 128, device=f"cuda:{dc}", dtype=torch.bfloat16) for _ in range(16)]
+        # What the vLLM worker does at start-up: the first copy's set-up (page-locking the
+        # mapped host pool, mapping the GPU pool, loading the kernel) done beforehand; twice is
+        # fine; a host pointer names no CUDA context.
+        cons._c.prepare_device(dst[0].data_ptr())
+        cons._c.prepare_device(dst[1].data_ptr())
+        with pytest.raises(ValueError, match="cuPointerGetAttribute"):
+            cons._c.prepare_device(torch.zeros(4).data_ptr())
         assert cons.get_paged(t, prefixd.Fragments.token_runs(dst, token_dim=2, first_token=0, chunks=12)) == n
         for a, b in zip(src, dst):
             assert torch.equal(a.cpu().view(torch.int16), b.cpu().view(torch.int16))

@@ -129,6 +129,13 @@ class WorkerSide:
         )
         self.local.connect()  # now, not under the first requests
         if on_gpu:
+            try:
+                # What the first copy would do (page-lock the mapped host pool, map the GPU
+                # pool, load the copy kernel): that copy may be a load inside an engine step.
+                self.local.call("prepare_device", first.data_ptr())
+            except Exception as e:  # device copies report it too, as failed loads or stores
+                log.warning("prefixd: preparing device copies failed: %s", e)
+        if on_gpu:
             self._store_streams = [torch.cuda.Stream(device=first.device) for _ in range(STORE_SHARDS)]
         log.info(
             "prefixd: %d layers, %d run(s) of %d bytes per block (%d bytes a block), %s, namespace %s",
