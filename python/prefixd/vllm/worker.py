@@ -132,7 +132,9 @@ class WorkerSide:
             try:
                 # What the first copy would do (page-lock the mapped host pool, map the GPU
                 # pool, load the copy kernel): that copy may be a load inside an engine step.
+                t0 = time.perf_counter()
                 self.local.call("prepare_device", first.data_ptr())
+                log.info("prefixd: device copies prepared in %.0f ms", (time.perf_counter() - t0) * 1000)
             except Exception as e:  # device copies report it too, as failed loads or stores
                 log.warning("prefixd: preparing device copies failed: %s", e)
         if on_gpu:
