@@ -81,6 +81,7 @@ fn outcome(o: PutOutcome) -> (usize, usize, usize) {
 /// A put as `paged_put` makes it: (chunks, stored, skipped) when done.
 type PutFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = prefixd_client::Result<(usize, usize, usize)>> + Send>>;
+type GetFuture = std::pin::Pin<Box<dyn std::future::Future<Output = prefixd_client::Result<usize>> + Send>>;
 
 /// A lease as Python sees it: (lease id, [(address, length, gpu_tier)], seconds left).
 pub(crate) type LeaseTuple = (u64, Vec<(u64, u64, bool)>, f64);
@@ -186,6 +187,25 @@ impl NativeClient {
                     buffers::put_host_fragments(&c, &namespace, &keys, parent, &chunks).await
                 }
             })
+        })
+    }
+
+    /// The work of a paged get on any session, checked and ready to run (`get_paged_any`,
+    /// `get_paged_any_start`).
+    fn paged_get_any(
+        &self,
+        namespace: String,
+        keys: Vec<Vec<u8>>,
+        addrs: &[u8],
+        fragment_bytes: usize,
+        bounds: &[(u64, usize, i32)],
+        counts: Option<Vec<usize>>,
+    ) -> PyResult<impl Fn(Arc<Client>) -> GetFuture + Send + Sync + 'static> {
+        let (keys, chunks, on_device) = parse_paged(keys, addrs, fragment_bytes, bounds, counts.as_deref())?;
+        let mem = memory(on_device);
+        Ok(move |c: Arc<Client>| -> GetFuture {
+            let (namespace, keys, chunks) = (namespace.clone(), keys.clone(), chunks.clone());
+            Box::pin(async move { c.get_paged_any(&namespace, &keys, &chunks, mem).await })
         })
     }
 
@@ -455,12 +475,26 @@ impl NativeClient {
         bounds: Vec<(u64, usize, i32)>,
         counts: Option<Vec<usize>>,
     ) -> PyResult<usize> {
-        let (keys, chunks, on_device) = parse_paged(keys, &addrs, fragment_bytes, &bounds, counts.as_deref())?;
-        let mem = memory(on_device);
-        self.call(py, move |c| {
-            let (namespace, keys, chunks) = (namespace.clone(), keys.clone(), chunks.clone());
-            async move { c.get_paged_any(&namespace, &keys, &chunks, mem).await }
-        })
+        let get = self.paged_get_any(namespace, keys, &addrs, fragment_bytes, &bounds, counts)?;
+        self.call(py, get)
+    }
+
+    /// As `get_paged_any`, in the background: returns a `Pending` at once, whose result is the
+    /// chunks read. An engine's loads from another node's sidecar then need no Python thread
+    /// (which would have to win the GIL back from the engine loop after the call).
+    #[pyo3(signature = (namespace, keys, addrs, fragment_bytes, bounds, counts = None))]
+    #[allow(clippy::too_many_arguments)] // the Python signature, one argument per part of the call
+    fn get_paged_any_start(
+        &self,
+        namespace: String,
+        keys: Vec<Vec<u8>>,
+        addrs: Vec<u8>,
+        fragment_bytes: usize,
+        bounds: Vec<(u64, usize, i32)>,
+        counts: Option<Vec<usize>>,
+    ) -> PyResult<Pending> {
+        let get = self.paged_get_any(namespace, keys, &addrs, fragment_bytes, &bounds, counts)?;
+        self.start(get, Answer::Hits)
     }
 
     /// Leases the longest cached prefix of `keys`: (lease id, [(address, length, gpu_tier)],

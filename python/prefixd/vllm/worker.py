@@ -4,8 +4,11 @@
   scatters the leased chunks from prefixd's pools (GPU pool through its CUDA IPC mapping, host
   pool mapped for the device) into the request's blocks. Nothing waits: the stream orders the
   forward after the copy. Blocks vLLM already had are written to a sink instead.
-- Remote loads (another node's sidecar): fetched on a thread (active messages into a staging
-  buffer, then one kernel), reported in `get_finished` when done.
+- Remote loads (another node's sidecar): background calls of the prefixd client
+  (`get_paged_any_start`: active messages into a staging buffer, then one kernel), started by the
+  engine thread with at most REMOTE_INFLIGHT_BYTES in flight, collected once a step and reported
+  in `get_finished`. No Python thread of ours: one would need the GIL back from the engine loop
+  after its call. A sidecar not connected to yet is connected to on a thread of its own.
 - Stores (`wait_for_save`): a store stream waits for the compute stream (GPU-side, no host
   synchronize), and a background call of the prefixd client (`put_paged_start`: no Python
   thread, no GIL) reserves slots, queues the gather kernel on that stream, waits for it and
@@ -25,7 +28,6 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -46,6 +48,9 @@ STORE_SHARDS = 4
 # start together: a burst of 100 short prompts is 100 puts of 18 MiB. A request's own puts go
 # one at a time, in order: each chunk extends the one before.
 STORE_INFLIGHT_BYTES = 4 << 30
+# Remote loads in flight at most (each stages its bytes in host memory on the way), in bytes; one
+# is always let through.
+REMOTE_INFLIGHT_BYTES = 4 << 30
 
 
 class _Debug:
@@ -103,7 +108,8 @@ class WorkerSide:
         self._loaded = set()  # requests whose local loads this step queued (their leases can go)
         self._store_waiting = collections.OrderedDict()  # req_id -> deque of (spec, shard, stream)
         self._store_running = {}  # req_id -> (spec, shard, native Pending, start time)
-        self._remote_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefixd-remote-load")
+        self._remote_waiting = []  # LoadSpecs of remote loads not started yet, in arrival order
+        self._remote_running = {}  # req_id -> (spec, client, native Pending, start time, bytes, counts)
         debug_dir = cfg.debug_dir
         self.debug = _Debug(debug_dir, "worker") if debug_dir else None
 
@@ -177,9 +183,11 @@ class WorkerSide:
             return
         for spec in meta.loads:
             if spec.remote is not None:
-                self._remote_pool.submit(self._load_remote, spec)
+                self._remote_waiting.append(spec)
             else:
                 self._load_local(spec)
+        if self._remote_waiting:
+            self._poll_remote()
 
     def _fail(self, spec, kind, message):
         ids = {b for chunk in spec.block_ids for b in chunk if b >= 0}
@@ -250,13 +258,41 @@ class WorkerSide:
                 self._remotes[endpoint] = c
             return c
 
-    def _load_remote(self, spec):
-        try:
-            t0 = time.perf_counter()
+    def _poll_remote(self):
+        """Collects finished remote loads and starts waiting ones (engine thread only)."""
+        for req_id, (spec, client, pending, t0, _n, counts) in list(self._remote_running.items()):
+            if pending.done():
+                del self._remote_running[req_id]
+                self._finish_remote(spec, client, pending, t0, counts)
+        inflight = sum(r[4] for r in self._remote_running.values())
+        waiting, self._remote_waiting = self._remote_waiting, []
+        for spec in waiting:
             addrs, counts = self._table(spec.block_ids)
-            hits = self._remote_client(spec.remote).call(
-                "get_paged_any", spec.namespace, spec.keys, addrs, self.layout.run_bytes, self._bounds, counts=counts
-            )
+            nbytes = sum(counts) * self.layout.run_bytes
+            if self._remote_running and inflight + nbytes > REMOTE_INFLIGHT_BYTES:
+                self._remote_waiting.append(spec)
+                continue
+            try:
+                client = self._remote_client(spec.remote)
+                if client.get_nowait() is None:  # connecting, on its own thread
+                    self._remote_waiting.append(spec)
+                    continue
+                pending = client.call(
+                    "get_paged_any_start", spec.namespace, spec.keys, addrs, self.layout.run_bytes, self._bounds,
+                    counts=counts,
+                )
+            except Exception as e:  # unreachable, a lost session, bad input: the load failed
+                self._fail(spec, "remote_load_failed", f"load from {spec.remote} failed ({e})")
+                self._remote_done(spec.req_id)
+                continue
+            self._remote_running[spec.req_id] = (spec, client, pending, time.perf_counter(), nbytes, counts)
+            inflight += nbytes
+
+    def _finish_remote(self, spec, client, pending, t0, counts):
+        """Books a finished remote load: its blocks past a short read, or all of them after an
+        error, are reported failed; the request is reported received either way."""
+        try:
+            hits = client.take(pending)
             if hits < len(spec.keys):
                 missing = type(spec)(**{**spec.__dict__, "block_ids": spec.block_ids[hits:]})
                 self._fail(missing, "remote_short_read", f"{hits} of {len(spec.keys)} chunks at {spec.remote}")
@@ -269,8 +305,11 @@ class WorkerSide:
         except Exception as e:
             self._fail(spec, "remote_load_failed", f"load from {spec.remote} failed ({e})")
         finally:
-            with self._lock:
-                self._recv_done.add(spec.req_id)
+            self._remote_done(spec.req_id)
+
+    def _remote_done(self, req_id):
+        with self._lock:
+            self._recv_done.add(req_id)
 
     # -- stores -------------------------------------------------------------------------------
 
@@ -365,6 +404,8 @@ class WorkerSide:
     def get_finished(self, finished_req_ids):
         if self._store_running or self._store_waiting:
             self._poll_stores()
+        if self._remote_running or self._remote_waiting:
+            self._poll_remote()
         with self._lock:
             for r in finished_req_ids or ():
                 if r not in self._stored_reqs:
@@ -417,7 +458,6 @@ class WorkerSide:
             for _spec, _shard, pending, _t0, _n in list(self._store_running.values()):
                 pending.wait(0.05)
             self._poll_stores()
-        self._remote_pool.shutdown(wait=False, cancel_futures=True)
         if self.local is not None:
             self.local.close()
         for c in self._remotes.values():
@@ -434,3 +474,4 @@ def _block_bytes(t, layout, layer, block):
     base = runs.base - storage.data_ptr() + block * runs.stride
     parts = [whole[base + off : base + off + runs.run_bytes] for off in runs.runs]
     return torch.cat(parts).cpu().numpy().tobytes()
+
