@@ -418,8 +418,8 @@ def sessions(srv):
 
 
 def test_both_halves_connect_as_vllm_builds_them_not_on_the_first_request(model_dir):
-    """A process's first connect also loads UCX's transports (about a second per engine on 2x
-    H200). Made on the first request, it stalled the prefill's and then the decode's engine loop
+    """A process's first connect (about a second per engine on 2x H200, from the sidecar's log).
+    Made on the first request, it stalled the prefill's and then the decode's engine loop
     under the seed benchmark's first burst: each of its first 100 requests took 2.0 s to its
     first token (2026-11-30). The scheduler (which looks up) and the worker connect as vLLM
     builds them, before any request."""

@@ -119,8 +119,8 @@ class ReconnectingClient:
 
     def connect(self):
         """Connects now, if not connected (also `get_nowait`'s thread). Called at start-up: a
-        process's first connect also loads UCX and its CUDA transports (taken for about a second
-        per engine on 2x H200, 2026-11-30), and made on the first request it stalled the engine
+        process's first connect took about a second per engine on 2x H200 (2026-11-30; likely
+        UCX loading its CUDA transports), and made on the first request it stalled the engine
         loop under the first burst of requests. A sidecar that is not up yet is logged and
         counted here; the first call after `reconnect_s` tries again."""
         try:
