@@ -78,14 +78,9 @@ impl SharedHostPool {
         Some(device_base + (addr - self.base))
     }
 
-    /// Page-locks the mapping now (see `pin_for_cuda`), if CUDA can.
-    pub(crate) fn prepare_for_cuda(&self) {
-        let _ = self.pin_for_cuda();
-    }
-
     /// Page-locks the mapping once: PORTABLE (1) so every context sees it, DEVICEMAP (2) so
     /// kernels may read it; returns its device address (the host address under UVA).
-    fn pin_for_cuda(&self) -> &Option<(u64, bool)> {
+    pub(crate) fn pin_for_cuda(&self) -> &Option<(u64, bool)> {
         self.pinned.get_or_init(|| {
             // SAFETY: only probes for the driver library (cudarc panics on calls without it).
             if !unsafe { cu::is_culib_present() } {

@@ -72,18 +72,20 @@ impl RmaPlane {
                 return Ok(local);
             }
         }
-        if let Some((handle, base, plen)) = &self.gpu_ipc {
-            let map = self.gpu_map.get_or_init(|| GpuPoolMapping::open(handle, *base, *plen, ctx_ptr));
-            match map {
-                Ok(m) => {
-                    if let Some(local) = m.translate(addr, len) {
-                        return Ok(local);
-                    }
-                }
-                Err(e) => return Err(Error::InvalidArgument(format!("cannot map the server's GPU pool: {e}"))),
-            }
+        if let Some(local) = self.gpu_mapping(ctx_ptr)?.and_then(|m| m.translate(addr, len)) {
+            return Ok(local);
         }
         Err(Error::StalePool(addr))
+    }
+
+    /// The server's GPU pool as this process maps it (opened on first use, in the context of
+    /// `ctx_ptr`); None when the server has no GPU pool to share.
+    fn gpu_mapping(&self, ctx_ptr: u64) -> Result<Option<&GpuPoolMapping>> {
+        let Some((handle, base, plen)) = &self.gpu_ipc else { return Ok(None) };
+        match self.gpu_map.get_or_init(|| GpuPoolMapping::open(handle, *base, *plen, ctx_ptr)) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => Err(Error::InvalidArgument(format!("cannot map the server's GPU pool: {e}"))),
+        }
     }
 
     /// Does now what the first device copy would do: page-locks the mapped host pool, opens the
@@ -93,13 +95,9 @@ impl RmaPlane {
     pub(crate) fn prepare_device(&self, ctx_ptr: u64) -> Result<()> {
         direct::bind_context_of(ctx_ptr).map_err(Error::InvalidArgument)?;
         if let Some(sh) = &self.shared {
-            sh.prepare_for_cuda();
+            let _ = sh.pin_for_cuda(); // None: CUDA cannot reach it, which the copies report
         }
-        if let Some((handle, base, plen)) = &self.gpu_ipc {
-            if let Err(e) = self.gpu_map.get_or_init(|| GpuPoolMapping::open(handle, *base, *plen, ctx_ptr)) {
-                return Err(Error::InvalidArgument(format!("cannot map the server's GPU pool: {e}")));
-            }
-        }
+        self.gpu_mapping(ctx_ptr)?;
         paged::prepare().map_err(Error::InvalidArgument)
     }
 

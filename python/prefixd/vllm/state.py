@@ -74,8 +74,7 @@ class ReconnectingClient:
             if self._client is not None:
                 return self._client
             now = time.monotonic()
-            if now < self._next_try:
-                raise Unavailable(f"prefixd at {self.endpoint} was unreachable moments ago")
+            self._refuse_while_recent(now)
             self._next_try = now + self.cfg.reconnect_s
             import prefixd
 
@@ -100,6 +99,11 @@ class ReconnectingClient:
             log.info("prefixd: %s connected to %s in %.0f ms", self.name, self.endpoint, (time.monotonic() - t0) * 1000)
             return self._client
 
+    def _refuse_while_recent(self, now):
+        """Raises Unavailable until `reconnect_s` has passed since the last connect attempt."""
+        if now < self._next_try:
+            raise Unavailable(f"prefixd at {self.endpoint} was unreachable moments ago")
+
     def get_nowait(self):
         """The client if connected; otherwise None, having started a connect on a thread of its
         own (one at a time). For the engine loop: a connect to a sidecar that does not answer
@@ -111,8 +115,7 @@ class ReconnectingClient:
         with self._connector_lock:
             if self._connector is not None and self._connector.is_alive():
                 return None
-            if time.monotonic() < self._next_try:
-                raise Unavailable(f"prefixd at {self.endpoint} was unreachable moments ago")
+            self._refuse_while_recent(time.monotonic())
             self._connector = threading.Thread(target=self.connect, name="prefixd-connect", daemon=True)
             self._connector.start()
         return None

@@ -143,7 +143,6 @@ class WorkerSide:
                 log.info("prefixd: device copies prepared in %.0f ms", (time.perf_counter() - t0) * 1000)
             except Exception as e:  # device copies report it too, as failed loads or stores
                 log.warning("prefixd: preparing device copies failed: %s", e)
-        if on_gpu:
             self._store_streams = [torch.cuda.Stream(device=first.device) for _ in range(STORE_SHARDS)]
         log.info(
             "prefixd: %d layers, %d run(s) of %d bytes per block (%d bytes a block), %s, namespace %s",
@@ -267,8 +266,8 @@ class WorkerSide:
         inflight = sum(r[4] for r in self._remote_running.values())
         waiting, self._remote_waiting = self._remote_waiting, []
         for spec in waiting:
-            addrs, counts = self._table(spec.block_ids)
-            nbytes = sum(counts) * self.layout.run_bytes
+            # Sized from its block count: the address table is built only for a load that starts.
+            nbytes = sum(len(ids) for ids in spec.block_ids) * self.layout.block_bytes
             if self._remote_running and inflight + nbytes > REMOTE_INFLIGHT_BYTES:
                 self._remote_waiting.append(spec)
                 continue
@@ -277,6 +276,7 @@ class WorkerSide:
                 if client.get_nowait() is None:  # connecting, on its own thread
                     self._remote_waiting.append(spec)
                     continue
+                addrs, counts = self._table(spec.block_ids)
                 pending = client.call(
                     "get_paged_any_start", spec.namespace, spec.keys, addrs, self.layout.run_bytes, self._bounds,
                     counts=counts,
@@ -474,4 +474,3 @@ def _block_bytes(t, layout, layer, block):
     base = runs.base - storage.data_ptr() + block * runs.stride
     parts = [whole[base + off : base + off + runs.run_bytes] for off in runs.runs]
     return torch.cat(parts).cpu().numpy().tobytes()
-
