@@ -15,6 +15,7 @@
 mod access;
 pub mod cuda;
 mod direct;
+mod keepalive;
 mod paged;
 mod plane;
 mod recover;
@@ -206,6 +207,8 @@ pub struct Client {
     next_tag: AtomicU64,
     opts: ClientOptions,
     transports: Vec<String>,
+    /// Keeps the session open while the client is quiet (see `keepalive`).
+    keepalive: keepalive::KeepAlive,
 }
 
 impl std::fmt::Debug for Client {
@@ -368,6 +371,12 @@ impl Client {
         } else {
             Plane::ActiveMessage(AmPlane { staging: tokio::sync::Mutex::new(None) })
         };
+        let keepalive = keepalive::KeepAlive::start(
+            grpc.clone(),
+            resp.session_token.clone(),
+            keepalive::period(resp.session_idle_ms, resp.lease_ttl_ms),
+            resp.session_id,
+        );
         Ok(Client {
             grpc,
             channel,
@@ -381,6 +390,7 @@ impl Client {
             next_tag: AtomicU64::new(1),
             opts,
             transports: resp.transports,
+            keepalive,
         })
     }
 
@@ -1057,6 +1067,7 @@ impl Client {
     /// Ends the session without consuming the client (for owners that share it, such as the
     /// Python bindings); later calls fail with the server's "unknown session" error.
     pub async fn disconnect(&self) -> Result<()> {
+        self.keepalive.stop();
         self.grpc.clone().disconnect(DisconnectRequest { session_token: self.token.clone() }).await?;
         Ok(())
     }

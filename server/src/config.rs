@@ -83,7 +83,8 @@ pub struct Cli {
     pub net_devices: Option<String>,
 
     /// Default lifetime of a lease and of a put's reservation; a client that dies loses both
-    /// after this long [default: 30s].
+    /// after this long. A session with no call for 4 times this (at least 10s) is closed; live
+    /// clients send keep-alives while they are quiet [default: 30s].
     #[arg(long, env = "PREFIXD_LEASE_TTL", value_name = "DURATION", value_parser = parse_duration)]
     pub lease_ttl: Option<Duration>,
 
@@ -400,6 +401,12 @@ impl Config {
         }
         c.validate()?;
         Ok(c)
+    }
+
+    /// How long a session may go without a call before it is closed: how the server forgets a
+    /// client that died without disconnecting. Clients keep quiet sessions open with KeepAlive.
+    pub fn session_idle(&self) -> Duration {
+        (self.lease_ttl * 4).max(Duration::from_secs(10))
     }
 
     /// Where the UCX data listener binds.

@@ -222,7 +222,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     {
         let (state, stop) = (state.clone(), background.clone());
         let period = (cfg.lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        let session_idle = (cfg.lease_ttl * 4).max(Duration::from_secs(10));
+        let session_idle = cfg.session_idle();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             loop {

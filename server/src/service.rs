@@ -185,6 +185,7 @@ impl Service {
             fetch_by_message: true,
             transports: both,
             lease_ttl_ms: ms(st.cfg.lease_ttl),
+            session_idle_ms: ms(st.cfg.session_idle()),
             max_chunk_size: st.cfg.max_chunk_size.0,
             max_keys_per_request: prefixd_proto::limits::MAX_KEYS_PER_REQUEST as u32,
             data_path: path as i32,
@@ -555,6 +556,18 @@ impl Prefixd for Service {
             let s = self.session(&token)?;
             self.state.drop_session(&Sessions::token_of(&s), "disconnected");
             Ok(DisconnectResponse {})
+        })
+        .await
+    }
+
+    async fn keep_alive(&self, req: Request<KeepAliveRequest>) -> Result<Response<KeepAliveResponse>, Status> {
+        let caller = self.state.auth.caller(req.metadata()).map(|_| ());
+        let token = req.into_inner().session_token;
+        self.observe("keep_alive", async {
+            caller?;
+            // Entering the session is what keeps it: the guard marks it seen.
+            self.session(&token)?;
+            Ok(KeepAliveResponse {})
         })
         .await
     }

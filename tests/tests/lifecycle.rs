@@ -142,3 +142,38 @@ fn bad_configuration_fails_clearly() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("cannot listen on {addr}")));
 }
+
+/// The server closes a session that makes no call for its idle window (4 x `--lease-ttl`, at
+/// least 10 s): that is how it forgets clients that died. A live client that is merely quiet
+/// (a decode worker whose loads are all device copies; an engine between bursts) keeps its
+/// session with KeepAlive: in the sixth GPU run, every decode worker's session was closed two
+/// minutes in. A raw session that sends nothing is still closed on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_clients_keep_their_sessions_and_silent_ones_lose_them() {
+    use prefixd_proto::v1::{prefixd_client::PrefixdClient, KeepAliveRequest};
+    let server = Server::start(&["--host-pool", "16MiB", "--lease-ttl", "1s"]);
+    let opts = prefixd_client::ClientOptions {
+        name: "quiet".into(),
+        net_devices: Some("lo".into()),
+        ..Default::default()
+    };
+    let client = prefixd_client::Client::connect_with(&server.grpc, opts).await.unwrap();
+    let silent = RawSession::open(&server.grpc, false, true).await.unwrap();
+    assert_eq!(silent.resp.session_idle_ms, 10_000, "the window is announced");
+
+    tokio::time::sleep(Duration::from_secs(12)).await;
+
+    // The silent one is gone, and the log says why.
+    let mut grpc = PrefixdClient::new(tonic::transport::Channel::from_shared(server.grpc.clone()).unwrap().connect_lazy());
+    let gone = grpc.keep_alive(KeepAliveRequest { session_token: silent.token() }).await.unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound, "{gone}");
+    let log = server.log_text();
+    assert!(log.lines().any(|l| l.contains("session closed") && l.contains("client=raw") && l.contains("idle too long")), "{log}");
+    // The quiet one made no call of its own for 12 s and still has its session: a call that
+    // needs it works on this plain (non-reconnecting) client.
+    assert!(!log.lines().any(|l| l.contains("session closed") && l.contains("client=quiet")), "closed:\n{log}");
+    let key = prefixd_client::ChunkKey::from_slice(&[7; 32]).unwrap();
+    let dest = client.alloc(4096).unwrap();
+    assert_eq!(client.get_chunks("ns", &[key], &[dest.full()]).await.unwrap(), 0, "a miss, not a lost session");
+    assert!(server.metric("prefixd_requests_total{code=\"Ok\",op=\"keep_alive\"}") >= 4.0);
+}

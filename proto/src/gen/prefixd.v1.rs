@@ -82,6 +82,10 @@ pub struct ConnectResponse {
     /// (AM_FETCH_ASK, see the data-plane formats), answering it there, without a gRPC call.
     #[prost(bool, tag = "15")]
     pub fetch_by_message: bool,
+    /// The session is closed after this long without a call (KeepAlive counts). 0 from servers
+    /// that predate it, whose window was 4 x lease_ttl_ms, at least 10 s.
+    #[prost(uint64, tag = "16")]
+    pub session_idle_ms: u64,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -93,6 +97,16 @@ pub struct DisconnectRequest {
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DisconnectResponse {}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct KeepAliveRequest {
+    /// The session token from ConnectResponse.
+    #[prost(bytes = "vec", tag = "1")]
+    pub session_token: ::prost::alloc::vec::Vec<u8>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct KeepAliveResponse {}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct BeginPutRequest {
@@ -700,6 +714,34 @@ pub mod prefixd_client {
             req.extensions_mut().insert(GrpcMethod::new("prefixd.v1.Prefixd", "Stats"));
             self.inner.unary(req, path, codec).await
         }
+        /// Keeps a quiet session open. A session that makes no call for `session_idle_ms` is closed
+        /// (that is how the server forgets clients that died); a client with nothing to ask for a while,
+        /// such as an engine between bursts, or a decode worker whose loads are all device copies,
+        /// sends this instead.
+        pub async fn keep_alive(
+            &mut self,
+            request: impl tonic::IntoRequest<super::KeepAliveRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::KeepAliveResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/prefixd.v1.Prefixd/KeepAlive",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("prefixd.v1.Prefixd", "KeepAlive"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -778,6 +820,17 @@ pub mod prefixd_server {
             &self,
             request: tonic::Request<super::StatsRequest>,
         ) -> std::result::Result<tonic::Response<super::StatsResponse>, tonic::Status>;
+        /// Keeps a quiet session open. A session that makes no call for `session_idle_ms` is closed
+        /// (that is how the server forgets clients that died); a client with nothing to ask for a while,
+        /// such as an engine between bursts, or a decode worker whose loads are all device copies,
+        /// sends this instead.
+        async fn keep_alive(
+            &self,
+            request: tonic::Request<super::KeepAliveRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::KeepAliveResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct PrefixdServer<T> {
@@ -1272,6 +1325,49 @@ pub mod prefixd_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = StatsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/prefixd.v1.Prefixd/KeepAlive" => {
+                    #[allow(non_camel_case_types)]
+                    struct KeepAliveSvc<T: Prefixd>(pub Arc<T>);
+                    impl<T: Prefixd> tonic::server::UnaryService<super::KeepAliveRequest>
+                    for KeepAliveSvc<T> {
+                        type Response = super::KeepAliveResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::KeepAliveRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Prefixd>::keep_alive(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = KeepAliveSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

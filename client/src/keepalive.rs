@@ -1,0 +1,88 @@
+//! Keeps a quiet session open.
+//!
+//! The server closes a session that makes no call for its idle window (`session_idle_ms`, 2
+//! minutes by default): that is how it forgets clients that died without disconnecting. Quiet
+//! clients are not dead ones, though. A decode worker on the same node makes no call at all (its
+//! loads are device copies from the mapped pools), and an engine between bursts makes none for as
+//! long as the lull lasts; the first call after a closed session pays a reconnect. The sixth GPU
+//! run's sidecar log showed it: every decode worker's session closed two minutes into the run
+//! (BENCHMARKS §5). So each client sends a KeepAlive four times per idle window, whatever else
+//! it is doing, until it is dropped or disconnects, or the server no longer knows the session.
+
+use crate::access::Grpc;
+use prefixd_proto::v1::KeepAliveRequest;
+use std::time::Duration;
+
+/// The window servers used before they announced one: 4 x the lease TTL, at least 10 s.
+fn idle_window(session_idle_ms: u64, lease_ttl_ms: u64) -> Duration {
+    if session_idle_ms > 0 {
+        Duration::from_millis(session_idle_ms)
+    } else {
+        Duration::from_millis(lease_ttl_ms.saturating_mul(4)).max(Duration::from_secs(10))
+    }
+}
+
+/// How often to send one: a quarter of the window, so that a late or lost one is not fatal.
+pub(crate) fn period(session_idle_ms: u64, lease_ttl_ms: u64) -> Duration {
+    (idle_window(session_idle_ms, lease_ttl_ms) / 4).max(Duration::from_millis(100))
+}
+
+/// The running keep-alive of one session; stops when dropped.
+#[derive(Debug)]
+pub(crate) struct KeepAlive(tokio::task::AbortHandle);
+
+impl KeepAlive {
+    /// Starts sending KeepAlive for `token` every `every`, on the current tokio runtime.
+    pub(crate) fn start(grpc: Grpc, token: Vec<u8>, every: Duration, session_id: u64) -> KeepAlive {
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match grpc.clone().keep_alive(KeepAliveRequest { session_token: token.clone() }).await {
+                    Ok(_) => {}
+                    // The session is gone (closed, or the server restarted): nothing left to
+                    // keep. The next call finds out and, with `Reconnecting`, connects again.
+                    Err(s) if s.code() == tonic::Code::NotFound => {
+                        tracing::debug!(session = format_args!("{session_id:016x}"), "session gone; keep-alive stops");
+                        return;
+                    }
+                    // The server is unreachable or busy: try again at the next tick.
+                    Err(s) => {
+                        tracing::debug!(session = format_args!("{session_id:016x}"), error = %s, "keep-alive failed");
+                    }
+                }
+            }
+        });
+        KeepAlive(task.abort_handle())
+    }
+
+    pub(crate) fn stop(&self) {
+        self.0.abort();
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_period_is_a_quarter_of_the_servers_window() {
+        assert_eq!(period(120_000, 30_000), Duration::from_secs(30));
+        assert_eq!(period(10_000, 1_000), Duration::from_millis(2_500));
+    }
+
+    #[test]
+    fn an_older_server_is_assumed_to_use_its_old_window() {
+        // 4 x 30 s = 2 min; 4 x 1 s is raised to the 10 s floor.
+        assert_eq!(period(0, 30_000), Duration::from_secs(30));
+        assert_eq!(period(0, 1_000), Duration::from_millis(2_500));
+        assert_eq!(period(0, 0), Duration::from_millis(2_500));
+    }
+}
