@@ -152,11 +152,8 @@ fn bad_configuration_fails_clearly() {
 async fn quiet_clients_keep_their_sessions_and_silent_ones_lose_them() {
     use prefixd_proto::v1::{prefixd_client::PrefixdClient, KeepAliveRequest};
     let server = Server::start(&["--host-pool", "16MiB", "--lease-ttl", "1s"]);
-    let opts = prefixd_client::ClientOptions {
-        name: "quiet".into(),
-        net_devices: Some("lo".into()),
-        ..Default::default()
-    };
+    let opts =
+        prefixd_client::ClientOptions { name: "quiet".into(), net_devices: Some("lo".into()), ..Default::default() };
     let client = prefixd_client::Client::connect_with(&server.grpc, opts).await.unwrap();
     let silent = RawSession::open(&server.grpc, false, true).await.unwrap();
     assert_eq!(silent.resp.session_idle_ms, 10_000, "the window is announced");
@@ -164,11 +161,15 @@ async fn quiet_clients_keep_their_sessions_and_silent_ones_lose_them() {
     tokio::time::sleep(Duration::from_secs(12)).await;
 
     // The silent one is gone, and the log says why.
-    let mut grpc = PrefixdClient::new(tonic::transport::Channel::from_shared(server.grpc.clone()).unwrap().connect_lazy());
+    let mut grpc =
+        PrefixdClient::new(tonic::transport::Channel::from_shared(server.grpc.clone()).unwrap().connect_lazy());
     let gone = grpc.keep_alive(KeepAliveRequest { session_token: silent.token() }).await.unwrap_err();
     assert_eq!(gone.code(), tonic::Code::NotFound, "{gone}");
     let log = server.log_text();
-    assert!(log.lines().any(|l| l.contains("session closed") && l.contains("client=raw") && l.contains("idle too long")), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains("session closed") && l.contains("client=raw") && l.contains("idle too long")),
+        "{log}"
+    );
     // The quiet one made no call of its own for 12 s and still has its session: a call that
     // needs it works on this plain (non-reconnecting) client.
     assert!(!log.lines().any(|l| l.contains("session closed") && l.contains("client=quiet")), "closed:\n{log}");
