@@ -47,6 +47,9 @@ impl KeepAlive {
                         tracing::debug!(session = format_args!("{session_id:016x}"), "session gone; keep-alive stops");
                         return;
                     }
+                    // A server older than KeepAlive: its window is what it was, and nothing here
+                    // can change that.
+                    Err(s) if s.code() == tonic::Code::Unimplemented => return,
                     // The server is unreachable or busy: try again at the next tick.
                     Err(s) => {
                         tracing::debug!(session = format_args!("{session_id:016x}"), error = %s, "keep-alive failed");
