@@ -13,18 +13,10 @@ use crate::access::Grpc;
 use prefixd_proto::v1::KeepAliveRequest;
 use std::time::Duration;
 
-/// The window servers used before they announced one: 4 x the lease TTL, at least 10 s.
-fn idle_window(session_idle_ms: u64, lease_ttl_ms: u64) -> Duration {
-    if session_idle_ms > 0 {
-        Duration::from_millis(session_idle_ms)
-    } else {
-        Duration::from_millis(lease_ttl_ms.saturating_mul(4)).max(Duration::from_secs(10))
-    }
-}
-
-/// How often to send one: a quarter of the window, so that a late or lost one is not fatal.
-pub(crate) fn period(session_idle_ms: u64, lease_ttl_ms: u64) -> Duration {
-    (idle_window(session_idle_ms, lease_ttl_ms) / 4).max(Duration::from_millis(100))
+/// How often to send one: a quarter of the server's window, so that a late or lost one is not
+/// fatal.
+fn period(session_idle_ms: u64) -> Duration {
+    (Duration::from_millis(session_idle_ms) / 4).max(Duration::from_millis(100))
 }
 
 /// The running keep-alive of one session; stops when dropped.
@@ -32,8 +24,13 @@ pub(crate) fn period(session_idle_ms: u64, lease_ttl_ms: u64) -> Duration {
 pub(crate) struct KeepAlive(tokio::task::AbortHandle);
 
 impl KeepAlive {
-    /// Starts sending KeepAlive for `token` every `every`, on the current tokio runtime.
-    pub(crate) fn start(grpc: Grpc, token: Vec<u8>, every: Duration, session_id: u64) -> KeepAlive {
+    /// Starts sending KeepAlive for `token` four times per `session_idle_ms`, on the current
+    /// tokio runtime. None from a server that announces no window: one older than KeepAlive.
+    pub(crate) fn start(grpc: Grpc, token: Vec<u8>, session_idle_ms: u64, session_id: u64) -> Option<KeepAlive> {
+        if session_idle_ms == 0 {
+            return None;
+        }
+        let every = period(session_idle_ms);
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -47,9 +44,6 @@ impl KeepAlive {
                         tracing::debug!(session = format_args!("{session_id:016x}"), "session gone; keep-alive stops");
                         return;
                     }
-                    // A server older than KeepAlive: its window is what it was, and nothing here
-                    // can change that.
-                    Err(s) if s.code() == tonic::Code::Unimplemented => return,
                     // The server is unreachable or busy: try again at the next tick.
                     Err(s) => {
                         tracing::debug!(session = format_args!("{session_id:016x}"), error = %s, "keep-alive failed");
@@ -57,7 +51,7 @@ impl KeepAlive {
                 }
             }
         });
-        KeepAlive(task.abort_handle())
+        Some(KeepAlive(task.abort_handle()))
     }
 
     pub(crate) fn stop(&self) {
@@ -77,15 +71,7 @@ mod tests {
 
     #[test]
     fn the_period_is_a_quarter_of_the_servers_window() {
-        assert_eq!(period(120_000, 30_000), Duration::from_secs(30));
-        assert_eq!(period(10_000, 1_000), Duration::from_millis(2_500));
-    }
-
-    #[test]
-    fn an_older_server_is_assumed_to_use_its_old_window() {
-        // 4 x 30 s = 2 min; 4 x 1 s is raised to the 10 s floor.
-        assert_eq!(period(0, 30_000), Duration::from_secs(30));
-        assert_eq!(period(0, 1_000), Duration::from_millis(2_500));
-        assert_eq!(period(0, 0), Duration::from_millis(2_500));
+        assert_eq!(period(120_000), Duration::from_secs(30));
+        assert_eq!(period(10_000), Duration::from_millis(2_500));
     }
 }

@@ -207,8 +207,9 @@ pub struct Client {
     next_tag: AtomicU64,
     opts: ClientOptions,
     transports: Vec<String>,
-    /// Keeps the session open while the client is quiet (see `keepalive`).
-    keepalive: keepalive::KeepAlive,
+    /// Keeps the session open while the client is quiet (see `keepalive`); None with a server
+    /// older than KeepAlive.
+    keepalive: Option<keepalive::KeepAlive>,
 }
 
 impl std::fmt::Debug for Client {
@@ -374,7 +375,7 @@ impl Client {
         let keepalive = keepalive::KeepAlive::start(
             grpc.clone(),
             resp.session_token.clone(),
-            keepalive::period(resp.session_idle_ms, resp.lease_ttl_ms),
+            resp.session_idle_ms,
             resp.session_id,
         );
         Ok(Client {
@@ -1067,7 +1068,9 @@ impl Client {
     /// Ends the session without consuming the client (for owners that share it, such as the
     /// Python bindings); later calls fail with the server's "unknown session" error.
     pub async fn disconnect(&self) -> Result<()> {
-        self.keepalive.stop();
+        if let Some(k) = &self.keepalive {
+            k.stop();
+        }
         self.grpc.clone().disconnect(DisconnectRequest { session_token: self.token.clone() }).await?;
         Ok(())
     }
